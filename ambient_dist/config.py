@@ -330,21 +330,24 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def from_dict(raw: dict, source: str = "") -> ExperimentConfig:
+def from_dict(raw: dict, source: str = "", check_paths: bool = True) -> ExperimentConfig:
     try:
         cfg = _build(ExperimentConfig, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{e} [{source}]" if source else str(e)) from None
-    validate(cfg, source=source)
+    validate(cfg, source=source, check_paths=check_paths)
     return cfg
 
 
 def load_config(path: str | os.PathLike | None, overrides: Optional[list[str]] = None,
-                world_size: Optional[int] = None) -> ExperimentConfig:
-    """Read, override, convert and validate. `world_size` adds the batch-division checks."""
+                world_size: Optional[int] = None, check_paths: bool = True) -> ExperimentConfig:
+    """Read, override, convert and validate.
+
+    `world_size` adds the batch-division checks. `check_paths=False` skips the checks that
+    files and directories exist (for `--describe`, which needs no data)."""
     raw = _read_yaml(Path(path)) if path else {}
     raw = _merge(raw, parse_overrides(overrides or []))
-    cfg = from_dict(raw, source=str(path) if path else "overrides")
+    cfg = from_dict(raw, source=str(path) if path else "overrides", check_paths=check_paths)
     if world_size is not None:
         validate_world(cfg, world_size)
     return cfg
@@ -359,7 +362,7 @@ def _check(ok: bool, key: str, msg: str, source: str) -> None:
         raise ConfigError(f"{key}: {msg}" + (f" [{source}]" if source else ""))
 
 
-def validate(cfg: ExperimentConfig, source: str = "") -> None:
+def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) -> None:
     o, n, t, d, s = cfg.objective, cfg.network, cfg.train, cfg.data, cfg.sampling
     c = lambda ok, key, msg: _check(ok, key, msg, source)  # noqa: E731
     c(o.sigma_tn >= 0, "objective.sigma_tn", f"must be >= 0 (0 = plain objective), got {o.sigma_tn}")
@@ -372,7 +375,7 @@ def validate(cfg: ExperimentConfig, source: str = "") -> None:
     c(d.subset >= 0, "data.subset", f"must be >= 0 (0 = all images), got {d.subset}")
     c(d.num_classes >= 0, "data.num_classes", f"must be >= 0, got {d.num_classes}")
     c(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
-    if d.shards:
+    if d.shards and check_paths:
         c(Path(d.shards).exists(), "data.shards", f"directory {d.shards} does not exist "
           "(make it with launchers/make_shards.py)")
     c(n.model_channels > 0, "network.model_channels", f"must be > 0, got {n.model_channels}")
@@ -404,12 +407,12 @@ def validate(cfg: ExperimentConfig, source: str = "") -> None:
     c(cfg.distributed.zero_stage in (0, 1, 2, 3), "distributed.zero_stage",
       f"must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     c(cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0")
-    if cfg.distributed.deepspeed_config:
+    if cfg.distributed.deepspeed_config and check_paths:
         c(Path(cfg.distributed.deepspeed_config).is_file(), "distributed.deepspeed_config",
           f"file {cfg.distributed.deepspeed_config} does not exist")
     e = cfg.evaluation
     for k in ("inception_path", "dinov2_path"):
-        if getattr(e, k):
+        if getattr(e, k) and check_paths:
             c(Path(getattr(e, k)).exists(), f"evaluation.{k}", f"{getattr(e, k)} does not exist")
 
 

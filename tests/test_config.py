@@ -1,0 +1,125 @@
+"""Config: loading, overrides, every validation error with its message, saving."""
+import glob
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ambient_dist.config import ConfigError, load_config, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
+
+
+def _err(overrides, world_size=None, path=None):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides, world_size=world_size)
+    return str(e.value)
+
+
+def test_every_shipped_config_loads():
+    names = {Path(p).stem for p in SHIPPED}
+    assert {"fashion-mnist-300", "cifar10-ddpmpp", "cifar10-ncsnpp", "ffhq64-ddpmpp",
+            "ffhq64-ncsnpp", "imagenet64-adm"} <= names
+    for p in SHIPPED:
+        cfg = load_config(p, check_paths=False)
+        assert cfg.name == Path(p).stem
+
+
+def test_reference_settings_in_paper_configs():
+    # shared spec objective.md section 7.
+    for p in SHIPPED:
+        if "fashion" in p:
+            continue
+        c = load_config(p, check_paths=False)
+        assert c.optimizer.lr == 1e-4 and c.optimizer.betas == [0.9, 0.999]
+        assert c.optimizer.eps == 1e-8 and c.optimizer.weight_decay == 0.01
+        assert c.optimizer.lr_rampup_kimg == 10000
+        assert c.train.ema_halflife_kimg == 500 and c.train.ema_rampup_ratio == 0.05
+        assert c.train.batch == (512 if "imagenet" in p else 256)
+    assert load_config(ROOT / "configs/imagenet64-adm.yaml", check_paths=False).data.num_classes == 1000
+    assert load_config(ROOT / "configs/ffhq64-ddpmpp.yaml", check_paths=False).network.dropout == 0.05
+
+
+def test_base_inheritance_and_overrides():
+    c = load_config(ROOT / "configs/cifar10-ncsnpp.yaml", ["data.subset=1000", "network.channel_mult=[1,2]"],
+                    check_paths=False)
+    assert c.network.arch == "ncsnpp"          # from the file
+    assert c.network.model_channels == 128     # inherited from its base
+    assert c.data.subset == 1000               # override
+    assert c.network.channel_mult == [1, 2]
+    assert isinstance(c.objective.sigma_tn, float)
+
+
+def test_unknown_key_names_key_and_suggests():
+    msg = _err(["train.bach=3"])
+    assert msg.startswith("train.bach: unknown key") and "'batch'" in msg
+    assert "unknown key" in _err(["nosuchsection.x=1"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("objective:\n  sigma_tm: 0.5\n")
+    msg = _err([], path=f)
+    assert "objective.sigma_tm: unknown key" in msg and "sigma_tn" in msg and str(f) in msg
+
+
+def test_wrong_types():
+    assert _err(["train.batch=abc"]) .startswith("train.batch: expected an integer")
+    assert _err(["train.batch=2.5"]).startswith("train.batch: expected an integer")
+    assert _err(["data.xflip=3"]).startswith("data.xflip: expected true or false")
+    assert _err(["objective.sigma_tn=high"]).startswith("objective.sigma_tn: expected a number")
+    assert "is not one of" in _err(["data.loader=magic"])
+    assert _err(["network.channel_mult=5"]).startswith("network.channel_mult: expected a list")
+    assert _err(["network.channel_mult=[1,x]"]).startswith("network.channel_mult[1]")
+
+
+def test_negative_sigma_tn():
+    assert _err(["objective.sigma_tn=-0.1"]).startswith("objective.sigma_tn: must be >= 0")
+    assert load_config(None, ["objective.sigma_tn=0"]).objective.sigma_tn == 0.0
+
+
+def test_batch_must_divide_over_ranks():
+    msg = _err(["train.batch=10"], world_size=3)
+    assert msg.startswith("train.batch:") and "does not divide over 3 ranks" in msg
+    msg = _err(["train.batch=24", "train.batch_per_gpu=5"], world_size=2)
+    assert "not a multiple of train.batch_per_gpu" in msg
+    c = load_config(None, ["train.batch=24", "train.batch_per_gpu=4"], world_size=2)
+    assert c.micro_batch(2) == 4 and c.accumulation_steps(2) == 3
+    assert load_config(None, ["train.batch=24"], world_size=4).micro_batch(4) == 6
+
+
+def test_missing_files():
+    assert _err(["data.shards=/no/such/dir"]).startswith("data.shards: directory /no/such/dir does not exist")
+    assert "does not exist" in _err(["distributed.deepspeed_config=/no/such.json"])
+    assert "does not exist" in _err(["evaluation.dinov2_path=/no/dinov2"])
+    assert _err([], path="/no/such/config.yaml").startswith("config file /no/such/config.yaml: not found")
+    # --describe needs no data: path checks can be turned off explicitly.
+    assert load_config(None, ["data.shards=/no/such/dir"], check_paths=False).data.shards == "/no/such/dir"
+
+
+def test_other_semantic_checks():
+    assert _err(["data.resolution=30"]).startswith("data.resolution:")
+    assert _err(["data.resolution=8", "network.channel_mult=[1,2,2,2,2]"]).startswith("network.channel_mult:")
+    assert _err(["optimizer.betas=[0.9]"]).startswith("optimizer.betas:")
+    assert _err(["network.dropout=1.5"]).startswith("network.dropout:")
+    assert _err(["sampling.sigma_min=100"]).startswith("sampling.sigma_min:")
+    assert _err(["distributed.zero_stage=4"]).startswith("distributed.zero_stage:")
+    assert _err(["objective.t_n=1000"]).startswith("objective.t_n:")
+
+
+def test_bad_yaml_and_override_syntax(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train: [1, 2\n")
+    assert "not valid YAML" in _err([], path=f)
+    assert "expected section.key=value" in _err(["train.batch"])
+
+
+def test_save_and_reload_is_identical(tmp_path):
+    c = load_config(ROOT / "configs/ffhq64-ncsnpp.yaml", ["objective.sigma_tn=2"], check_paths=False)
+    path = save_config(c, tmp_path / "run")
+    again = load_config(path, check_paths=False)
+    assert to_dict(again) == to_dict(c)
+    assert again.fingerprint() == c.fingerprint()
+    assert yaml.safe_load(path.read_text())["objective"]["sigma_tn"] == 2.0
+    assert load_config(path, ["objective.sigma_tn=1"], check_paths=False).fingerprint() != c.fingerprint()
