@@ -1,0 +1,273 @@
+"""What every benchmark shares: the run's options, a timer, the result record, the machine.
+
+A benchmark module `benchmarks/bench_<name>.py` exposes `run(ctx: Context) -> list[dict]`
+and builds each dict with `result(...)`. `benchmarks/run_all.py` finds the modules, runs them
+and writes the table and the JSON.
+
+Every figure is a ratio to a baseline measured in the same run on the same machine, because
+absolute times drift between machines and runs while side-by-side ratios do not. `ratio` is
+oriented so that higher is better for us:
+
+    throughput units (anything per second: img/s, GB/s, TFLOP/s)   ratio = ours / baseline
+    time units (s, ms, us, and s/step, ms/img, ...)                 ratio = baseline / ours
+    size units (bytes, MB, GB, GB/step, ...)                         ratio = baseline / ours
+
+so `ratio = 2.0` always means "we are twice as good as the baseline". A unit outside these
+families needs `higher_is_better=` stated by the caller (result() refuses to guess).
+
+Timing: `measure` calls the function `warmup` times untimed, then `repeats` times timed. On
+CUDA each repeat is bracketed by CUDA events and the device is synchronized before reading
+them (the host returns long before the GPU finishes); on CPU it is `time.perf_counter`.
+Figures reported are medians of the repeats; the raw repeats go into the JSON.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Keys every result dict has (run_all.py checks them; tests/test_benchmarks.py too).
+RESULT_KEYS = ("name", "unit", "ours", "baseline", "baseline_name", "ratio",
+               "higher_is_better", "ours_repeats", "baseline_repeats")
+
+
+@dataclass
+class Context:
+    """The options of one suite run, handed to every benchmark's `run(ctx)`.
+
+    quick: the CI size (whole suite on CPU in under 5 minutes; checks the code paths, the
+    figures mean little). full: the paper-scale sizes (GPU, minutes per benchmark). Neither:
+    the default size, meaningful on a GPU within the run book's 8 minutes.
+    """
+    device: str = "cpu"          # "cpu" or "cuda"
+    quick: bool = False
+    full: bool = False
+    out: Optional[Path] = None   # where run_all writes the JSON (benchmarks may put files beside it)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"Context.device: expected 'cpu' or 'cuda', got {self.device!r}")
+        if self.quick and self.full:
+            raise ValueError("Context: --quick and --full exclude each other")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("Context.device: 'cuda' asked for but torch sees no CUDA device "
+                             f"(torch {torch.__version__})")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def size(self, quick: Any, default: Any, full: Any = None) -> Any:
+        """Pick a problem size by mode: `ctx.size(quick=8, default=256, full=512)`."""
+        if self.quick:
+            return quick
+        if self.full and full is not None:
+            return full
+        return default
+
+    def sync(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
+            device: str = "cpu", inner: int = 1) -> list[float]:
+    """Seconds per call of `fn`, one entry per repeat.
+
+    `inner` > 1 calls fn that many times per repeat and divides, for calls too short to
+    time one by one (microseconds on CPU). Warm-up calls are untimed: they absorb
+    torch.compile, cuDNN autotuning, allocator growth and lazy initialisation.
+    """
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ValueError(f"measure: need repeats >= 1, warmup >= 0, inner >= 1 "
+                         f"(got {repeats}, {warmup}, {inner})")
+    cuda = device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda")
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0 / inner)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# --------------------------------------------------------------------------------------
+# Result records
+# --------------------------------------------------------------------------------------
+
+_TIME_UNITS = {"ns", "us", "ms", "s", "min", "h"}
+_SIZE_UNITS = {"B", "bytes", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"}
+
+
+def higher_is_better_for(unit: str) -> Optional[bool]:
+    """Orientation of a unit: True for rates, False for times and sizes, None if unknown."""
+    if unit.endswith("/s"):
+        return True                       # img/s, GB/s, TFLOP/s, steps/s
+    head = unit.split("/", 1)[0].strip()  # "ms/step" -> "ms", "GB/step" -> "GB"
+    if head in _TIME_UNITS or head in _SIZE_UNITS:
+        return False
+    return None
+
+
+def result(name: str, unit: str, ours: Optional[float], baseline: Optional[float],
+           baseline_name: str, ours_repeats: Optional[list[float]] = None,
+           baseline_repeats: Optional[list[float]] = None, *,
+           higher_is_better: Optional[bool] = None, **extra: Any) -> dict:
+    """One benchmark figure, as it goes into the JSON and the table.
+
+    `ours` and `baseline` are the reported values (medians) in `unit`; the repeats are the
+    raw per-repeat values in the same unit. `ratio` is ours against the baseline with
+    higher = better for us (see the module docstring); None when either side is missing
+    or zero. Extra keyword arguments (batch size, FLOPs, notes) are stored as they are.
+    """
+    if higher_is_better is None:
+        higher_is_better = higher_is_better_for(unit)
+        if higher_is_better is None:
+            raise ValueError(f"result({name!r}): cannot tell whether more {unit!r} is better; "
+                             "pass higher_is_better=True or False")
+    for key in ("name", "unit", "baseline_name", "ratio", "higher_is_better",
+                "ours_repeats", "baseline_repeats"):
+        if key in extra:
+            raise ValueError(f"result({name!r}): extra key {key!r} clashes with a standard field")
+    ratio = None
+    if ours is not None and baseline is not None and ours != 0 and baseline != 0:
+        ratio = ours / baseline if higher_is_better else baseline / ours
+    return {
+        "name": name,
+        "unit": unit,
+        "ours": None if ours is None else float(ours),
+        "baseline": None if baseline is None else float(baseline),
+        "baseline_name": baseline_name,
+        "ratio": ratio,
+        "higher_is_better": higher_is_better,
+        "ours_repeats": [float(v) for v in (ours_repeats or [])],
+        "baseline_repeats": [float(v) for v in (baseline_repeats or [])],
+        **extra,
+    }
+
+
+def per_second(count: float, seconds: list[float]) -> list[float]:
+    """Turn per-repeat times into per-repeat rates (e.g. images per second)."""
+    return [count / s for s in seconds]
+
+
+# --------------------------------------------------------------------------------------
+# Reference ceilings measured in the run (used for MFU and bandwidth fractions)
+# --------------------------------------------------------------------------------------
+
+def matmul_flops_per_s(device: str, n: int, dtype: torch.dtype = torch.bfloat16,
+                       repeats: int = 5) -> list[float]:
+    """Measured FLOP/s of an n x n x n matrix product (2 n^3 FLOPs), one value per repeat.
+
+    Random operands, not zeros: the tensor cores run measurably faster on zeros.
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    seconds = measure(lambda: torch.mm(a, b), repeats=repeats, warmup=2, device=device)
+    return per_second(2.0 * n ** 3, seconds)
+
+
+# --------------------------------------------------------------------------------------
+# Machine details
+# --------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> Optional[str]:
+    # importlib.metadata reads the installed version without importing the package
+    # (importing deepspeed takes seconds and prints accelerator warnings).
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_info(device: str) -> dict:
+    """CPU/GPU model, library versions, git revision and date, for the JSON header."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "device": device,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "deepspeed": _version("deepspeed"),
+        "webdataset": _version("webdataset"),
+        "nvidia_dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120"),
+        "git_revision": _git("rev-parse", "HEAD"),
+        # Uncommitted changes make a revision irreproducible: say so.
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    gpu_multiprocessors=props.multi_processor_count,
+                    cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def short_device_name(info: dict) -> str:
+    """'cpu', or 'cuda-h200' style, for file names of dated results."""
+    if info.get("device") != "cuda":
+        return "cpu"
+    gpu = str(info.get("gpu", "")).lower()
+    for model in ("gb200", "b200", "h200", "h100", "a100", "a10", "l40s", "l4"):
+        if model in gpu:
+            return f"cuda-{model}"
+    return "cuda"
