@@ -1,0 +1,12 @@
+"""Training engine: the loop, EMA, checkpoints, learning-rate schedule, logging.
+
+    trainer.py     Trainer, run_training(cfg, run_dir, resume) (what launchers/train.py calls),
+                   describe(cfg) (what `train.py --describe` prints)
+    ema.py         EMA with EDM semantics (half-life in images, ramp-up)
+    checkpoint.py  atomic checkpoints (safetensors + weights-only state), keep last K
+    lr.py          learning-rate ramp
+    logging.py     TensorBoard scalars/histograms/images and the tqdm progress line
+
+The submodules are imported where used (not here), so that the building blocks do not pull
+in the networks, data and metrics packages.
+"""

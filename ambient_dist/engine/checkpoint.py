@@ -1,0 +1,152 @@
+"""Training checkpoints, written so that a crash at any moment never loses the previous one.
+
+Layout inside a run directory:
+
+    checkpoints/
+        ckpt-000012800/          one checkpoint, named by images seen (zero-padded, sortable)
+            model.safetensors    network weights
+            ema.safetensors      EMA weights
+            rng.safetensors      RNG states (uint8 tensors)
+            state.pt             everything else: optimizer state, loader position, ...
+                                 (torch.save; read back with torch.load(weights_only=True))
+            meta.json            images seen, step, config fingerprint, counters
+        latest                   text file naming the newest complete checkpoint
+
+A save goes to a hidden temporary directory first, which is renamed into place only once
+every file is written and flushed; `latest` is replaced (temp file + os.replace) after that,
+and old checkpoints are pruned last. A crash mid-save therefore leaves at worst a stray
+`.tmp-*` directory, which the next save removes, and `latest` still names a complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^ckpt-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not every platform can open a directory; the rename is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                 metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors needs contiguous, CPU, non-aliased tensors: give it exactly that."""
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+              str(path), metadata=metadata)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
+                              metadata: Optional[dict[str, str]] = None) -> None:
+    """Write one safetensors file (e.g. the EMA export) via a temp file and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_tensors(tensors, tmp, metadata)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds. Tensor dicts go to safetensors; `state` to torch.save."""
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | os.PathLike, keep: int):
+        self.root = Path(run_dir) / CHECKPOINT_DIR
+        self.keep = keep
+
+    # -- writing ----------------------------------------------------------------------
+    def save(self, ckpt: Checkpoint, images_seen: int) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"ckpt-{images_seen:012d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_tensors(ckpt.model, tmp / "model.safetensors")
+        save_tensors(ckpt.ema, tmp / "ema.safetensors")
+        save_tensors(ckpt.rng, tmp / "rng.safetensors")
+        torch.save(ckpt.state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(ckpt.meta, indent=2, sort_keys=True))
+        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same position (e.g. preemption right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / "latest", name + "\n")
+        self._prune(keep_name=name)
+        return final
+
+    def _prune(self, keep_name: str) -> None:
+        for stray in self.root.glob(".tmp-ckpt-*"):
+            shutil.rmtree(stray, ignore_errors=True)
+        done = self.list()
+        for old in done[:-self.keep]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- reading ----------------------------------------------------------------------
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        done = self.list()  # `latest` missing (e.g. crash before its first write)
+        return done[-1] if done else None
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+        path = Path(path)
+        for part in ("model.safetensors", "ema.safetensors", "rng.safetensors", "state.pt",
+                     "meta.json"):
+            if not (path / part).is_file():
+                raise FileNotFoundError(f"checkpoint {path}: missing {part} (not a complete "
+                                        "checkpoint written by ambient_dist)")
+        return Checkpoint(
+            model=load_file(str(path / "model.safetensors"), device=str(device)),
+            ema=load_file(str(path / "ema.safetensors"), device=str(device)),
+            rng=load_file(str(path / "rng.safetensors")),
+            # weights_only: never unpickle arbitrary objects, even from our own run dirs.
+            state=torch.load(path / "state.pt", map_location=device, weights_only=True),
+            meta=json.loads((path / "meta.json").read_text()),
+        )

@@ -1,0 +1,146 @@
+"""What a training run reports while it runs: TensorBoard events and a progress line.
+
+`TrainingStats` accumulates per-step figures between two log points (loss per branch, the
+fraction of samples in the ambient branch, sigma values, gradient norms); `RunLogger` writes
+them to TensorBoard event files in the run directory and drives a tqdm progress line in images with
+images/s and the ETA. Only rank 0 writes anything; on other ranks every call is a no-op.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+
+class TrainingStats:
+    """Per-step figures of one logging interval; `summary()` returns the means and resets.
+
+    Tensors are kept on their device and only reduced in `summary()`, so logging adds no
+    host-device synchronisation to the training step.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.ambient: list[torch.Tensor] = []
+        self.sigmas: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor] = []
+        self.skipped_steps = 0
+
+    def add_batch(self, per_sample: torch.Tensor, ambient: torch.Tensor, sigma: torch.Tensor) -> None:
+        self.losses.append(per_sample.detach().float().flatten())
+        self.ambient.append(ambient.detach().bool().flatten())
+        self.sigmas.append(sigma.detach().float().flatten())
+
+    def add_step(self, grad_norm: Optional[torch.Tensor], skipped: bool) -> None:
+        if skipped:
+            self.skipped_steps += 1
+        elif grad_norm is not None:
+            self.grad_norms.append(grad_norm.detach().float().reshape(()))
+
+    @torch.no_grad()
+    def summary(self) -> tuple[dict[str, float], Optional[torch.Tensor]]:
+        """(scalars, all sigmas of the interval) -- then start a new interval."""
+        out: dict[str, float] = {"train/skipped_steps": float(self.skipped_steps)}
+        sigmas = None
+        if self.losses:
+            loss = torch.cat(self.losses).cpu()
+            ambient = torch.cat(self.ambient).cpu()
+            sigmas = torch.cat(self.sigmas).cpu()
+            out["loss/all"] = loss.mean().item()
+            out["objective/ambient_fraction"] = ambient.float().mean().item()
+            for branch, mask in (("clean", ~ambient), ("ambient", ambient)):
+                if mask.any():
+                    out[f"loss/{branch}"] = loss[mask].mean().item()
+        if self.grad_norms:
+            out["train/grad_norm"] = torch.stack(self.grad_norms).mean().item()
+        self.reset()
+        return out, sigmas
+
+
+def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> one uint8 [rows*H, cols*W, C] mosaic (C = 1 or 3)."""
+    n, c, h, w = images.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    pixels = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
+    grid[:n] = pixels
+    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    return grid.numpy()
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path) -> Path:
+    path = Path(path)
+    grid = image_grid(images)
+    mode_image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    mode_image.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, total_images: int, start_images: int,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # import late: slow, rank 0 only
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.bar = tqdm(total=total_images, initial=start_images, unit="img", unit_scale=True,
+                        dynamic_ncols=True, desc="train", smoothing=0.1)
+        self._mark_time = time.perf_counter()
+        self._mark_images = start_images
+
+    def progress(self, images_seen: int, loss: Optional[float]) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(images_seen - self.bar.n)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def log(self, images_seen: int, scalars: dict[str, float], sigmas: Optional[torch.Tensor] = None,
+            lr: Optional[float] = None) -> dict[str, float]:
+        """Write one interval's scalars (x axis: images seen) and return them with images/s."""
+        if not self.enabled:
+            return scalars
+        now = time.perf_counter()
+        elapsed = now - self._mark_time
+        if elapsed > 0 and images_seen > self._mark_images:
+            scalars["perf/images_per_s"] = (images_seen - self._mark_images) / elapsed
+        self._mark_time, self._mark_images = now, images_seen
+        if lr is not None:
+            scalars["train/lr"] = lr
+        if torch.cuda.is_available():
+            scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, images_seen)
+        if sigmas is not None and sigmas.numel():
+            # log(sigma): the log-normal draw is then a bell curve, and sigma_tn a vertical cut.
+            self.writer.add_histogram("objective/log_sigma", sigmas.log(), images_seen)
+        self.writer.flush()
+        return scalars
+
+    def image(self, name: str, images: torch.Tensor, images_seen: int) -> None:
+        if self.enabled:
+            self.writer.add_image(name, image_grid(images), images_seen, dataformats="HWC")
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar (rank 0 only)."""
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
