@@ -1,0 +1,106 @@
+"""What every training loader shares: the `Batch` it yields, the resume state, and the factory.
+
+`build_loader(cfg, rank, world_size, device, start_sample=0)` opens the shard directory named
+by `cfg.data.shards`, verifies it and checks its manifest against the config, and returns the
+loader chosen by `cfg.data.loader`. Each loader is an endless iterator of this rank's
+micro-batches; which samples those are is fixed by `order.SampleOrder` / `order.RankPlan`, so
+the three loaders yield identical batches and a loader built with `start_sample=S` continues
+exactly where a run that had consumed S samples (all ranks together) stood.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ambient_dist.config import ExperimentConfig
+
+from .order import RankPlan, SampleOrder
+from .shards import ShardError, ShardSet, check_manifest
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    clean: torch.Tensor              # float32 [B, C, H, W] in [-1, 1]
+    noisy: torch.Tensor              # float32 [B, C, H, W], the fixed noisy copies (same flips)
+    labels: Optional[torch.Tensor]   # float32 one-hot [B, num_classes], or None
+
+
+class TrainLoader:
+    """Base class: the order, this rank's plan and the resume counter. Subclasses implement
+    `_next_batch(step)` returning this rank's batch of `step` (counted from the start)."""
+
+    name = "base"
+
+    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, device,
+                 start_sample: int = 0, shards: Optional[ShardSet] = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.shards = shards if shards is not None else ShardSet(cfg.data.shards, verify=True)
+        check_manifest(self.shards.manifest, cfg)
+        # data.subset takes a prefix of the stored order, which make_shards wrote shuffled.
+        self.num_samples = cfg.data.subset or len(self.shards)
+        self.order = SampleOrder(self.num_samples, cfg.data.seed, cfg.data.xflip)
+        self.plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
+        self.num_classes = cfg.data.num_classes
+        self.steps_done = 0
+
+    # -- the order ------------------------------------------------------------------------
+    def step_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, flip bits) of this rank's micro-batch at `step`."""
+        return self.order.positions(self.plan.step_start(step), self.plan.micro_batch)
+
+    def one_hot(self, labels: np.ndarray, keys: list[str]) -> Optional[torch.Tensor]:
+        if not self.num_classes:
+            return None
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ShardError(f"{self.cfg.data.shards}, key {keys[j]}: label {int(labels[j])} is not "
+                             f"in [0, {self.num_classes}) (data.num_classes)")
+        eye = torch.eye(self.num_classes, dtype=torch.float32)
+        return eye[torch.from_numpy(labels)].to(self.device)
+
+    # -- iteration and resume --------------------------------------------------------------
+    @property
+    def samples_seen(self) -> int:
+        """Samples consumed by all ranks together after the batches yielded so far."""
+        return self.plan.samples_seen(self.steps_done)
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
+                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self._next_batch(self.steps_done)
+        self.steps_done += 1
+        return batch
+
+    def _next_batch(self, step: int) -> Batch:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop background workers (if any)."""
+
+
+def build_loader(cfg: ExperimentConfig, rank: int, world_size: int, device,
+                 start_sample: int = 0) -> TrainLoader:
+    """The loader named by cfg.data.loader for this rank (see module docstring)."""
+    if not cfg.data.shards:
+        raise ShardError("data.shards: no shard directory set (make one with launchers/make_shards.py)")
+    kind = cfg.data.loader
+    if kind == "resident":
+        from .resident import ResidentLoader as cls
+    elif kind == "webdataset":
+        from .webdataset_loader import WebDatasetLoader as cls
+    elif kind == "dali":
+        from .dali_loader import DaliLoader as cls
+    else:
+        raise ShardError(f"data.loader: unknown loader {kind!r}")
+    return cls(cfg, rank, world_size, device, start_sample=start_sample)

@@ -1,0 +1,591 @@
+"""The shard format: writing it (with the one fixed noisy copy per image), checking it, reading it.
+
+A shard directory holds
+
+    train-000000.tar, ...   WebDataset tars; per sample `<key>.png` (lossless clean image),
+                            `<key>.noisy.npy` (float16 [C, H, W] noisy copy, never clipped) and
+                            `<key>.json` ({"key", "label", "caption", "meta"})
+    train-000000.idx, ...   DALI's webdataset index (v1.2) of each tar: member offsets, so any
+                            sample can be read without scanning (used by all our loaders too)
+    heldout.npz             optional: images of the same source never trained on (keys, images
+                            uint8 [K, H, W, C], labels), for memorization calibration
+    manifest.json           format version, sigma_tn, form, seeds, geometry, class count,
+                            counts, per-file sha256, the source description, the plan hash
+
+Writing (`make_shards`) is resumable: each shard goes to a temporary name and is renamed when
+complete, the manifest is rewritten (atomically) after every shard, and a re-run with the same
+plan skips shards whose sha256 still matches. Tars are byte-for-byte reproducible (fixed
+member metadata), so a checksum mismatch always means damage, never a harmless rewrite.
+
+Reading (`ShardSet`) verifies checksums, loads the indexes, and decodes any sample by index,
+checking its tar header, its noisy copy's shape and dtype, and naming shard and key in every
+error. `load_images` reads a whole split; `check_manifest` compares a manifest to a config.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import io
+import json
+import mmap
+import multiprocessing
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ambient_dist.config import ConfigError, ExperimentConfig
+from ambient_dist.noise import check_image_range, make_noisy_copy
+
+from .augment import to_model_units
+from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image
+
+FORMAT_NAME = "ambient_dist.shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+HELDOUT_NAME = "heldout.npz"
+INDEX_VERSION = "v1.2"  # DALI's webdataset index format
+CLEAN_EXT, NOISY_EXT, META_EXT = "png", "noisy.npy", "json"
+PIXEL_FORMS = ("edm", "vp")
+
+
+class ShardError(ValueError):
+    """Damaged, incomplete or mismatched shards; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, C] -> PNG bytes (lossless; grey for C = 1)."""
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="png")
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata (no mtime, owner or mode from the machine) keeps tars reproducible.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def scan_tar(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (data offset, size)})] of a WebDataset tar, in stored order."""
+    samples: list = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                if base.startswith(".") or "." not in base:
+                    continue
+                # The key is the path up to the first dot of the file name (WebDataset's rule).
+                key = m.name[: m.name.rfind("/") + 1 + base.index(".")]
+                ext = base.split(".", 1)[1]
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+    return samples
+
+
+def write_index(samples: list, path: Path) -> None:
+    """DALI's webdataset index: 'v1.2 N' then per sample 'ext offset size name' per member."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for key, comps in samples:
+        lines.append(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, (off, size) in comps.items()))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    try:
+        lines = path.read_text().splitlines()
+        version, count = lines[0].split()
+        if version != INDEX_VERSION:
+            raise ValueError(f"index version {version}, expected {INDEX_VERSION}")
+        samples = []
+        for line in lines[1: 1 + int(count)]:
+            parts = line.split()
+            if len(parts) % 4:
+                raise ValueError(f"line {line!r} is not 'ext offset size name' groups")
+            comps, key = {}, None
+            for j in range(0, len(parts), 4):
+                ext, off, size, name = parts[j: j + 4]
+                comps[ext] = (int(off), int(size))
+                key = name[: len(name) - len(ext) - 1]
+            samples.append((key, comps))
+        if len(samples) != int(count):
+            raise ValueError(f"header says {count} samples, file lists {len(samples)}")
+    except (OSError, ValueError, IndexError) as e:
+        raise ShardError(f"{path}: unreadable DALI index ({e}); delete it to rebuild from the tar") from None
+    return samples
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class ShardOptions:
+    """Everything that decides the content of a shard directory (besides the source)."""
+
+    resolution: int = 32
+    channels: int = 0                # 0 = the source's own (1 for idx, else 3)
+    fit: str = "auto"                # see sources.fit_image
+    sigma_tn: float = 0.5
+    form: str = "edm"
+    noise_seed: int = 0
+    count: int = 0                   # training images; 0 = all not held out
+    per_class: int = 0               # or: this many per class
+    subset_seed: int = 0
+    heldout: int = 0
+    samples_per_shard: int = 1000
+    # Not part of the content:
+    workers: int = 1
+    skip_bad: bool = False
+
+    def content(self) -> dict:
+        d = asdict(self)
+        for k in ("workers", "skip_bad"):
+            d.pop(k)
+        return d
+
+
+def _check_options(opts: ShardOptions) -> None:
+    def bad(flag, msg):
+        raise ShardError(f"{flag}: {msg}")
+    if opts.form not in PIXEL_FORMS:
+        bad("--form", f"{opts.form!r} not supported for pixel shards (choose {', '.join(PIXEL_FORMS)}; "
+            "latent shards need a VAE and are not written by make_shards)")
+    if opts.sigma_tn < 0:
+        bad("--sigma-tn", f"must be >= 0, got {opts.sigma_tn}")
+    if opts.resolution < 8:
+        bad("--resolution", f"must be >= 8, got {opts.resolution}")
+    if opts.channels not in (0, 1, 3):
+        bad("--channels", f"must be 1, 3 or 0 (the source's own), got {opts.channels}")
+    if opts.fit not in FIT_MODES:
+        bad("--fit", f"expected one of {', '.join(FIT_MODES)}, got {opts.fit!r}")
+    if opts.samples_per_shard < 1:
+        bad("--samples-per-shard", f"must be >= 1, got {opts.samples_per_shard}")
+    for name in ("count", "per_class", "heldout"):
+        if getattr(opts, name) < 0:
+            bad(f"--{name.replace('_', '-')}", "must be >= 0")
+
+
+@dataclass
+class _ShardJob:
+    name: str
+    indices: list[int]
+
+
+def _prepare(source: Source, i: int, opts: ShardOptions, channels: int) -> tuple:
+    """Load and fit sample i -> (key, uint8 [H, W, C], label, caption, meta)."""
+    rec = source.load(i)
+    image = fit_image(rec.image, opts.resolution, channels, opts.fit, source.where(i))
+    return rec.key, image, rec.label, rec.caption, rec.meta
+
+
+def _write_shard(source: Source, job: _ShardJob, out_dir: Path, opts: ShardOptions,
+                 channels: int) -> dict:
+    """Write one tar (temp name, then rename) and its index; return its manifest entry."""
+    final = out_dir / job.name
+    tmp = out_dir / f".{job.name}.tmp-{os.getpid()}"
+    skipped, cleans = [], []
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in job.indices:
+            try:
+                key, image, label, caption, meta = _prepare(source, i, opts, channels)
+            except SourceError as e:
+                if not opts.skip_bad:
+                    raise
+                skipped.append({"key": source.key(i), "where": source.where(i), "error": str(e)})
+                continue
+            clean = to_model_units(torch.from_numpy(image).permute(2, 0, 1))
+            cleans.append(clean)
+            noisy = make_noisy_copy(clean, opts.sigma_tn, opts.noise_seed, key, opts.form)
+            _tar_member(tar, f"{key}.{CLEAN_EXT}", encode_png(image))
+            _tar_member(tar, f"{key}.{NOISY_EXT}", encode_npy(noisy.numpy().astype(np.float16)))
+            record = {"key": key, "label": label, "caption": caption, "meta": meta}
+            _tar_member(tar, f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
+    if cleans:
+        # Self-check of our own conversion: a units slip here would halve sigma silently.
+        check_image_range(torch.stack(cleans), f"{final} (clean images)")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    samples = scan_tar(final)
+    index = final.with_suffix(".idx")
+    write_index(samples, index)
+    return {"name": job.name, "index": index.name, "samples": len(samples),
+            "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": skipped}
+
+
+_WORKER_STATE: dict = {}
+
+
+def _worker_init(source, out_dir, opts, channels):
+    torch.set_num_threads(1)  # one decode per process; the pool provides the parallelism
+    _WORKER_STATE.update(source=source, out_dir=out_dir, opts=opts, channels=channels)
+
+
+def _worker_write(job: _ShardJob) -> dict:
+    s = _WORKER_STATE
+    return _write_shard(s["source"], job, s["out_dir"], s["opts"], s["channels"])
+
+
+def _write_heldout(source: Source, indices: list[int], out_dir: Path, opts: ShardOptions,
+                   channels: int) -> dict:
+    keys, images, labels = [], [], []
+    for i in indices:
+        key, image, label, _, _ = _prepare(source, i, opts, channels)
+        keys.append(key)
+        images.append(image)
+        labels.append(-1 if label is None else label)
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(keys, dtype=str),
+             images=np.stack(images) if images else np.zeros((0, opts.resolution, opts.resolution, channels), np.uint8),
+             labels=np.array(labels, dtype=np.int64))
+    path = out_dir / HELDOUT_NAME
+    atomic_write_bytes(path, buf.getvalue())
+    return {"name": HELDOUT_NAME, "samples": len(keys), "sha256": sha256_file(path)}
+
+
+def _plan_hash(source_desc: dict, opts: ShardOptions, jobs: list[_ShardJob], heldout_keys: list[str],
+               keys_of) -> str:
+    blob = json.dumps({"source": source_desc, "options": opts.content(),
+                       "shards": [[j.name, [keys_of(i) for i in j.indices]] for j in jobs],
+                       "heldout": heldout_keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Choose the subset, write (or finish writing) the shards and the manifest; return it."""
+    _check_options(opts)
+    out_dir = Path(out_dir)
+    channels = opts.channels or (1 if source.kind == "idx" else 3)
+    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
+    chosen = [source.key(i) for i in train + heldout]
+    if len(set(chosen)) != len(chosen):
+        seen, dup = set(), None
+        for i in train + heldout:
+            if source.key(i) in seen:
+                dup = i
+                break
+            seen.add(source.key(i))
+        raise ShardError(f"{source.where(dup)}: key {source.key(dup)!r} is used by two source "
+                         "images (keys keep only [A-Za-z0-9_-]); rename one of them")
+    per = opts.samples_per_shard
+    jobs = [_ShardJob(f"train-{n:06d}.tar", train[s: s + per]) for n, s in enumerate(range(0, len(train), per))]
+    desc = source.describe()
+    plan = _plan_hash(desc, opts, jobs, [source.key(i) for i in heldout], source.key)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    done: dict[str, dict] = {}
+    if manifest_path.exists() and not overwrite:
+        old = read_manifest(out_dir, require_complete=False)
+        if old.get("plan") != plan:
+            raise ShardError(f"{manifest_path}: this directory holds shards made from a different "
+                             "source or options; choose another --out or pass --overwrite")
+        for entry in old.get("shards", []):
+            p = out_dir / entry["name"]
+            if p.exists() and (out_dir / entry["index"]).exists() and sha256_file(p) == entry["sha256"]:
+                done[entry["name"]] = entry
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, "plan": plan,
+        "sigma_tn": opts.sigma_tn, "form": opts.form, "noise_seed": opts.noise_seed,
+        "subset_seed": opts.subset_seed, "resolution": opts.resolution, "channels": channels,
+        "num_classes": source.num_classes, "class_names": list(source.class_names),
+        "fit": opts.fit, "selection": {"count": opts.count, "per_class": opts.per_class,
+                                       "heldout": opts.heldout},
+        "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "members": {"clean": CLEAN_EXT, "noisy": NOISY_EXT, "meta": META_EXT,
+                    "noisy_dtype": "float16", "noisy_layout": "CHW"},
+    }
+
+    def save(entries: dict) -> None:
+        manifest["shards"] = [entries[j.name] for j in jobs if j.name in entries]
+        manifest["skipped"] = [s for e in manifest["shards"] for s in e.get("skipped", [])]
+        write_json(manifest_path, manifest)
+
+    todo = [j for j in jobs if j.name not in done]
+    save(done)
+    bar = tqdm(total=len(train), unit="img", desc=f"shards -> {out_dir}", disable=not progress)
+    bar.update(sum(len(j.indices) for j in jobs if j.name in done))
+    if opts.workers > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with futures.ProcessPoolExecutor(min(opts.workers, len(todo)), mp_context=ctx,
+                                         initializer=_worker_init,
+                                         initargs=(source, out_dir, opts, channels)) as pool:
+            pending = {pool.submit(_worker_write, j): j for j in todo}
+            for fut in futures.as_completed(pending):
+                done[pending[fut].name] = fut.result()
+                save(done)
+                bar.update(len(pending[fut].indices))
+    else:
+        for j in todo:
+            done[j.name] = _write_shard(source, j, out_dir, opts, channels)
+            save(done)
+            bar.update(len(j.indices))
+    bar.close()
+    if heldout:
+        manifest["heldout"] = _write_heldout(source, heldout, out_dir, opts, channels)
+    train_count = sum(e["samples"] for e in manifest["shards"])
+    manifest["counts"] = {"train": train_count, "heldout": len(heldout),
+                          "skipped": len(manifest["skipped"])}
+    manifest["complete"] = True
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------
+# Manifest checks
+# ----------------------------------------------------------------------------------------
+
+def read_manifest(shards_dir: str | os.PathLike, require_complete: bool = True) -> dict:
+    path = Path(shards_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"{path}: not found; make shards with launchers/make_shards.py")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format {manifest.get('format')!r} version "
+                         f"{manifest.get('format_version')!r}; this code reads {FORMAT_NAME} "
+                         f"version {FORMAT_VERSION} (remake the shards)")
+    if require_complete and not manifest.get("complete"):
+        raise ShardError(f"{path}: shards are incomplete (make_shards was interrupted); "
+                         "re-run the same make_shards command to finish them")
+    return manifest
+
+
+def check_manifest(manifest: dict, cfg: ExperimentConfig) -> None:
+    """Refuse shards that were made for another objective or geometry than `cfg` trains."""
+    where = f"data.shards ({cfg.data.shards})"
+    problems = []
+    if cfg.objective.form not in PIXEL_FORMS:
+        problems.append(f"objective.form is {cfg.objective.form!r} but the shards hold pixels "
+                        f"(made for form {manifest['form']!r})")
+    elif manifest["form"] != cfg.objective.form:
+        problems.append(f"objective.form is {cfg.objective.form!r}, shards were made for {manifest['form']!r}")
+    if not np.isclose(manifest["sigma_tn"], cfg.objective.sigma_tn, rtol=1e-6, atol=1e-9):
+        problems.append(f"objective.sigma_tn is {cfg.objective.sigma_tn}, the shards' noisy copies "
+                        f"have sigma_tn {manifest['sigma_tn']} (remake them with --sigma-tn "
+                        f"{cfg.objective.sigma_tn}, or set objective.sigma_tn={manifest['sigma_tn']})")
+    if manifest["resolution"] != cfg.data.resolution:
+        problems.append(f"data.resolution is {cfg.data.resolution}, shards are {manifest['resolution']} px")
+    if manifest["channels"] != cfg.data.channels:
+        problems.append(f"data.channels is {cfg.data.channels}, shards have {manifest['channels']}")
+    if cfg.data.num_classes and manifest["num_classes"] != cfg.data.num_classes:
+        problems.append(f"data.num_classes is {cfg.data.num_classes}, shards have "
+                        f"{manifest['num_classes']} classes")
+    total = manifest["counts"]["train"]
+    if cfg.data.subset > total:
+        problems.append(f"data.subset is {cfg.data.subset} but the shards hold only {total} images")
+    if problems:
+        raise ConfigError(f"{where} do not match the config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    key: str
+    clean: np.ndarray        # uint8 [C, H, W]
+    noisy: np.ndarray        # float16 [C, H, W]
+    label: int               # -1 when the sample has none
+
+
+class ShardSet:
+    """The training samples of a shard directory, addressable by index 0..N-1 (stored order).
+
+    Picklable: memory maps are opened lazily in each process (DataLoader workers included).
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, verify: bool = True):
+        self.dir = Path(shards_dir)
+        self.manifest = read_manifest(self.dir)
+        entries = self.manifest["shards"]
+        if not entries:
+            raise ShardError(f"{self.dir / MANIFEST_NAME}: the shard list is empty "
+                             "(no training samples were written)")
+        self.paths = [str(self.dir / e["name"]) for e in entries]
+        for entry, path in zip(entries, self.paths):
+            if not os.path.isfile(path):
+                raise ShardError(f"{path}: listed in the manifest but missing")
+            if verify:
+                got = sha256_file(path)
+                if got != entry["sha256"]:
+                    raise ShardError(f"{path}: checksum mismatch (sha256 {got[:16]}..., manifest "
+                                     f"says {entry['sha256'][:16]}...): the file is damaged or was "
+                                     "replaced; re-run make_shards to rewrite it")
+        C, R = self.manifest["channels"], self.manifest["resolution"]
+        self.shape = (C, R, R)
+        self.keys: list[str] = []
+        shard_of, table = [], []
+        for s, (entry, path) in enumerate(zip(entries, self.paths)):
+            index_path = self.dir / entry.get("index", Path(entry["name"]).with_suffix(".idx").name)
+            samples = read_index(index_path) if index_path.is_file() else scan_tar(path)
+            if len(samples) != entry["samples"]:
+                raise ShardError(f"{path}: holds {len(samples)} samples, manifest says {entry['samples']}")
+            for key, comps in samples:
+                for ext, what in ((CLEAN_EXT, "clean image"), (NOISY_EXT, "noisy copy"), (META_EXT, "json")):
+                    if ext not in comps:
+                        raise ShardError(f"{path}, key {key}: no {what} (.{ext}) in the sample")
+                self.keys.append(key)
+                shard_of.append(s)
+                table.append([*comps[CLEAN_EXT], *comps[NOISY_EXT], *comps[META_EXT]])
+        self.shard_of = np.asarray(shard_of, dtype=np.int64)
+        self.table = np.asarray(table, dtype=np.int64).reshape(-1, 6)
+        self._maps: dict[int, mmap.mmap] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+    def _map(self, s: int) -> mmap.mmap:
+        if self._pid != os.getpid():  # forked: maps of the parent are not ours to share
+            self._maps, self._pid = {}, os.getpid()
+        if s not in self._maps:
+            with open(self.paths[s], "rb") as f:
+                self._maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[s]
+
+    def _member(self, i: int, offset: int, size: int) -> bytes:
+        s = int(self.shard_of[i])
+        m = self._map(s)
+        where = f"{self.paths[s]}, key {self.keys[i]}"
+        if offset < 512 or offset + size > len(m):
+            raise ShardError(f"{where}: member at byte {offset} (+{size}) lies beyond the end of "
+                             f"the {len(m)}-byte tar (truncated file)")
+        try:  # The 512-byte tar header before the data must be intact and agree on the size.
+            header = tarfile.TarInfo.frombuf(m[offset - 512: offset], "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ShardError(f"{where}: corrupt tar header at byte {offset - 512} ({e})") from None
+        if header.size != size:
+            raise ShardError(f"{where}: tar header says {header.size} bytes, index says {size} "
+                             "(index out of date or tar corrupt)")
+        return m[offset: offset + size]
+
+    def raw(self, i: int) -> tuple[bytes, bytes, bytes]:
+        """(png bytes, npy bytes, json bytes) of sample i."""
+        t = self.table[i]
+        return (self._member(i, int(t[0]), int(t[1])), self._member(i, int(t[2]), int(t[3])),
+                self._member(i, int(t[4]), int(t[5])))
+
+    def decode_noisy(self, i: int, data: bytes) -> np.ndarray:
+        where = f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}"
+        try:
+            noisy = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise ShardError(f"{where}: noisy copy is not a readable .npy ({e})") from None
+        if noisy.dtype != np.float16 or noisy.shape != self.shape:
+            raise ShardError(f"{where}: noisy copy is {noisy.dtype} {list(noisy.shape)}, expected "
+                             f"float16 {list(self.shape)}")
+        return noisy
+
+    def decode_label(self, i: int, data: bytes) -> int:
+        try:
+            label = json.loads(data).get("label")
+        except (ValueError, AttributeError) as e:
+            raise ShardError(f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}: "
+                             f"bad json ({e})") from None
+        return -1 if label is None else int(label)
+
+    def decode_clean(self, i: int, data: bytes) -> np.ndarray:
+        where = f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                arr = np.asarray(im)
+        except Exception as e:
+            raise ShardError(f"{where}: clean image does not decode ({e})") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if arr.dtype != np.uint8 or arr.shape != self.shape:
+            raise ShardError(f"{where}: clean image is {arr.dtype} {list(arr.shape)}, expected "
+                             f"uint8 {list(self.shape)}")
+        return np.ascontiguousarray(arr)
+
+    def sample(self, i: int) -> Sample:
+        png, npy, meta = self.raw(i)
+        return Sample(self.keys[i], self.decode_clean(i, png), self.decode_noisy(i, npy),
+                      self.decode_label(i, meta))
+
+
+def load_images(shards_dir: str | os.PathLike, split: str = "train", verify: bool = True
+                ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
+    """All images of a split: (keys, uint8 [N, H, W, C], int64 labels [N] or None).
+
+    "train" reads the shards (stored order); "heldout" the held-out images make_shards set
+    aside with --heldout. Convert with `augment.to_model_units` for [-1, 1] tensors.
+    """
+    shards_dir = Path(shards_dir)
+    if split == "train":
+        shards = ShardSet(shards_dir, verify=verify)
+        samples = [shards.sample(i) for i in range(len(shards))]
+        images = np.stack([s.clean.transpose(1, 2, 0) for s in samples])
+        labels = np.array([s.label for s in samples], dtype=np.int64)
+        keys = [s.key for s in samples]
+        has_labels = shards.manifest["num_classes"] > 0
+    elif split == "heldout":
+        manifest = read_manifest(shards_dir)
+        entry = manifest.get("heldout")
+        if not entry:
+            raise ShardError(f"{shards_dir}: no held-out images (make the shards with --heldout K)")
+        path = shards_dir / entry["name"]
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in the manifest but missing")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: checksum mismatch; re-run make_shards to rewrite it")
+        with np.load(path, allow_pickle=False) as npz:
+            keys, images, labels = [str(k) for k in npz["keys"]], npz["images"], npz["labels"]
+        has_labels = manifest["num_classes"] > 0
+    else:
+        raise ValueError(f"load_images: split must be 'train' or 'heldout', got {split!r}")
+    return keys, images, (labels if has_labels else None)

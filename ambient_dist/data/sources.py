@@ -1,0 +1,616 @@
+"""Readers for the image collections users bring, behind one small `Source` interface.
+
+Supported: an image folder (optionally one sub-folder per class), CIFAR-10/100 python batches
+(directory or the original .tar.gz), MNIST / Fashion-MNIST idx files (.gz or plain), an .npz of
+arrays, and img2dataset-style WebDataset shards (jpg/png/webp + txt caption + json metadata).
+`open_source("fashion-mnist")` names the copy Debian's dataset-fashion-mnist package installs.
+
+A `Source` lists its samples cheaply (keys and labels, for subset selection) and decodes one
+on request (`load(i)`), so the shard writer can pick a subset first and decode in parallel
+workers. Keys are stable: derived from the file name or the position in the source file, never
+from the order in which we happen to process them, because the noisy copy of an image is
+seeded by its key. This module also holds the geometry step (`fit_image`: resize + centre-crop,
+or pad) and the seeded subset choice (`choose_subset`).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Named shortcuts for data that ships with the system image.
+NAMED_SOURCES = {
+    "fashion-mnist": (FASHION_MNIST_DIR, "train"),
+    "fashion-mnist-test": (FASHION_MNIST_DIR, "test"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class SourceError(ValueError):
+    """A problem with the source data; the message names the file (and key) at fault."""
+
+
+@dataclass
+class Record:
+    """One decoded source sample: uint8 image [H, W, C] plus what travels with it."""
+
+    key: str
+    image: np.ndarray
+    label: Optional[int] = None
+    caption: Optional[str] = None
+    meta: dict = field(default_factory=dict)
+
+
+def safe_key(name: str) -> str:
+    """A shard key from a source name: WebDataset splits member names at the first dot and
+    DALI at '/', so keep only [A-Za-z0-9_-] (collisions are caught by the writer)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """Decode an encoded image to uint8 [H, W, C] (C = 1 for grey, 3 otherwise)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("L", "I;16", "I", "F", "1", "LA"):
+                im = im.convert("L")
+            elif im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for bad data
+        raise SourceError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+class Source:
+    """Base class: `len`, `key(i)`, `label(i)`, `load(i) -> Record`, plus a description."""
+
+    kind = "source"
+    num_classes = 0
+    class_names: list[str] = []
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        raise NotImplementedError
+
+    def label(self, i: int) -> Optional[int]:
+        return None
+
+    def where(self, i: int) -> str:
+        """Human-readable location of sample i, for error messages."""
+        return f"{self.path} (key {self.key(i)})"
+
+    def load(self, i: int) -> Record:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "samples": len(self),
+                "num_classes": self.num_classes}
+
+
+class ArraySource(Source):
+    """Samples held in one uint8 array [N, H, W, C] (idx, CIFAR and npz all end up here)."""
+
+    def __init__(self, path, images: np.ndarray, labels: Optional[np.ndarray], keys: list[str],
+                 num_classes: int, kind: str, extra: Optional[dict] = None):
+        self.path, self.images, self.labels, self.keys = path, images, labels, keys
+        self.num_classes, self.kind, self.extra = num_classes, kind, extra or {}
+
+    def __len__(self):
+        return len(self.images)
+
+    def key(self, i):
+        return self.keys[i]
+
+    def label(self, i):
+        return None if self.labels is None else int(self.labels[i])
+
+    def load(self, i):
+        return Record(self.keys[i], np.ascontiguousarray(self.images[i]), self.label(i))
+
+    def describe(self):
+        return {**super().describe(), **self.extra}
+
+
+# ----------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST idx files
+# ----------------------------------------------------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (LeCun's format: 2 zero bytes, type code, ndim, big-endian dims)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise SourceError(f"{path}: cannot read idx file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise SourceError(f"{path}: not an idx file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise SourceError(f"{path}: unknown idx element type 0x{data[2]:02x}")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(dtypes[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = data[4 + 4 * ndim:]
+    if len(body) != expected:
+        raise SourceError(f"{path}: idx header says {dims} ({expected} bytes) but file holds "
+                          f"{len(body)} bytes (truncated or corrupt)")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find_idx(directory: Path, prefix: str, stem: str) -> Path:
+    for name in (f"{prefix}-{stem}", f"{prefix}-{stem}.gz",
+                 f"{prefix}-{stem.replace('-idx', '.idx')}", f"{prefix}-{stem.replace('-idx', '.idx')}.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise SourceError(f"{directory}: no {prefix}-{stem}[.gz] file (MNIST idx layout expected)")
+
+
+def open_idx(path: Path, split: str) -> ArraySource:
+    """MNIST-style directory (train-/t10k- images and labels) or a path to an images file."""
+    if path.is_dir():
+        prefix = {"train": "train", "test": "t10k"}[split]
+        images_path = _find_idx(path, prefix, "images-idx3-ubyte")
+        labels_path = _find_idx(path, prefix, "labels-idx1-ubyte")
+    else:
+        images_path = path
+        labels_path = Path(str(path).replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
+        prefix = path.name.split("-")[0]
+        if not labels_path.is_file():
+            labels_path = None
+    images = read_idx(images_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise SourceError(f"{images_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
+    labels = None
+    if labels_path is not None:
+        labels = read_idx(labels_path).astype(np.int64)
+        if labels.shape != (len(images),):
+            raise SourceError(f"{labels_path}: {labels.shape[0]} labels for {len(images)} images")
+    keys = [f"{prefix}-{i:05d}" for i in range(len(images))]
+    num_classes = int(labels.max()) + 1 if labels is not None else 0
+    return ArraySource(images_path, images[:, :, :, None], labels, keys, num_classes, "idx",
+                       {"split": split, "labels_file": str(labels_path) if labels_path else None})
+
+
+# ----------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 python batches
+# ----------------------------------------------------------------------------------------
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what a numpy array and plain containers need,
+    so a doctored file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_cifar_batch(data: bytes, where: str) -> dict:
+    try:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:
+        raise SourceError(f"{where}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise SourceError(f"{where}: not a CIFAR python batch (no b'data' entry)")
+    return batch
+
+
+def open_cifar(path: Path, split: str) -> ArraySource:
+    """CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test), as the directory
+    `cifar-10-batches-py` / `cifar-100-python` or the original .tar.gz."""
+    files: dict[str, bytes] = {}
+    if path.is_dir():
+        for p in sorted(path.iterdir()):
+            if p.is_file():
+                files[p.name] = p.read_bytes()
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    files[Path(m.name).name] = tar.extractfile(m).read()
+    else:
+        raise SourceError(f"{path}: expected a CIFAR batch directory or its .tar.gz")
+    if "data_batch_1" in files:  # CIFAR-10
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta_name, names_key = b"labels", "batches.meta", b"label_names"
+    elif "train" in files:  # CIFAR-100
+        names = [split]
+        label_key, meta_name, names_key = b"fine_labels", "meta", b"fine_label_names"
+    else:
+        raise SourceError(f"{path}: no CIFAR-10 data_batch_1 or CIFAR-100 train file found")
+    images, labels, keys = [], [], []
+    for name in names:
+        if name not in files:
+            raise SourceError(f"{path}: CIFAR batch {name} is missing")
+        batch = _load_cifar_batch(files[name], f"{path}/{name}")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise SourceError(f"{path}/{name}: expected data [N, 3072] uint8, got {data.shape}")
+        # Rows are the R, G, B planes of a 32x32 image, one after another.
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        keys += [f"{name}-{i:05d}" for i in range(len(data))]
+    class_names = []
+    if meta_name in files:
+        meta = _load_cifar_batch_meta(files[meta_name])
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
+    labels_all = np.concatenate(labels)
+    num_classes = len(class_names) or int(labels_all.max()) + 1
+    src = ArraySource(path, np.concatenate(images), labels_all, keys, num_classes, "cifar",
+                      {"split": split, "batches": names})
+    src.class_names = class_names
+    return src
+
+
+def _load_cifar_batch_meta(data: bytes) -> dict:
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------
+# .npz of arrays
+# ----------------------------------------------------------------------------------------
+
+def open_npz(path: Path) -> ArraySource:
+    """An .npz with `images` (or `x`): uint8 [N, H, W], [N, H, W, C] or [N, C, H, W] (C <= 4),
+    optional `labels` (or `y`) and `keys` (strings)."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise SourceError(f"{path}: cannot read .npz ({e})") from None
+    name = next((n for n in ("images", "x", "arr_0") if n in npz.files), None)
+    if name is None:
+        raise SourceError(f"{path}: no 'images' (or 'x') array; holds {npz.files}")
+    images = npz[name]
+    if images.dtype != np.uint8:
+        raise SourceError(f"{path}: '{name}' must be uint8 in [0, 255], got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, :, :, None]
+    elif images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[3] not in (1, 3, 4):
+        images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if images.ndim != 4 or images.shape[3] not in (1, 3, 4):
+        raise SourceError(f"{path}: '{name}' must be [N, H, W(, C)], got {images.shape}")
+    if images.shape[3] == 4:
+        images = images[..., :3]
+    label_name = next((n for n in ("labels", "y") if n in npz.files), None)
+    labels = npz[label_name].astype(np.int64) if label_name else None
+    if labels is not None and labels.shape != (len(images),):
+        raise SourceError(f"{path}: '{label_name}' has shape {labels.shape}, expected ({len(images)},)")
+    keys = [safe_key(str(k)) for k in npz["keys"]] if "keys" in npz.files else \
+        [f"{i:07d}" for i in range(len(images))]
+    num_classes = int(labels.max()) + 1 if labels is not None and len(labels) else 0
+    return ArraySource(path, images, labels, keys, num_classes, "npz", {"array": name})
+
+
+# ----------------------------------------------------------------------------------------
+# Image folder
+# ----------------------------------------------------------------------------------------
+
+class FolderSource(Source):
+    """Every image file under a directory (recursively), in sorted path order. With
+    `class_from_folder`, the label is the index of the sorted top-level sub-folder name."""
+
+    kind = "folder"
+
+    def __init__(self, path: Path, class_from_folder: bool = False):
+        self.path = path
+        self.files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise SourceError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        self.class_from_folder = class_from_folder
+        self.labels = None
+        if class_from_folder:
+            tops = [f.split("/")[0] if "/" in f else None for f in self.files]
+            loose = [f for f, t in zip(self.files, tops) if t is None]
+            if loose:
+                raise SourceError(f"{path}: class_from_folder needs every image inside a class "
+                                  f"sub-folder; {loose[0]} is not")
+            self.class_names = sorted(set(tops))
+            index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = [index[t] for t in tops]
+            self.num_classes = len(self.class_names)
+        self.keys = [safe_key(os.path.splitext(f)[0]) for f in self.files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def key(self, i):
+        return self.keys[i]
+
+    def label(self, i):
+        return None if self.labels is None else self.labels[i]
+
+    def where(self, i):
+        return str(self.path / self.files[i])
+
+    def load(self, i):
+        where = self.where(i)
+        try:
+            data = (self.path / self.files[i]).read_bytes()
+        except OSError as e:
+            raise SourceError(f"{where}: cannot read ({e})") from None
+        return Record(self.keys[i], decode_image_bytes(data, where), self.label(i),
+                      meta={"file": self.files[i]})
+
+    def describe(self):
+        return {**super().describe(), "class_from_folder": self.class_from_folder,
+                "class_names": self.class_names}
+
+
+# ----------------------------------------------------------------------------------------
+# img2dataset-style WebDataset shards
+# ----------------------------------------------------------------------------------------
+
+class WebDatasetSource(Source):
+    """Tar shards as img2dataset writes them: `<key>.jpg|png|webp`, `<key>.txt` (caption),
+    `<key>.json` (metadata). The tars are scanned once for member offsets so that any sample
+    can then be read directly (parallel workers read only their own samples)."""
+
+    kind = "webdataset"
+    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, path: Path, label_field: str = ""):
+        self.path = path
+        tars = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        if not tars:
+            raise SourceError(f"{path}: no .tar shards found")
+        self.tars = [str(t) for t in tars]
+        self.label_field = label_field
+        # Per sample: (tar index, {ext: (offset, size)}, key)
+        self.samples: list[tuple[int, dict, str]] = []
+        for t_i, tar_path in enumerate(self.tars):
+            self.samples += self._scan(t_i, tar_path)
+        if not self.samples:
+            raise SourceError(f"{path}: the shards hold no samples with an image")
+        self.keys = [safe_key(s[2]) for s in self.samples]
+        self.labels = None
+        if label_field:
+            self.labels = [self._read_label(i) for i in range(len(self.samples))]
+            self.num_classes = max(self.labels) + 1
+
+    def _scan(self, t_i: int, tar_path: str) -> list:
+        groups: dict[str, dict] = {}
+        try:
+            with tarfile.open(tar_path) as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if base.startswith(".") or "." not in base:
+                        continue
+                    prefix = m.name[: len(m.name) - len(base)]
+                    stem, ext = base.split(".", 1)
+                    groups.setdefault(prefix + stem, {})[ext.lower()] = (m.offset_data, m.size)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise SourceError(f"{tar_path}: corrupt or truncated tar ({e})") from None
+        out = []
+        for key, comps in groups.items():
+            if any(e in comps for e in self.IMAGE_EXTS):
+                out.append((t_i, comps, key))
+        return out
+
+    def _read(self, i: int, ext: str) -> Optional[bytes]:
+        t_i, comps, _ = self.samples[i]
+        if ext not in comps:
+            return None
+        offset, size = comps[ext]
+        with open(self.tars[t_i], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise SourceError(f"{self.tars[t_i]}: truncated at sample {self.samples[i][2]}")
+        return data
+
+    def _meta(self, i: int) -> dict:
+        raw = self._read(i, "json")
+        if raw is None:
+            return {}
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise SourceError(f"{self.where(i)}: bad json metadata ({e})") from None
+        return meta if isinstance(meta, dict) else {"value": meta}
+
+    def _read_label(self, i: int) -> int:
+        meta = self._meta(i)
+        if self.label_field not in meta:
+            raise SourceError(f"{self.where(i)}: json metadata has no '{self.label_field}' label")
+        return int(meta[self.label_field])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def key(self, i):
+        return self.keys[i]
+
+    def label(self, i):
+        return None if self.labels is None else self.labels[i]
+
+    def where(self, i):
+        return f"{self.tars[self.samples[i][0]]} (sample {self.samples[i][2]})"
+
+    def load(self, i):
+        comps = self.samples[i][1]
+        ext = next(e for e in self.IMAGE_EXTS if e in comps)
+        image = decode_image_bytes(self._read(i, ext), self.where(i))
+        caption = self._read(i, "txt")
+        meta = self._meta(i)
+        # Keep the metadata small and JSON-safe: it is copied into every shard sample.
+        meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        return Record(self.keys[i], image, self.label(i),
+                      caption.decode("utf-8", "replace") if caption is not None else None, meta)
+
+    def describe(self):
+        return {**super().describe(), "tars": len(self.tars), "label_field": self.label_field}
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------
+
+SOURCE_FORMATS = ("auto", "folder", "cifar", "idx", "npz", "webdataset")
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_file():
+        if name.endswith(".npz"):
+            return "npz"
+        if "idx3" in name or "idx1" in name:
+            return "idx"
+        if name.endswith((".tar.gz", ".tgz")) and "cifar" in name:
+            return "cifar"
+        if name.endswith(".tar"):
+            return "webdataset"
+        raise SourceError(f"{path}: cannot tell the source format; pass --format")
+    if not path.is_dir():
+        raise SourceError(f"{path}: no such file or directory")
+    entries = {p.name for p in path.iterdir()}
+    if "data_batch_1" in entries or ({"train", "meta"} <= entries):
+        return "cifar"
+    if any("idx3-ubyte" in e for e in entries):
+        return "idx"
+    if any(e.endswith(".tar") for e in entries):
+        return "webdataset"
+    return "folder"
+
+
+def open_source(spec: str, fmt: str = "auto", split: str = "train",
+                class_from_folder: bool = False, label_field: str = "") -> Source:
+    """Open a source by path (or a name from NAMED_SOURCES, e.g. 'fashion-mnist')."""
+    if spec in NAMED_SOURCES:
+        directory, split = NAMED_SOURCES[spec]
+        path, fmt = Path(directory), "idx"
+        if not path.is_dir():
+            raise SourceError(f"source {spec!r}: {directory} is missing "
+                              "(install Debian's dataset-fashion-mnist package)")
+    else:
+        path = Path(spec)
+    if fmt not in SOURCE_FORMATS:
+        raise SourceError(f"--format {fmt!r}: expected one of {', '.join(SOURCE_FORMATS)}")
+    if split not in ("train", "test"):
+        raise SourceError(f"--split {split!r}: expected 'train' or 'test'")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    if fmt == "idx":
+        return open_idx(path, split)
+    if fmt == "cifar":
+        return open_cifar(path, split)
+    if fmt == "npz":
+        return open_npz(path)
+    if fmt == "webdataset":
+        return WebDatasetSource(path, label_field)
+    return FolderSource(path, class_from_folder)
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry and subset choice
+# ----------------------------------------------------------------------------------------
+
+FIT_MODES = ("auto", "crop", "pad")
+
+
+def fit_image(image: np.ndarray, resolution: int, channels: int, mode: str = "auto",
+              where: str = "") -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [resolution, resolution, channels].
+
+    "crop": resize the shorter side to `resolution` (Lanczos), then centre-crop.
+    "pad": centre the image on a background of 0 (= -1 in model units); never resamples, so
+    Fashion-MNIST's 28x28 digits keep their exact pixels in a 32x32 frame.
+    "auto": pad when the image fits, otherwise crop.
+    """
+    h, w, c = image.shape
+    if channels not in (1, 3):
+        raise SourceError(f"channels must be 1 or 3, got {channels}")
+    if c != channels:
+        if channels == 3:
+            image = np.repeat(image[:, :, :1], 3, axis=2)
+        else:  # ITU-R 601 luma, as PIL's convert("L")
+            image = np.asarray(Image.fromarray(image[:, :, :3]).convert("L"))[:, :, None]
+    if mode == "auto":
+        mode = "pad" if h <= resolution and w <= resolution else "crop"
+    if mode == "pad":
+        if h > resolution or w > resolution:
+            raise SourceError(f"{where}: image {h}x{w} is larger than {resolution}; use --fit crop")
+        out = np.zeros((resolution, resolution, channels), dtype=np.uint8)
+        top, left = (resolution - h) // 2, (resolution - w) // 2
+        out[top:top + h, left:left + w] = image
+        return out
+    if mode != "crop":
+        raise SourceError(f"--fit {mode!r}: expected one of {', '.join(FIT_MODES)}")
+    if (h, w) == (resolution, resolution):
+        return np.ascontiguousarray(image)
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
+    pil = pil.resize((nw, nh), Image.LANCZOS)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    out = np.asarray(pil.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def choose_subset(source: Source, count: int = 0, per_class: int = 0, heldout: int = 0,
+                  seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded choice of (training indices, held-out indices), disjoint.
+
+    The training list comes out in a seeded random order, so that any prefix of it (what
+    `data.subset` takes at training time) is itself a random subset. `count` = 0 and
+    `per_class` = 0 take every image not held out.
+    """
+    n = len(source)
+    perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x53554253]))).permutation(n)
+    if count and per_class:
+        raise SourceError("choose either --count or --per-class, not both")
+    if per_class:
+        if source.num_classes == 0:
+            raise SourceError(f"--per-class needs labelled data; {source.path} has no labels")
+        taken: dict[int, int] = {}
+        train, rest = [], []
+        for i in perm:
+            lab = source.label(int(i))
+            if taken.get(lab, 0) < per_class:
+                taken[lab] = taken.get(lab, 0) + 1
+                train.append(int(i))
+            else:
+                rest.append(int(i))
+        short = {c: k for c, k in taken.items() if k < per_class}
+        missing = [c for c in range(source.num_classes) if c not in taken]
+        if short or missing:
+            raise SourceError(f"--per-class {per_class}: classes {sorted(short) + missing} have "
+                              "fewer images than that")
+        if heldout > len(rest):
+            raise SourceError(f"--heldout {heldout}: only {len(rest)} images remain")
+        return train, rest[:heldout]
+    if count + heldout > n:
+        raise SourceError(f"--count {count} + --heldout {heldout} exceeds the {n} images in "
+                          f"{source.path}")
+    if count == 0:
+        count = n - heldout
+    return [int(i) for i in perm[:count]], [int(i) for i in perm[count:count + heldout]]
