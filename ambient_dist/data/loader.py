@@ -53,9 +53,10 @@ class TrainLoader:
         """(sample indices, flip bits) of this rank's micro-batch at `step`."""
         return self.order.positions(self.plan.step_start(step), self.plan.micro_batch)
 
-    def one_hot(self, labels: np.ndarray, keys: list[str]) -> Optional[torch.Tensor]:
+    def one_hot(self, labels, keys: list[str]) -> Optional[torch.Tensor]:
         if not self.num_classes:
             return None
+        labels = np.asarray(labels, dtype=np.int64)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
             j = int(np.argmax(bad))

@@ -552,6 +552,11 @@ class ShardSet:
                              f"uint8 {list(self.shape)}")
         return np.ascontiguousarray(arr)
 
+    def label(self, i: int) -> int:
+        """Label of sample i (-1 if none), reading only its json member."""
+        t = self.table[i]
+        return self.decode_label(i, self._member(i, int(t[4]), int(t[5])))
+
     def sample(self, i: int) -> Sample:
         png, npy, meta = self.raw(i)
         return Sample(self.keys[i], self.decode_clean(i, png), self.decode_noisy(i, npy),
