@@ -553,7 +553,7 @@ def fit_image(image: np.ndarray, resolution: int, channels: int, mode: str = "au
         if channels == 3:
             image = np.repeat(image[:, :, :1], 3, axis=2)
         else:  # ITU-R 601 luma, as PIL's convert("L")
-            image = np.asarray(Image.fromarray(image[:, :, :3]).convert("L"))[:, :, None]
+            image = np.array(Image.fromarray(image[:, :, :3]).convert("L"))[:, :, None]
     if mode == "auto":
         mode = "pad" if h <= resolution and w <= resolution else "crop"
     if mode == "pad":
@@ -572,7 +572,7 @@ def fit_image(image: np.ndarray, resolution: int, channels: int, mode: str = "au
     pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
     pil = pil.resize((nw, nh), Image.LANCZOS)
     top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    out = np.asarray(pil.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    out = np.array(pil.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
     return out[:, :, None] if out.ndim == 2 else out
 
 

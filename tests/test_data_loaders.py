@@ -1,0 +1,158 @@
+"""The three loaders: identical batches, exact epochs, disjoint rank x worker splits, resume."""
+import numpy as np
+import pytest
+import torch
+
+from ambient_dist.config import ConfigError, load_config
+from ambient_dist.data import ShardSet, build_loader
+from ambient_dist.data.order import RankPlan, SampleOrder
+from ambient_dist.data.shards import ShardOptions, make_shards
+from ambient_dist.data.sources import open_source
+from test_data_sources import random_images
+
+N = 21  # not a multiple of any batch size below, nor of the shard size
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loaders")
+    np.savez(root / "src.npz", images=random_images(N, 16, 16, 3, seed=9), labels=np.arange(N) % 4)
+    make_shards(open_source(str(root / "src.npz")), root / "shards",
+                ShardOptions(resolution=16, sigma_tn=0.7, samples_per_shard=8), progress=False)
+    return root / "shards"
+
+
+def config(shard_dir, loader="resident", batch=6, **extra):
+    overrides = [f"data.shards={shard_dir}", f"data.loader={loader}", "data.resolution=16",
+                 "data.channels=3", "data.num_classes=4", "objective.sigma_tn=0.7",
+                 "network.channel_mult=[1,2]", f"train.batch={batch}"]
+    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def take(loader, steps):
+    out = [next(loader) for _ in range(steps)]
+    loader.close()
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys == b.keys
+    assert torch.equal(a.clean, b.clean) and torch.equal(a.noisy, b.noisy)
+    assert (a.labels is None and b.labels is None) or torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("loader,workers", [("webdataset", 0), ("webdataset", 2), ("dali", 1)])
+def test_loaders_yield_identical_batches(shard_dir, loader, workers):
+    steps = 8  # 48 samples: crosses two epoch boundaries of 21
+    ref = take(build_loader(config(shard_dir), 0, 1, "cpu"), steps)
+    got = take(build_loader(config(shard_dir, loader, **{"data.workers": workers}), 0, 1, "cpu"), steps)
+    for a, b in zip(ref, got):
+        assert_same(a, b)
+    b = ref[0]
+    assert b.clean.dtype == torch.float32 and b.clean.shape == (6, 3, 16, 16)
+    assert b.clean.min() >= -1 and b.clean.max() <= 1 and b.labels.shape == (6, 4)
+
+
+def test_batch_content_matches_shards_and_flips_travel_together(shard_dir):
+    shards = ShardSet(shard_dir)
+    loader = build_loader(config(shard_dir, batch=7), 0, 1, "cpu")
+    flipped = unflipped = 0
+    for batch in take(loader, 6):
+        for j, key in enumerate(batch.keys):
+            s = shards.sample(shards.keys.index(key))
+            clean = torch.from_numpy(s.clean).float() / 127.5 - 1
+            noisy = torch.from_numpy(s.noisy).float()
+            if torch.equal(batch.clean[j], clean) and torch.equal(batch.noisy[j], noisy):
+                unflipped += 1
+            else:  # the same flip for the image and its noisy copy, never one without the other
+                assert torch.equal(batch.clean[j], clean.flip(-1)) and torch.equal(batch.noisy[j], noisy.flip(-1))
+                flipped += 1
+            assert batch.labels[j].argmax() == s.label
+    assert flipped > 5 and unflipped > 5
+    no_flip = take(build_loader(config(shard_dir, **{"data.xflip": False}), 0, 1, "cpu"), 1)[0]
+    for j, key in enumerate(no_flip.keys):
+        assert torch.equal(no_flip.clean[j], torch.from_numpy(shards.sample(shards.keys.index(key)).clean).float() / 127.5 - 1)
+
+
+def test_epochs_are_exact_permutations_and_depend_on_seed():
+    order = SampleOrder(N, seed=3, xflip=True)
+    idx, _ = order.positions(0, 3 * N)
+    for e in range(3):
+        assert sorted(idx[e * N:(e + 1) * N]) == list(range(N))
+    assert not np.array_equal(idx[:N], idx[N:2 * N])  # reshuffled each epoch
+    again, flips = SampleOrder(N, seed=3, xflip=True).positions(5, 30)
+    assert np.array_equal(again, idx[5:35])
+    other, _ = SampleOrder(N, seed=4, xflip=True).positions(0, N)
+    assert not np.array_equal(other, idx[:N])
+    # A sample's flip bit depends on (seed, epoch, sample), not on where it sits in a batch.
+    _, flips_a = order.positions(0, N)
+    perm, bits = order.epoch(0)
+    assert np.array_equal(flips_a, bits[perm])
+
+
+@pytest.mark.parametrize("loader,workers", [("resident", 0), ("webdataset", 2)])
+def test_ranks_and_workers_are_disjoint_and_complete(shard_dir, loader, workers):
+    # 3 shards, 2 ranks x 2 workers: random access needs no shard per worker.
+    world, batch = 2, 6
+    steps = 7  # 7 steps x 6 = 42 = exactly two epochs of 21
+    per_rank = [take(build_loader(config(shard_dir, loader, batch=batch, **{"data.workers": workers}),
+                                  r, world, "cpu"), steps) for r in range(world)]
+    stream = []
+    for step in range(steps):
+        a, b = per_rank[0][step].keys, per_rank[1][step].keys
+        assert len(a) == len(b) == 3
+        stream += a + b
+    keys = ShardSet(shard_dir).keys
+    for e in range(2):
+        assert sorted(stream[e * N:(e + 1) * N]) == sorted(keys)  # each sample once per epoch
+    single = take(build_loader(config(shard_dir, batch=batch), 0, 1, "cpu"), steps)
+    assert stream == [k for b in single for k in b.keys]  # same global stream as one rank
+
+
+@pytest.mark.parametrize("loader", ["resident", "webdataset", "dali"])
+def test_resume_continues_the_exact_sequence(shard_dir, loader):
+    cfg = config(shard_dir, loader, batch=4, **{"data.workers": 1})
+    full = build_loader(cfg, 1, 2, "cpu")
+    first = [next(full) for _ in range(5)]
+    state = full.state_dict()
+    assert state["samples_seen"] == 5 * 4
+    rest = [next(full) for _ in range(4)]
+    full.close()
+    resumed = build_loader(cfg, 1, 2, "cpu", start_sample=state["samples_seen"])
+    for a, b in zip(rest, take(resumed, 4)):
+        assert_same(a, b)
+    assert resumed.samples_seen == 9 * 4
+    assert first[0].keys != rest[0].keys
+
+
+def test_rank_plan_slices():
+    plan = RankPlan(micro_batch=3, world_size=4, rank=2, start_sample=10)
+    assert plan.global_batch == 12 and plan.step_start(0) == 16 and plan.step_start(2) == 40
+    with pytest.raises(ValueError, match="rank 4 outside world size 4"):
+        RankPlan(3, 4, 4)
+
+
+def test_subset_takes_a_prefix_and_mismatch_is_refused(shard_dir):
+    loader = build_loader(config(shard_dir, **{"data.subset": 10}), 0, 1, "cpu")
+    assert loader.num_samples == 10
+    keys = {k for b in take(loader, 5) for k in b.keys}
+    assert keys == set(ShardSet(shard_dir).keys[:10])
+    with pytest.raises(ConfigError, match="objective.sigma_tn is 0.5"):
+        build_loader(config(shard_dir, **{"objective.sigma_tn": 0.5}), 0, 1, "cpu")
+
+
+def test_unconditional_has_no_labels(shard_dir):
+    b = take(build_loader(config(shard_dir, **{"data.num_classes": 0}), 0, 1, "cpu"), 1)[0]
+    assert b.labels is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loader", ["resident", "webdataset", "dali"])
+def test_gpu_loaders_match_cpu(shard_dir, loader):
+    ref = take(build_loader(config(shard_dir), 0, 1, "cpu"), 4)
+    got = take(build_loader(config(shard_dir, loader, **{"data.workers": 2}), 0, 1, "cuda"), 4)
+    for a, b in zip(ref, got):
+        assert b.clean.is_cuda and b.noisy.is_cuda
+        assert a.keys == b.keys
+        assert torch.equal(a.clean, b.clean.cpu()) and torch.equal(a.noisy, b.noisy.cpu())
+        assert torch.equal(a.labels, b.labels.cpu())

@@ -1,0 +1,270 @@
+"""Shard writer, manifest, reader and every error the issue lists, on small real-format sources."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from ambient_dist.config import ConfigError, load_config
+from ambient_dist.data import load_images, read_manifest
+from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_manifest, encode_npy,
+                                      make_shards, scan_tar, sha256_file)
+from ambient_dist.data.sources import SourceError, open_source
+from ambient_dist.noise import make_noisy_copy
+from test_data_sources import random_images, write_folder, write_mnist_dir
+
+OPTS = dict(resolution=16, sigma_tn=0.5, count=20, heldout=6, samples_per_shard=8)
+
+
+def npz_source(tmp_path, n=30, res=16, channels=3):
+    path = tmp_path / "src.npz"
+    np.savez(path, images=random_images(n, res, res, channels), labels=np.arange(n) % 5)
+    return open_source(str(path))
+
+
+def make(tmp_path, name="shards", **kw):
+    opts = ShardOptions(**{**OPTS, **kw})
+    out = tmp_path / name
+    return out, make_shards(npz_source(tmp_path), out, opts, progress=False)
+
+
+def test_manifest_and_noisy_copy_regenerates(tmp_path):
+    out, m = make(tmp_path, noise_seed=3)
+    assert m["complete"] and m["format_version"] == 1 and m["sigma_tn"] == 0.5 and m["form"] == "edm"
+    assert (m["resolution"], m["channels"], m["num_classes"]) == (16, 3, 5)
+    assert m["counts"] == {"train": 20, "heldout": 6, "skipped": 0}
+    assert [e["samples"] for e in m["shards"]] == [8, 8, 4]  # shards need not divide evenly
+    for e in m["shards"]:
+        assert sha256_file(out / e["name"]) == e["sha256"] and (out / e["index"]).is_file()
+    shards = ShardSet(out)
+    for i in (0, 13):
+        s = shards.sample(i)
+        clean = torch.from_numpy(s.clean).float() / 127.5 - 1
+        expected = make_noisy_copy(clean, 0.5, 3, s.key, "edm").numpy().astype(np.float16)
+        assert s.noisy.dtype == np.float16 and np.array_equal(s.noisy, expected)
+    noise = np.stack([(shards.sample(i).noisy.astype(np.float32) - shards.sample(i).clean / 127.5 + 1)
+                      for i in range(len(shards))])
+    assert abs(noise.std() - 0.5) < 0.02  # sigma in [-1, 1] units, not halved
+
+
+def test_stored_order_is_the_seeded_subset(tmp_path):
+    out, _ = make(tmp_path)
+    keys, images, labels = load_images(out)
+    src = npz_source(tmp_path)
+    assert len(keys) == 20 and images.shape == (20, 16, 16, 3) and images.dtype == np.uint8
+    idx = [int(k) for k in keys]
+    assert idx != sorted(idx)  # shuffled: a prefix (data.subset) is itself a random subset
+    assert all(np.array_equal(images[j], src.load(i).image) for j, i in enumerate(idx))
+    assert list(labels) == [i % 5 for i in idx]
+
+
+def test_heldout_is_disjoint(tmp_path):
+    out, m = make(tmp_path)
+    hk, himg, hlab = load_images(out, "heldout")
+    tk, _, _ = load_images(out, "train")
+    assert len(hk) == 6 and himg.shape == (6, 16, 16, 3) and not set(hk) & set(tk)
+    assert m["heldout"]["sha256"] == sha256_file(out / "heldout.npz")
+
+
+def test_rerun_skips_and_rewrites_only_damaged(tmp_path):
+    out, m = make(tmp_path)
+    stamps = {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in m["shards"]}
+    damaged = out / m["shards"][1]["name"]
+    data = bytearray(damaged.read_bytes())
+    data[2000] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    _, m2 = make(tmp_path)
+    assert m2["shards"] == m["shards"]  # tars are reproducible byte for byte
+    for name, stamp in stamps.items():
+        same = os.stat(out / name).st_mtime_ns == stamp
+        assert same == (name != damaged.name)
+    with pytest.raises(ShardError, match="different source or options.*--overwrite"):
+        make(tmp_path, sigma_tn=1.0)
+
+
+def test_parallel_workers_write_identical_shards(tmp_path):
+    _, m1 = make(tmp_path, "one", workers=1)
+    _, m2 = make(tmp_path, "two", workers=2)
+    assert [e["sha256"] for e in m1["shards"]] == [e["sha256"] for e in m2["shards"]]
+
+
+def test_index_is_dalis_format_and_dali_reads_it(tmp_path):
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+    out, m = make(tmp_path)
+    name = m["shards"][0]["name"]
+    lines = (out / m["shards"][0]["index"]).read_text().splitlines()
+    assert lines[0] == "v1.2 8"
+    key, comps = scan_tar(out / name)[0]
+    assert lines[1].split()[:4] == ["png", str(comps["png"][0]), str(comps["png"][1]), f"{key}.png"]
+    pipe = Pipeline(batch_size=8, num_threads=1, device_id=None)
+    with pipe:
+        png, npy = fn.readers.webdataset(paths=[str(out / name)], index_paths=[str(out / m["shards"][0]["index"])],
+                                         ext=["png", "noisy.npy"], missing_component_behavior="error")
+        pipe.set_outputs(png, npy)
+    pipe.build()
+    png, npy = pipe.run()
+    shards = ShardSet(out)
+    for i in range(8):
+        ours = shards.raw(i)
+        assert np.array(png[i]).tobytes() == ours[0] and np.array(npy[i]).tobytes() == ours[1]
+
+
+def test_make_shards_cli_fashion_mnist(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "launchers" / "make_shards.py"
+    spec = importlib.util.spec_from_file_location("make_shards_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    main = cli.main
+    out = tmp_path / "fm"
+    assert main(["--source", "fashion-mnist", "--out", str(out), "--count", "12", "--heldout", "4",
+                 "--samples-per-shard", "5", "--quiet"]) == 0
+    assert "12 training images in 3 shards, 4 held out" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert (m["resolution"], m["channels"], m["fit"]) == (32, 1, "auto")
+    keys, images, _ = load_images(out)
+    # 28x28 padded into 32x32 with background 0 (= -1).
+    assert images.shape == (12, 32, 32, 1) and images[:, :2].max() == 0 and images[:, :, 30:].max() == 0
+    assert main(["--source", "/nonexistent", "--out", str(out)]) == 2
+    assert "/nonexistent: no such file" in capsys.readouterr().err
+
+
+def test_skip_bad_counts_and_lists(tmp_path):
+    d = write_folder(tmp_path / "imgs", per_class=3)
+    (d / "dog" / "zz_broken.png").write_bytes(b"garbage")
+    src = open_source(str(d))
+    opts = ShardOptions(resolution=16, samples_per_shard=4)
+    with pytest.raises(SourceError, match="zz_broken.png: cannot decode image"):
+        make_shards(src, tmp_path / "a", opts, progress=False)
+    opts.skip_bad = True
+    m = make_shards(src, tmp_path / "b", opts, progress=False)
+    assert m["counts"]["train"] == 6 and m["counts"]["skipped"] == 1
+    assert m["skipped"][0]["where"].endswith("dog/zz_broken.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors when reading
+# --------------------------------------------------------------------------------------------
+
+def test_checksum_mismatch(tmp_path):
+    out, m = make(tmp_path)
+    p = out / m["shards"][2]["name"]
+    p.write_bytes(p.read_bytes()[:-1024])
+    with pytest.raises(ShardError, match=f"{p.name}: checksum mismatch"):
+        ShardSet(out)
+
+
+def test_truncated_tar(tmp_path):
+    out, m = make(tmp_path)
+    p = out / m["shards"][0]["name"]
+    p.write_bytes(p.read_bytes()[:4000])
+    shards = ShardSet(out, verify=False)
+    with pytest.raises(ShardError, match=f"{p.name}, key {shards.keys[7]}: .*truncated"):
+        shards.sample(7)
+    (out / m["shards"][0]["index"]).unlink()  # without the index the tar is scanned
+    with pytest.raises(ShardError, match=f"{p.name}: corrupt or truncated tar"):
+        ShardSet(out, verify=False)
+
+
+def test_corrupt_tar_header(tmp_path):
+    out, m = make(tmp_path)
+    shards = ShardSet(out)
+    p = out / m["shards"][0]["name"]
+    offset = int(shards.table[3][2]) - 512  # header of sample 3's noisy copy
+    data = bytearray(p.read_bytes())
+    data[offset + 10: offset + 20] = b"XXXXXXXXXX"
+    p.write_bytes(bytes(data))
+    shards = ShardSet(out, verify=False)
+    with pytest.raises(ShardError, match=f"key {shards.keys[3]}: corrupt tar header"):
+        shards.sample(3)
+
+
+def _rewrite_shard(out, m, edit):
+    """Rewrite shard 0 with `edit(name, data) -> data or None (drop)`, fix index + checksum."""
+    from ambient_dist.data.shards import write_index, write_json
+    entry = m["shards"][0]
+    p = out / entry["name"]
+    members = []
+    with tarfile.open(p) as tar:
+        for info in tar:
+            members.append((info.name, tar.extractfile(info).read()))
+    with tarfile.open(p, "w") as tar:
+        for name, data in members:
+            data = edit(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    write_index(scan_tar(p), out / entry["index"])
+    entry["sha256"] = sha256_file(p)
+    write_json(out / "manifest.json", m)
+
+
+def test_missing_noisy_copy(tmp_path):
+    out, m = make(tmp_path)
+    victim = ShardSet(out).keys[2]
+    _rewrite_shard(out, m, lambda n, d: None if n == f"{victim}.noisy.npy" else d)
+    with pytest.raises(ShardError, match=f"{m['shards'][0]['name']}, key {victim}: no noisy copy"):
+        ShardSet(out)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_noisy_copy_wrong_dtype_or_shape(tmp_path, bad):
+    out, m = make(tmp_path)
+    victim = ShardSet(out).keys[1]
+
+    def edit(name, data):
+        if name != f"{victim}.noisy.npy":
+            return data
+        arr = np.load(io.BytesIO(data))
+        return encode_npy(arr.astype(np.float32) if bad == "dtype" else arr[:, :8])
+    _rewrite_shard(out, m, edit)
+    shards = ShardSet(out)
+    expected = "float32 \\[3, 16, 16\\]" if bad == "dtype" else "float16 \\[3, 8, 16\\]"
+    with pytest.raises(ShardError, match=f"key {victim}: noisy copy is {expected}, expected float16 \\[3, 16, 16\\]"):
+        shards.sample(1)
+
+
+def test_empty_shard_list_and_incomplete_manifest(tmp_path):
+    out, m = make(tmp_path)
+    m["shards"] = []
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="shard list is empty"):
+        ShardSet(out)
+    m["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="incomplete.*re-run the same make_shards"):
+        ShardSet(out)
+    with pytest.raises(ShardError, match="manifest.json: not found"):
+        ShardSet(tmp_path)
+
+
+def test_check_manifest_names_each_mismatch(tmp_path):
+    out, m = make(tmp_path)
+    ok = load_config(None, [f"data.shards={out}", "data.resolution=16", "data.channels=3",
+                            "objective.sigma_tn=0.5", "network.channel_mult=[1,2]"])
+    check_manifest(m, ok)
+    for override, message in [("objective.sigma_tn=1.0", "objective.sigma_tn is 1.0, the shards' noisy copies have sigma_tn 0.5"),
+                              ("data.resolution=32", "data.resolution is 32, shards are 16 px"),
+                              ("data.channels=1", "data.channels is 1, shards have 3"),
+                              ("data.num_classes=10", "data.num_classes is 10, shards have 5 classes"),
+                              ("objective.form=vp", "objective.form is 'vp', shards were made for 'edm'"),
+                              ("data.subset=50", "data.subset is 50 but the shards hold only 20")]:
+        cfg = load_config(None, [f"data.shards={out}", "data.resolution=16", "data.channels=3",
+                                 "objective.sigma_tn=0.5", "network.channel_mult=[1,2]", override])
+        with pytest.raises(ConfigError, match=f"data.shards .*{message}"):
+            check_manifest(m, cfg)
+
+
+def test_idx_source_end_to_end(tmp_path):
+    src = open_source(str(write_mnist_dir(tmp_path / "m", n_train=30)))
+    m = make_shards(src, tmp_path / "out", ShardOptions(resolution=32, per_class=2, heldout=5,
+                                                        samples_per_shard=7), progress=False)
+    assert m["channels"] == 1 and m["counts"]["train"] == 20
+    _, _, labels = load_images(tmp_path / "out")
+    assert sorted(labels) == sorted(list(range(10)) * 2)

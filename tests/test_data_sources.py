@@ -1,0 +1,246 @@
+"""Source readers, each fed small files written in that source's real on-disk format.
+
+The writers below are shared with the other test_data_* files (imported by module name):
+they lay files out as the originals are (idx headers, CIFAR batch pickles with bytes keys,
+img2dataset shards written by webdataset's own TarWriter).
+"""
+import gzip
+import io
+import json
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ambient_dist.data.sources import (FASHION_MNIST_DIR, SourceError, choose_subset, fit_image,
+                                       open_source, read_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Writers of the real formats
+# --------------------------------------------------------------------------------------------
+
+def random_images(n, h, w, c, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """LeCun's idx: 0, 0, type code 0x08 (ubyte), ndim, big-endian uint32 dims, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = Path(str(path) + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_mnist_dir(root: Path, n_train=40, n_test=10, gz=True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), gz)
+    return root
+
+
+def write_cifar10_dir(root: Path, per_batch=6) -> Path:
+    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (Python-2 style pickles)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{k}.png".encode() for k in range(per_batch)]}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [f"class{k}".encode() for k in range(10)], b"num_cases_per_batch": per_batch}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def write_cifar100_tgz(path: Path, n=12) -> Path:
+    rng = np.random.default_rng(3)
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("train", "test"):
+            batch = {b"fine_labels": [int(x) for x in rng.integers(0, 100, n)],
+                     b"coarse_labels": [0] * n, b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+            data = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        data = pickle.dumps({b"fine_label_names": [f"c{k}".encode() for k in range(100)]}, protocol=2)
+        info = tarfile.TarInfo("cifar-100-python/meta")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_folder(root: Path, per_class=3, size=(20, 24), classes=("cat", "dog")) -> Path:
+    rng = np.random.default_rng(4)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            img = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+            img.save(root / c / f"{c}.{k}.{'png' if k % 2 == 0 else 'jpg'}")
+    return root
+
+
+def write_img2dataset(root: Path, n=8, per_shard=5) -> Path:
+    """Shards as img2dataset writes them, written with webdataset's own TarWriter."""
+    import webdataset as wds
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for shard in range((n + per_shard - 1) // per_shard):
+        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
+            for k in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
+                buf = io.BytesIO()
+                fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][k % 3]
+                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(buf, format=fmt)
+                key = f"{shard:05d}{k:04d}"
+                sink.write({"__key__": key, ext: buf.getvalue(), "txt": f"caption {k}",
+                            "json": {"key": key, "url": f"http://127.0.0.1/{k}.jpg", "status": "success",
+                                     "width": 30, "height": 40, "label": k % 2}})
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+def test_idx_gz_and_plain(tmp_path):
+    for gz in (True, False):
+        d = write_mnist_dir(tmp_path / f"mnist{gz}", gz=gz)
+        src = open_source(str(d))
+        assert src.kind == "idx" and len(src) == 40 and src.num_classes == 10
+        assert src.key(3) == "train-00003" and src.label(3) == 3
+        rec = src.load(5)
+        raw = read_idx(next(d.glob("train-images*")))
+        assert rec.image.shape == (28, 28, 1) and np.array_equal(rec.image[:, :, 0], raw[5])
+        test = open_source(str(d), split="test")
+        assert len(test) == 10 and test.key(0) == "t10k-00000"
+
+
+def test_idx_truncated_is_an_error(tmp_path):
+    d = write_mnist_dir(tmp_path / "m", gz=False)
+    p = d / "train-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-7])
+    with pytest.raises(SourceError, match="train-images-idx3-ubyte.*truncated"):
+        open_source(str(d))
+
+
+def test_fashion_mnist_shortcut():
+    src = open_source("fashion-mnist")
+    assert src.kind == "idx" and len(src) == 60000 and src.num_classes == 10
+    assert str(src.path).startswith(FASHION_MNIST_DIR)
+    assert open_source("fashion-mnist-test").key(0) == "t10k-00000"
+
+
+def test_cifar10_batches(tmp_path):
+    d = write_cifar10_dir(tmp_path / "cifar-10-batches-py")
+    src = open_source(str(d))
+    assert src.kind == "cifar" and len(src) == 30 and src.num_classes == 10
+    assert src.class_names[3] == "class3"
+    assert src.key(7) == "data_batch_2-00001"
+    batch = pickle.loads((d / "data_batch_2").read_bytes(), encoding="bytes")
+    rec = src.load(7)
+    # Row layout: 1024 red, 1024 green, 1024 blue values, each row-major 32x32.
+    assert np.array_equal(rec.image[:, :, 1], batch[b"data"][1][1024:2048].reshape(32, 32))
+    assert rec.label == batch[b"labels"][1]
+    assert len(open_source(str(d), split="test")) == 6
+
+
+def test_cifar100_targz(tmp_path):
+    src = open_source(str(write_cifar100_tgz(tmp_path / "cifar-100-python.tar.gz")))
+    assert src.num_classes == 100 and len(src) == 12 and src.key(0) == "train-00000"
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    d = write_cifar10_dir(tmp_path / "c")
+
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("1 + 1",))
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(SourceError, match=r"data_batch_1.*refusing to load .*eval"):
+        open_source(str(d))
+
+
+def test_npz_layouts(tmp_path):
+    imgs = random_images(6, 16, 16, 3)
+    np.savez(tmp_path / "a.npz", images=imgs.transpose(0, 3, 1, 2), labels=np.arange(6) % 3,
+             keys=np.array([f"img.{k}" for k in range(6)]))
+    src = open_source(str(tmp_path / "a.npz"))
+    assert src.num_classes == 3 and src.key(2) == "img_2"
+    assert np.array_equal(src.load(2).image, imgs[2])
+    np.savez(tmp_path / "b.npz", x=imgs[..., 0])
+    src = open_source(str(tmp_path / "b.npz"))
+    assert src.load(0).image.shape == (16, 16, 1) and src.key(0) == "0000000" and src.num_classes == 0
+    np.savez(tmp_path / "c.npz", images=imgs.astype(np.float32))
+    with pytest.raises(SourceError, match="c.npz.*uint8"):
+        open_source(str(tmp_path / "c.npz"))
+
+
+def test_folder_with_classes_and_bad_image(tmp_path):
+    d = write_folder(tmp_path / "imgs")
+    src = open_source(str(d), class_from_folder=True)
+    assert len(src) == 6 and src.class_names == ["cat", "dog"] and src.num_classes == 2
+    assert src.key(0) == "cat_cat_0" and src.label(4) == 1
+    assert src.load(1).image.shape == (20, 24, 3)
+    (d / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    src = open_source(str(d), class_from_folder=True)
+    bad = src.files.index("dog/broken.png")
+    with pytest.raises(SourceError, match=r"dog/broken\.png: cannot decode image"):
+        src.load(bad)
+
+
+def test_img2dataset_shards(tmp_path):
+    d = write_img2dataset(tmp_path / "laion")
+    src = open_source(str(d))
+    assert src.kind == "webdataset" and len(src) == 8 and src.num_classes == 0
+    rec = src.load(4)
+    assert rec.key == "000000004" and rec.caption == "caption 4" and rec.image.shape == (40, 30, 3)
+    assert rec.meta["url"].startswith("http://127.0.0.1/")
+    labelled = open_source(str(d), label_field="label")
+    assert labelled.num_classes == 2 and labelled.label(3) == 1
+
+
+def test_fit_pad_keeps_pixels_and_background():
+    img = random_images(1, 28, 28, 1)[0]
+    out = fit_image(img, 32, 1, "auto")
+    assert out.shape == (32, 32, 1)
+    assert np.array_equal(out[2:30, 2:30], img)
+    assert out[:2].max() == 0 and out[:, :2].max() == 0  # 0 = -1 in model units
+    with pytest.raises(SourceError, match="larger than 16; use --fit crop"):
+        fit_image(img, 16, 1, "pad", where="x.png")
+
+
+def test_fit_crop_and_channels():
+    img = random_images(1, 40, 60, 3)[0]
+    out = fit_image(img, 32, 3, "crop")
+    assert out.shape == (32, 32, 3)
+    assert fit_image(img, 32, 1, "crop").shape == (32, 32, 1)
+    grey = random_images(1, 32, 32, 1)[0]
+    rgb = fit_image(grey, 32, 3)
+    assert np.array_equal(rgb[:, :, 0], grey[:, :, 0]) and np.array_equal(rgb[:, :, 2], grey[:, :, 0])
+
+
+def test_subset_choice(tmp_path):
+    src = open_source(str(write_mnist_dir(tmp_path / "m", n_train=100)))
+    train, held = choose_subset(src, count=30, heldout=20, seed=7)
+    assert len(train) == 30 and len(held) == 20 and not set(train) & set(held)
+    assert (train, held) == choose_subset(src, count=30, heldout=20, seed=7)
+    assert choose_subset(src, count=30, seed=8)[0] != train
+    # The training list does not depend on how many are held out.
+    assert choose_subset(src, count=30, heldout=0, seed=7)[0] == train
+    per, held = choose_subset(src, per_class=3, heldout=5, seed=0)
+    labels = [src.label(i) for i in per]
+    assert sorted(labels) == sorted(list(range(10)) * 3) and not set(per) & set(held)
+    with pytest.raises(SourceError, match="exceeds the 100 images"):
+        choose_subset(src, count=90, heldout=20)
+    with pytest.raises(SourceError, match="fewer images than that"):
+        choose_subset(src, per_class=11)
