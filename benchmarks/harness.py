@@ -19,6 +19,9 @@ Timing: `measure` calls the function `warmup` times untimed, then `repeats` time
 CUDA each repeat is bracketed by CUDA events and the device is synchronized before reading
 them (the host returns long before the GPU finishes); on CPU it is `time.perf_counter`.
 Figures reported are medians of the repeats; the raw repeats go into the JSON.
+
+torch is imported inside the functions that need it, so that run_all's parent process (and
+a benchmark that needs no torch) starts in well under a second and never touches CUDA.
 """
 from __future__ import annotations
 
@@ -33,9 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _torch():
+    import torch
+    return torch
 
 # Keys every result dict has (run_all.py checks them; tests/test_benchmarks.py too).
 RESULT_KEYS = ("name", "unit", "ours", "baseline", "baseline_name", "ratio",
@@ -60,9 +66,9 @@ class Context:
             raise ValueError(f"Context.device: expected 'cpu' or 'cuda', got {self.device!r}")
         if self.quick and self.full:
             raise ValueError("Context: --quick and --full exclude each other")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not _torch().cuda.is_available():
             raise ValueError("Context.device: 'cuda' asked for but torch sees no CUDA device "
-                             f"(torch {torch.__version__})")
+                             f"(torch {_torch().__version__})")
 
     @property
     def on_gpu(self) -> bool:
@@ -78,7 +84,7 @@ class Context:
 
     def sync(self) -> None:
         if self.on_gpu:
-            torch.cuda.synchronize()
+            _torch().cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------
@@ -96,11 +102,12 @@ def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
     if repeats < 1 or warmup < 0 or inner < 1:
         raise ValueError(f"measure: need repeats >= 1, warmup >= 0, inner >= 1 "
                          f"(got {repeats}, {warmup}, {inner})")
-    cuda = device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda")
+    cuda = str(device).startswith("cuda")
     for _ in range(warmup):
         fn()
     times: list[float] = []
     if cuda:
+        torch = _torch()
         torch.cuda.synchronize()
         for _ in range(repeats):
             start = torch.cuda.Event(enable_timing=True)
@@ -188,12 +195,14 @@ def per_second(count: float, seconds: list[float]) -> list[float]:
 # Reference ceilings measured in the run (used for MFU and bandwidth fractions)
 # --------------------------------------------------------------------------------------
 
-def matmul_flops_per_s(device: str, n: int, dtype: torch.dtype = torch.bfloat16,
-                       repeats: int = 5) -> list[float]:
+def matmul_flops_per_s(device: str, n: int, dtype: Any = None, repeats: int = 5) -> list[float]:
     """Measured FLOP/s of an n x n x n matrix product (2 n^3 FLOPs), one value per repeat.
 
-    Random operands, not zeros: the tensor cores run measurably faster on zeros.
+    dtype defaults to bfloat16. Random operands, not zeros: the tensor cores run measurably
+    faster on zeros.
     """
+    torch = _torch()
+    dtype = dtype or torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -241,9 +250,9 @@ def machine_info(device: str) -> dict:
         "device": device,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": _version("torch"),
         "triton": _version("triton"),
         "deepspeed": _version("deepspeed"),
         "webdataset": _version("webdataset"),
@@ -252,7 +261,8 @@ def machine_info(device: str) -> dict:
         # Uncommitted changes make a revision irreproducible: say so.
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
-    if device == "cuda" and torch.cuda.is_available():
+    if device == "cuda":
+        torch = _torch()
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                     gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),

@@ -1,0 +1,189 @@
+"""The benchmark suite's plumbing: harness records, run_all's isolation and report, and the
+--quick path of benchmarks/run.sh end to end on one cheap real benchmark. Structure only:
+no assertion here depends on how fast anything ran."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import RESULT_KEYS, Context, measure, result  # noqa: E402
+from benchmarks.run_all import check_results, markdown, select  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# harness
+# --------------------------------------------------------------------------------------
+
+def test_ratio_orientation_is_higher_is_better():
+    fast = result("x", "img/s", 200.0, 100.0, "plain")
+    assert fast["ratio"] == pytest.approx(2.0) and fast["higher_is_better"] is True
+    quick = result("x", "ms", 50.0, 100.0, "plain")           # half the time = 2x better
+    assert quick["ratio"] == pytest.approx(2.0) and quick["higher_is_better"] is False
+    per_step = result("x", "ms/step", 200.0, 100.0, "plain")  # twice the time = 0.5x
+    assert per_step["ratio"] == pytest.approx(0.5)
+    smaller = result("x", "GB/step", 1.0, 4.0, "plain")
+    assert smaller["ratio"] == pytest.approx(4.0)
+
+
+def test_result_has_schema_fields_and_keeps_extras():
+    r = result("train/ddpmpp", "img/s", 3.0, 1.0, "fp32 eager", [2.9, 3.0], [1.0, 1.1],
+               batch=8, note="tiny")
+    assert set(RESULT_KEYS) <= set(r)
+    assert r["ours_repeats"] == [2.9, 3.0] and r["baseline_repeats"] == [1.0, 1.1]
+    assert r["batch"] == 8 and r["note"] == "tiny"
+    json.dumps(r)   # plain JSON values only
+
+
+def test_result_refuses_unknown_unit_and_missing_baseline_gives_no_ratio():
+    with pytest.raises(ValueError, match="higher_is_better"):
+        result("x", "widgets", 1.0, 2.0, "plain")
+    assert result("x", "widgets", 1.0, 2.0, "plain", higher_is_better=True)["ratio"] == 0.5
+    assert result("x", "img/s", 1.0, None, "none")["ratio"] is None
+    with pytest.raises(ValueError, match="clashes"):
+        result("x", "img/s", 1.0, 1.0, "b", ratio=3)
+
+
+def test_measure_returns_one_positive_time_per_repeat_after_warmup():
+    calls = []
+    times = measure(lambda: calls.append(1), repeats=4, warmup=2, inner=3)
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    assert len(calls) == 2 + 4 * 3
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeats=0)
+
+
+def test_context_rejects_bad_options():
+    with pytest.raises(ValueError, match="device"):
+        Context(device="tpu")
+    with pytest.raises(ValueError, match="exclude"):
+        Context(quick=True, full=True)
+    ctx = Context(quick=True)
+    assert ctx.size(quick=1, default=2, full=3) == 1
+    assert Context(full=True).size(quick=1, default=2, full=3) == 3
+    assert Context().size(quick=1, default=2, full=3) == 2
+
+
+def test_malformed_module_output_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match="bench_m.run: result 'x' lacks unit"):
+        check_results("m", [{"name": "x"}])
+    with pytest.raises(TypeError, match="expected a list"):
+        check_results("m", {"name": "x"})
+    good = [result("x", "s", 1.0, 1.0, "b")]
+    assert check_results("m", good) is good
+
+
+def test_select_accepts_short_and_module_names_and_rejects_unknown():
+    mods = {"train": Path("bench_train.py"), "eval": Path("bench_eval.py")}
+    assert list(select(mods, ["bench_train"])) == ["train"]
+    assert list(select(mods, ["train,eval"])) == ["train", "eval"]
+    with pytest.raises(SystemExit, match="no such benchmark"):
+        select(mods, ["trian"])
+
+
+# --------------------------------------------------------------------------------------
+# run_all: a failing module is recorded, the rest survives, the table comes last
+# --------------------------------------------------------------------------------------
+
+def _run_suite(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "run.sh"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _table_rows(stdout: str) -> list[str]:
+    """The Markdown table rows at the very end of the output."""
+    lines = stdout.rstrip("\n").splitlines()
+    rows = []
+    for line in reversed(lines):
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows[::-1]
+
+
+def test_failing_and_crashing_modules_are_recorded_and_the_rest_is_kept(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_good.py").write_text(textwrap.dedent("""
+        from benchmarks.harness import result
+        def run(ctx):
+            return [result("good/thing", "img/s", 4.0, 2.0, "plain", [4.0], [2.0],
+                           quick=ctx.quick)]
+    """))
+    (bench / "bench_raises.py").write_text("def run(ctx):\n    raise RuntimeError('boom')\n")
+    (bench / "bench_dies.py").write_text("import os\ndef run(ctx):\n    os._exit(7)\n")
+    out, results = tmp_path / "report.json", tmp_path / "results"
+    proc = _run_suite(["--quick", "--bench-dir", str(bench), "--out", str(out),
+                       "--results-dir", str(results)])
+    assert proc.returncode == 1, proc.stderr          # some modules failed
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["good/thing"]
+    assert report["results"][0]["quick"] is True and report["results"][0]["ratio"] == 2.0
+    errors = {e["module"]: e["error"] for e in report["errors"]}
+    assert set(errors) == {"raises", "dies"}
+    assert "boom" in errors["raises"]
+    assert "exit status 7" in errors["dies"]
+    for key in ("date", "cpu", "torch", "git_revision", "device"):
+        assert key in report["machine"]
+    # The table is the last thing printed: the good row and one ERROR row per failure.
+    rows = _table_rows(proc.stdout)
+    assert rows[0].startswith("| benchmark |")
+    assert any(r.startswith("| good/thing | img/s |") and "2.00x" in r for r in rows)
+    assert sum("| ERROR |" in r for r in rows) == 2
+    # Dated copies of the JSON and the table.
+    dated = sorted(p.name for p in results.iterdir())
+    assert len(dated) == 2 and dated[0].endswith("-cpu-quick.json") and dated[1].endswith(".md")
+
+
+def test_only_filters_and_unknown_name_fails_clearly(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_a.py").write_text(
+        "from benchmarks.harness import result\n"
+        "def run(ctx):\n    return [result('a', 's', 1.0, 2.0, 'b')]\n")
+    (bench / "bench_b.py").write_text("def run(ctx):\n    raise SystemError('must not run')\n")
+    proc = _run_suite(["--quick", "--only", "a", "--bench-dir", str(bench),
+                       "--results-dir", ""])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "must not run" not in proc.stdout + proc.stderr
+    proc = _run_suite(["--only", "c", "--bench-dir", str(bench), "--results-dir", ""])
+    assert proc.returncode != 0 and "no such benchmark" in proc.stderr
+
+
+def test_markdown_shows_every_result_and_error():
+    report = {"machine": {"date": "2026-01-01T00:00:00+00:00", "cpu": "X", "torch": "2",
+                          "git_revision": "abc"},
+              "options": {"device": "cpu", "quick": True, "full": False},
+              "results": [result("r1", "img/s", 1234.5, 10.0, "base", note="n|x")],
+              "errors": [{"module": "m", "error": "Boom: bad"}]}
+    table = markdown(report)
+    assert "| r1 | img/s | 1234 | 10 | base | 123.45x | n/x |" in table
+    assert "| m | ERROR |" in table and "Boom: bad" in table
+
+
+# --------------------------------------------------------------------------------------
+# The real suite, --quick, one cheap benchmark, end to end
+# --------------------------------------------------------------------------------------
+
+def test_quick_suite_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "quick.json"
+    proc = _run_suite(["--quick", "--device", "cpu", "--only", "matmul", "--out", str(out),
+                       "--results-dir", str(tmp_path / "results")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["options"]["quick"] is True and report["errors"] == []
+    assert report["modules"]["matmul"]["ok"] is True
+    (row,) = report["results"]
+    assert set(RESULT_KEYS) <= set(row)
+    assert row["unit"] == "TFLOP/s" and row["ours"] > 0 and row["baseline"] > 0
+    assert len(row["ours_repeats"]) == len(row["baseline_repeats"]) >= 1
+    assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
+    rows = _table_rows(proc.stdout)
+    assert len(rows) == 3 and rows[2].startswith(f"| {row['name']} |")
