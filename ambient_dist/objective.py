@@ -1,0 +1,472 @@
+"""The ambient training objective (Algorithm 1 of the shared spec, objective.md sections 2-4).
+
+Below the noise level of the fixed noisy copies the model learns from clean images as usual;
+above it, only from the one noisy copy x_tn of each image. Per sample:
+
+    clean   (sigma <  sigma_tn):  x_in = x0   + sigma * eps
+                                  loss = lambda(sigma) || D(x_in; sigma) - x0 ||^2
+    ambient (sigma >= sigma_tn):  x_in = x_tn + sqrt(sigma^2 - sigma_tn^2) * eps
+                                  loss = lambda(sigma) || a D(x_in; sigma) + b x_in - x_tn ||^2
+                                  a = (sigma^2 - sigma_tn^2) / sigma^2,  b = sigma_tn^2 / sigma^2
+
+Both are minimised by D = E[x0 | x_in], because E[x_tn | x_in] = a E[x0 | x_in] + b x_in.
+
+Every form (EDM/VE, VP, latent v-prediction) is reduced to per-sample coefficients
+(`StepCoefficients`, docs/INTERFACES.md) so that one pair of passes, and the fused kernels
+that replace them on a GPU, serve all of them:
+
+    src    = clean or noisy (per sample)     x_in = P src + Q eps     net_in = c_in x_in
+    F      = net.raw(net_in, c_noise, labels)          (ONE network call for the mixed batch)
+    r      = A F + B x_in + C src            loss_i = weight_i * sum(r^2)    loss = mean_i
+
+Contents, in reading order: drawing sigma and the branch, the coefficient builders for each
+form, the reference passes (what the kernels are tested against), the loss classes, and the
+literal formulas the tests compare against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ambient_dist.config import ObjectiveConfig
+from ambient_dist.noise import DDPM_STEPS, ddpm_alpha_sigma, vp_alpha_sigma, vp_sigma, vp_t
+
+# --------------------------------------------------------------------------------------
+# Random draws. With a generator, draws come from it (on its device) so a test can replay
+# them; without one, from the global RNG of the data's device.
+# --------------------------------------------------------------------------------------
+
+
+def _draw(fn: Callable, shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    where = generator.device if generator is not None else device
+    return fn(tuple(shape), generator=generator, device=where).to(device)
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    return _draw(torch.randn, shape, generator, device)
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    return _draw(torch.rand, shape, generator, device)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
+                           rule: str, generator=None, device="cpu"):
+    """Noise levels and branches for one batch: (sigma float32 [B], ambient bool [B]).
+
+    "threshold": sigma = exp(P_mean + P_std xi), xi ~ N(0, 1); ambient iff sigma >= sigma_tn
+                 (the clean fraction is Phi((ln sigma_tn - P_mean) / P_std)).
+    "uniform":   each sample is ambient with probability 1/2, and its sigma is drawn from the
+                 same log-normal restricted to its side, by inverting the CDF (no rejection
+                 loop, so the cost and the number of draws are fixed).
+    sigma_tn = 0 means no noisy copies: every sample is clean and sigma is the plain EDM draw,
+    whatever the rule, so the objective is the plain one given the same random draws.
+    """
+    if sigma_tn <= 0 or rule == "threshold":
+        sigma = (_randn([batch], generator, device) * P_std + P_mean).exp()
+        ambient = sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+        return sigma, ambient
+    if rule != "uniform":
+        raise ValueError(f"objective.branch_rule: unknown rule {rule!r} (threshold, uniform)")
+    ambient = _rand([batch], generator, device) < 0.5
+    u = _rand([batch], generator, device).double()
+    # float64: the inverse CDF is evaluated near 0 and 1, where float32 runs out of digits.
+    p_tn = float(_normal_cdf(torch.tensor((math.log(sigma_tn) - P_mean) / P_std, dtype=torch.float64)))
+    p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
+    sigma = (P_mean + P_std * torch.special.ndtri(p)).exp().float()
+    # Rounding (and the clamp) can put sigma a hair over the boundary; pin it to its side.
+    sigma_tn32 = torch.tensor(sigma_tn, dtype=torch.float32, device=device)
+    sigma = torch.where(ambient, torch.maximum(sigma, sigma_tn32), torch.minimum(sigma, sigma_tn32))
+    return sigma, ambient
+
+
+# --------------------------------------------------------------------------------------
+# Per-sample coefficients of the generic two-branch form
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class StepCoefficients:
+    """Per-sample coefficients of one training step; every field is [B] (float32 but `ambient`).
+
+    x_in = P src + Q eps, net_in = c_in x_in, r = A F + B x_in + C src, loss_i = weight sum(r^2).
+    `sigma` is the (VE-equivalent) noise level, for logging; `c_noise` what the network sees.
+    """
+    P: torch.Tensor
+    Q: torch.Tensor
+    c_in: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    weight: torch.Tensor
+    ambient: torch.Tensor
+    sigma: torch.Tensor
+    c_noise: torch.Tensor
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def _ambient_ratios(sigma: torch.Tensor, sigma_tn: float):
+    """(sqrt(sigma^2 - sigma_tn^2), a, b) in float64, then float32.
+
+    Float64 because sigma^2 - sigma_tn^2 cancels just above sigma_tn; clamped at 0 because
+    the float32 sigma may equal the rounded sigma_tn. a is only ever multiplied, never divided.
+    """
+    s2 = sigma.double() ** 2
+    excess = (s2 - sigma_tn ** 2).clamp(min=0.0)
+    return excess.sqrt().float(), (excess / s2).float(), (sigma_tn ** 2 / s2).float()
+
+
+def edm_coefficients(precond, sigma: torch.Tensor, ambient: torch.Tensor, sigma_tn: float,
+                     sigma_data: float) -> StepCoefficients:
+    """Section 2, with the network's own preconditioning D = c_skip x + c_out F(c_in x, c_noise).
+
+    clean:   P=1, Q=sigma,                  A=c_out,   B=c_skip,       C=-1
+    ambient: P=1, Q=sqrt(sigma^2-sigma_tn^2), A=a c_out, B=a c_skip + b, C=-1
+    (a D + b x_in - x_tn = a c_out F + (a c_skip + b) x_in - x_tn.)
+    """
+    c_skip, c_out, c_in, c_noise = precond.scalings(sigma)
+    q, a, b = _ambient_ratios(sigma, sigma_tn)
+    ones = torch.ones_like(sigma)
+    return StepCoefficients(
+        P=ones, Q=torch.where(ambient, q, sigma), c_in=c_in,
+        A=torch.where(ambient, a * c_out, c_out),
+        B=torch.where(ambient, a * c_skip + b, c_skip),
+        C=-ones, weight=edm_weight(sigma, sigma_data),
+        ambient=ambient, sigma=sigma, c_noise=c_noise)
+
+
+def vp_coefficients(precond, sigma: torch.Tensor, ambient: torch.Tensor,
+                    sigma_tn: float) -> StepCoefficients:
+    """Section 3 (paper eq. 6), evaluated with the same VE-parameterised denoiser.
+
+    The VP state is the VE state scaled: x_VP = alpha x_VE, alpha = 1/sqrt(1+sigma^2). So x_in
+    here is the VE-scaled input x_VP / alpha and the network sees c_in x_in (for EDM's VP
+    preconditioning c_in = alpha, i.e. exactly x_VP). The stored copy is x_tn = alpha_tn x_tn_VE,
+    and the ambient input x_t = (alpha_t/alpha_tn) x_tn + s_{t|tn} eta becomes, divided by
+    alpha_t, x_in = x_tn / alpha_tn + sqrt(sigma^2 - sigma_tn^2) eta: P = 1/alpha_tn.
+    Eq. 6's residual, (s_t^2-s_tn^2)/(s_t^2 alpha_tn) D + (s_tn^2/s_t^2)(alpha_t/alpha_tn) x_t
+    - x_tn, written in sigma, is alpha_tn (a D + b x_in) - x_tn, a and b as in section 2:
+    A = alpha_tn a c_out, B = alpha_tn (a c_skip + b), C = -1. Weight 1/sigma^2 (EDM's VPLoss).
+    """
+    c_skip, c_out, c_in, c_noise = precond.scalings(sigma)
+    q, a, b = _ambient_ratios(sigma, sigma_tn)
+    alpha_tn = float(vp_alpha_sigma(sigma_tn)[0])
+    ones = torch.ones_like(sigma)
+    return StepCoefficients(
+        P=torch.where(ambient, ones / alpha_tn, ones), Q=torch.where(ambient, q, sigma), c_in=c_in,
+        A=torch.where(ambient, alpha_tn * a * c_out, c_out),
+        B=torch.where(ambient, alpha_tn * (a * c_skip + b), c_skip),
+        C=-ones, weight=1.0 / sigma ** 2,
+        ambient=ambient, sigma=sigma, c_noise=c_noise)
+
+
+def latent_v_coefficients(t: torch.Tensor, ambient: torch.Tensor, t_n: int,
+                          loss_space: str) -> StepCoefficients:
+    """Section 4: DDPM timesteps t (long [B]), a v-prediction network v(z_t, t, cond).
+
+    clean:   z_t = alpha_t z0 + s_t eps                          (P=alpha_t, Q=s_t)
+    ambient: z_t = (alpha_t/alpha_tn) z_tn + s_{t|tn} eta         (s_{t|tn}^2 = 1 - abar_t/abar_tn)
+    The network sees z_t itself (c_in = 1) and c_noise = t. Its x0 estimate is
+    z0_pred = alpha_t z_t - s_t v.
+
+    loss_space "x0" (default): compare in the space of the branch's own data. Clean:
+    r = z0_pred - z0. Ambient: map z0_pred to the z_tn it implies, E[z_tn|z_t] =
+    k1 E[z0|z_t] + k2 z_t with k1 = alpha_tn s_{t|tn}^2/s_t^2, k2 = alpha_t s_tn^2/(alpha_tn s_t^2),
+    and r = k1 z0_pred + k2 z_t - z_tn. Weight 1/s_t^2 on both, so the clean branch is the usual
+    v loss exactly. Nothing is divided by s_{t|tn}, which vanishes just above t_n.
+    loss_space "v": the literal v target, r = v - v_hat with v_hat = (alpha_t z_t - z0_hat)/s_t
+    and z0_hat = (z_tn - k2 z_t)/k1 (clean: v_target = alpha_t eps - s_t z0). This is the x0-space
+    residual divided by -k1 s_t (-s_t when clean), weight 1: the 1/k1 is why v_hat is so noisy
+    just above t_n.
+    """
+    alpha_t, s_t = ddpm_alpha_sigma(t)
+    alpha_tn, s_tn = (float(v) for v in ddpm_alpha_sigma(t_n))
+    s_cond2 = (1.0 - alpha_t ** 2 / alpha_tn ** 2).clamp(min=0.0)
+    k1 = alpha_tn * s_cond2 / s_t ** 2
+    k2 = alpha_t * s_tn ** 2 / (alpha_tn * s_t ** 2)
+    A = torch.where(ambient, -k1 * s_t, -s_t)
+    B = torch.where(ambient, k1 * alpha_t + k2, alpha_t)
+    C = -torch.ones_like(alpha_t)
+    weight = 1.0 / s_t ** 2
+    if loss_space == "v":
+        A, B, C, weight = torch.ones_like(A), B / A, C / A, torch.ones_like(weight)
+    elif loss_space != "x0":
+        raise ValueError(f"objective.latent_loss_space: unknown space {loss_space!r} (x0, v)")
+    f32 = lambda v: v.float()  # noqa: E731  (schedule maths in float64, coefficients in float32)
+    return StepCoefficients(
+        P=f32(torch.where(ambient, alpha_t / alpha_tn, alpha_t)),
+        Q=f32(torch.where(ambient, s_cond2.sqrt(), s_t)),
+        c_in=torch.ones_like(f32(alpha_t)), A=f32(A), B=f32(B), C=f32(C), weight=f32(weight),
+        ambient=ambient, sigma=f32(s_t / alpha_t), c_noise=t.float())
+
+
+# --------------------------------------------------------------------------------------
+# The two passes, in plain PyTorch: the reference the fused kernels are tested against
+# --------------------------------------------------------------------------------------
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] to broadcast over one sample's elements."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _source(coefs: StepCoefficients, clean: torch.Tensor, noisy: Optional[torch.Tensor]):
+    if noisy is None:  # allowed only when no sample is ambient (checked by the loss classes)
+        return clean
+    return torch.where(_per_sample(coefs.ambient, clean), noisy, clean)
+
+
+def _noisy_input(coefs, clean, noisy, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_in, net_in) = (P src + Q eps, c_in x_in)."""
+    x_in = _per_sample(coefs.P, clean) * _source(coefs, clean, noisy) + _per_sample(coefs.Q, eps) * eps
+    return x_in, _per_sample(coefs.c_in, x_in) * x_in
+
+
+def reference_network_input(coefs: StepCoefficients, clean: torch.Tensor,
+                            noisy: Optional[torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
+    """Pass 1: net_in = c_in (P src + Q eps), src chosen per sample by `coefs.ambient`."""
+    return _noisy_input(coefs, clean, noisy, eps)[1]
+
+
+def reference_residual_loss(coefs: StepCoefficients, F: torch.Tensor, net_in: torch.Tensor,
+                            clean: torch.Tensor, noisy: Optional[torch.Tensor],
+                            x_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pass 2: per-sample loss [B] = weight * sum over elements of (A F + B x_in + C src)^2.
+
+    x_in is recovered as net_in / c_in unless the caller still holds it; passing it keeps the
+    result bit-exact (the division is only exact to an ulp), which sigma_tn = 0 relies on.
+    """
+    if x_in is None:
+        x_in = net_in / _per_sample(coefs.c_in, net_in)
+    src = _source(coefs, clean, noisy)
+    r = _per_sample(coefs.A, F) * F + _per_sample(coefs.B, x_in) * x_in + _per_sample(coefs.C, src) * src
+    return coefs.weight * r.square().sum(dim=tuple(range(1, r.ndim)))
+
+
+# The seam for the fused kernels: objective.kernel picks "reference" or a kernel
+# implementation from the top-level `kernels` package, if it provides one.
+_KERNEL_API = ("select_impl", "network_input", "residual_loss")
+
+
+def select_kernel_impl(kind: str, device) -> str:
+    """"reference", or the name of the `kernels` implementation to use for `kind` on `device`."""
+    if kind == "reference":
+        return "reference"
+    try:
+        import kernels
+    except ImportError:
+        kernels = None
+    if kernels is None or not all(hasattr(kernels, f) for f in _KERNEL_API):
+        if kind == "auto":
+            return "reference"
+        raise RuntimeError(f"objective.kernel={kind!r}: the kernels package provides no fused "
+                           "kernels (use 'auto' or 'reference')")
+    return kernels.select_impl(kind, device)
+
+
+def two_branch_loss(network: Callable, coefs: StepCoefficients, clean: torch.Tensor,
+                    noisy: Optional[torch.Tensor], eps: torch.Tensor, labels=None,
+                    impl: str = "reference") -> torch.Tensor:
+    """Per-sample loss [B]: pass 1, ONE call network(net_in, c_noise, labels), pass 2."""
+    if impl == "reference":
+        x_in, net_in = _noisy_input(coefs, clean, noisy, eps)
+        F = network(net_in, coefs.c_noise, labels)
+        return reference_residual_loss(coefs, F, net_in, clean, noisy, x_in=x_in)
+    import kernels
+    net_in = kernels.network_input(coefs, clean, noisy, eps, impl)
+    F = network(net_in, coefs.c_noise, labels)
+    return kernels.residual_loss(coefs, F, net_in, (clean, noisy), impl)
+
+
+# --------------------------------------------------------------------------------------
+# Loss classes: build with build_loss(cfg.objective), call per micro-batch
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor        # scalar: mean over the batch of the per-sample sums
+    per_sample: torch.Tensor  # [B]
+    ambient: torch.Tensor     # bool [B]: which samples took the ambient branch
+    sigma: torch.Tensor       # [B] (VE-equivalent) noise level, for logging
+
+
+class _AmbientLoss:
+    """Shared call path. Subclasses say how to draw noise levels and build coefficients."""
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+        self._impl: dict[str, str] = {}
+
+    def draw_levels(self, batch: int, device, generator=None):
+        """(noise level [B], ambient bool [B])."""
+        raise NotImplementedError
+
+    def coefficients(self, net, level: torch.Tensor, ambient: torch.Tensor) -> StepCoefficients:
+        raise NotImplementedError
+
+    def network(self, net) -> Callable:
+        """The raw network F(net_in, c_noise, labels) that the coefficients act on."""
+        return net.raw
+
+    def draw_noise(self, clean: torch.Tensor, generator=None):
+        """(level, ambient, eps): all the step's random draws, in this fixed order."""
+        level, ambient = self.draw_levels(clean.shape[0], clean.device, generator)
+        return level, ambient, _randn(clean.shape, generator, clean.device)
+
+    def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
+                 generator: Optional[torch.Generator] = None) -> LossOutput:
+        level, ambient, eps = self.draw_noise(clean, generator)
+        if noisy is None:
+            if bool(ambient.any()):
+                raise ValueError(f"objective.sigma_tn={self.cfg.sigma_tn}: ambient samples need "
+                                 "the dataset's noisy copies, but none were given")
+        elif noisy.shape != clean.shape:
+            raise ValueError(f"noisy copies have shape {tuple(noisy.shape)}, clean images "
+                             f"{tuple(clean.shape)}")
+        else:
+            noisy = noisy.to(clean.dtype)  # stored float16
+        coefs = self.coefficients(net, level, ambient)
+        device = str(clean.device)
+        if device not in self._impl:
+            self._impl[device] = select_kernel_impl(self.cfg.kernel, clean.device)
+        per_sample = two_branch_loss(self.network(net), coefs, clean, noisy, eps, labels,
+                                     self._impl[device])
+        return LossOutput(per_sample.mean(), per_sample, coefs.ambient, coefs.sigma)
+
+
+def _check_sigma_data(cfg: ObjectiveConfig, net) -> None:
+    net_sd = getattr(net, "sigma_data", None)
+    if net_sd is not None and abs(float(net_sd) - cfg.sigma_data) > 1e-12:
+        raise ValueError(f"objective.sigma_data={cfg.sigma_data} but the network's "
+                         f"preconditioning uses sigma_data={net_sd}; make them equal")
+
+
+class EDMAmbientLoss(_AmbientLoss):
+    """Section 2: log-normal sigma (P_mean, P_std), EDM weight, the network's preconditioning."""
+
+    def draw_levels(self, batch, device, generator=None):
+        c = self.cfg
+        return sample_lognormal_sigma(batch, c.P_mean, c.P_std, c.sigma_tn, c.branch_rule,
+                                      generator, device)
+
+    def coefficients(self, net, sigma, ambient):
+        _check_sigma_data(self.cfg, net)
+        return edm_coefficients(net, sigma, ambient, self.cfg.sigma_tn, self.cfg.sigma_data)
+
+
+class VPAmbientLoss(_AmbientLoss):
+    """Section 3 with EDM's VP training distribution.
+
+    t is drawn uniformly in [vp_epsilon_t, 1] and sigma = vp_sigma(t), as EDM's VPLoss does,
+    rather than log-normal: the VP preconditioning conditions the network on t, the VP
+    baseline was defined (and its results reported) with this distribution, and the point of
+    the VP form is to reproduce that baseline. "uniform" rule: t uniform on its side of t_n.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        self.t_n = float(vp_t(torch.tensor(cfg.sigma_tn, dtype=torch.float64), cfg.vp_beta_d,
+                              cfg.vp_beta_min))
+        if cfg.sigma_tn > 0 and cfg.branch_rule == "uniform" and not cfg.vp_epsilon_t < self.t_n < 1:
+            raise ValueError(f"objective.sigma_tn={cfg.sigma_tn}: outside the VP schedule's range "
+                             f"(t_n={self.t_n:.4g}), the 'uniform' rule has an empty side")
+
+    def draw_levels(self, batch, device, generator=None):
+        c = self.cfg
+        u = _rand([batch], generator, device)
+        if c.sigma_tn > 0 and c.branch_rule == "uniform":
+            ambient = u < 0.5
+            u = _rand([batch], generator, device)
+            lo = torch.where(ambient, torch.full_like(u, self.t_n), torch.full_like(u, c.vp_epsilon_t))
+            hi = torch.where(ambient, torch.ones_like(u), torch.full_like(u, self.t_n))
+            t = lo + u * (hi - lo)
+        else:
+            t = 1 + u * (c.vp_epsilon_t - 1)
+        sigma = vp_sigma(t, c.vp_beta_d, c.vp_beta_min)
+        if c.sigma_tn > 0 and c.branch_rule == "uniform":
+            sigma_tn32 = torch.tensor(c.sigma_tn, dtype=sigma.dtype, device=sigma.device)
+            sigma = torch.where(ambient, torch.maximum(sigma, sigma_tn32), torch.minimum(sigma, sigma_tn32))
+        else:
+            ambient = (sigma >= c.sigma_tn) & (c.sigma_tn > 0)
+        return sigma, ambient
+
+    def coefficients(self, net, sigma, ambient):
+        return vp_coefficients(net, sigma, ambient, self.cfg.sigma_tn)
+
+
+class LatentVAmbientLoss(_AmbientLoss):
+    """Section 4: Stable Diffusion fine-tuning on latents with a v-prediction network.
+
+    The level is the DDPM timestep t, uniform over the 1000 steps; ambient iff t > t_n
+    ("uniform" rule: half the samples on each side, t uniform within it). objective.sigma_tn = 0
+    turns the ambient branch off (plain v objective); otherwise t_n sets the copies' noise.
+    `net` is a callable v(z_t, t, cond) -- or an object whose .raw is one.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        if cfg.sigma_tn > 0 and cfg.branch_rule == "uniform" and cfg.t_n >= DDPM_STEPS - 1:
+            raise ValueError(f"objective.t_n={cfg.t_n}: the 'uniform' rule needs t_n < "
+                             f"{DDPM_STEPS - 1} so that the ambient side is not empty")
+
+    def network(self, net):
+        return getattr(net, "raw", net)
+
+    def draw_levels(self, batch, device, generator=None):
+        c = self.cfg
+        if c.sigma_tn > 0 and c.branch_rule == "uniform":
+            ambient = _rand([batch], generator, device) < 0.5
+            u = _rand([batch], generator, device).double()
+            clean_t = (u * (c.t_n + 1)).floor()
+            ambient_t = c.t_n + 1 + (u * (DDPM_STEPS - 1 - c.t_n)).floor()
+            t = torch.where(ambient, ambient_t, clean_t).long().clamp(0, DDPM_STEPS - 1)
+            return t, ambient
+        t = _draw(lambda shape, **kw: torch.randint(0, DDPM_STEPS, shape, **kw), [batch],
+                  generator, device)
+        ambient = (t > c.t_n) & (c.sigma_tn > 0)
+        return t, ambient
+
+    def coefficients(self, net, t, ambient):
+        return latent_v_coefficients(t, ambient, self.cfg.t_n, self.cfg.latent_loss_space)
+
+
+def build_loss(cfg: ObjectiveConfig) -> _AmbientLoss:
+    """The loss object for `cfg.form`: loss_fn(net, clean, noisy, labels, generator) -> LossOutput."""
+    forms = {"edm": EDMAmbientLoss, "vp": VPAmbientLoss, "latent_v": LatentVAmbientLoss}
+    if cfg.form not in forms:
+        raise ValueError(f"objective.form: unknown form {cfg.form!r} ({', '.join(forms)})")
+    return forms[cfg.form](cfg)
+
+
+# --------------------------------------------------------------------------------------
+# The spec's formulas written literally (for tests and docs; not used in training)
+# --------------------------------------------------------------------------------------
+
+def plain_edm_loss(net, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                   labels=None) -> torch.Tensor:
+    """Plain EDM per-sample loss [B]: lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2."""
+    s = _per_sample(sigma, x0)
+    D = net(x0 + s * eps, sigma, labels)
+    return edm_weight(sigma, net.sigma_data) * (D - x0).square().sum(dim=tuple(range(1, x0.ndim)))
+
+
+def literal_edm_ambient_loss(net, x0: torch.Tensor, x_tn: torch.Tensor, sigma: torch.Tensor,
+                             ambient: torch.Tensor, sigma_tn: float, eps: torch.Tensor,
+                             labels=None) -> torch.Tensor:
+    """Section 2 verbatim, per sample [B]: clean ||D - x0||^2, ambient ||a D + b x_in - x_tn||^2."""
+    s = _per_sample(sigma, x0)
+    amb = _per_sample(ambient, x0)
+    x_in = torch.where(amb, x_tn + (s ** 2 - sigma_tn ** 2).clamp(min=0).sqrt() * eps, x0 + s * eps)
+    D = net(x_in, sigma, labels)
+    a, b = (s ** 2 - sigma_tn ** 2) / s ** 2, sigma_tn ** 2 / s ** 2
+    r = torch.where(amb, a * D + b * x_in - x_tn, D - x0)
+    return edm_weight(sigma, net.sigma_data) * r.square().sum(dim=tuple(range(1, x0.ndim)))

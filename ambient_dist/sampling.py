@@ -1,0 +1,153 @@
+"""EDM samplers (Karras et al. 2022, Algorithms 1 and 2) on a denoiser D(x, sigma, labels).
+
+    steps = edm_sigma_steps(...)      sigma_i from sigma_max down to sigma_min (rho spacing), then 0
+    images = edm_sample(denoiser, indices, (C, H, W), seed, ...)
+
+Solvers: "heun" (2nd order; deterministic when S_churn = 0 -- the paper's FID setting) and
+"euler" (1st order). S_churn / S_min / S_max / S_noise add the stochastic "churn": before a
+step, noise is added to raise sigma by up to a factor (1 + gamma).
+
+Image n's randomness (its starting noise and its churn noise) comes from its own generator,
+seeded by (seed, n), so image n is the same whatever the batch size and whichever rank
+draws it. The state is integrated in float64 (as EDM does: the steps near sigma_min subtract
+nearly equal numbers); the denoiser gets float32 input, optionally under autocast.
+
+Output is float32 and only roughly in [-1, 1]; `to_uint8` clamps when converting to pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ambient_dist.noise import key_seed
+
+# D(x [B,C,H,W] float32, sigma [B] float32, labels or None) -> x0 estimate [B,C,H,W]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# guidance(denoiser, x, sigma, labels) -> combined x0 estimate
+Guidance = Callable[[Denoiser, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class SamplerSettings:
+    num_steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    solver: str = "heun"          # "heun" or "euler"
+    S_churn: float = 0.0          # 0 = deterministic
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "SamplerSettings":
+        """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho)."""
+        return cls(num_steps=cfg.steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                   rho=cfg.rho, **overrides)
+
+    def check(self) -> None:
+        if self.solver not in ("heun", "euler"):
+            raise ValueError(f"sampler solver must be 'heun' or 'euler', got {self.solver!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"sampling.steps must be >= 1, got {self.num_steps}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sampling.sigma_min < sampling.sigma_max, got "
+                             f"{self.sigma_min}, {self.sigma_max}")
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
+                    device=None) -> torch.Tensor:
+    """float64 [num_steps + 1]: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    i = 0..N-1, then a final 0. Large rho spends the steps near sigma_min, where detail forms."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    frac = i / max(num_steps - 1, 1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + frac * (lo - hi)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+class PerImageNoise:
+    """Standard normal draws where image n's come from its own generator seeded by (seed, n)."""
+
+    def __init__(self, seed: int, indices: Sequence[int]):
+        self.generators = []
+        for n in indices:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(key_seed(seed, f"sample/{int(n)}"))
+            self.generators.append(g)
+
+    def randn(self, image_shape: Sequence[int], device) -> torch.Tensor:
+        # Drawn on the CPU, where a generator's stream is the same on every machine.
+        noise = [torch.randn(tuple(image_shape), generator=g, dtype=torch.float64)
+                 for g in self.generators]
+        return torch.stack(noise).to(device)
+
+
+def plain_guidance(denoiser: Denoiser, x, sigma, labels):
+    return denoiser(x, sigma, labels)
+
+
+def classifier_free_guidance(scale: float) -> Guidance:
+    """D_uncond + scale (D_cond - D_uncond); unconditional = all-zero labels (EDM's label
+    dropout convention). Both halves go through the network as ONE batch of 2B."""
+    def guide(denoiser: Denoiser, x, sigma, labels):
+        if labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                        torch.cat([labels, torch.zeros_like(labels)]))
+        cond, uncond = both.chunk(2)
+        return uncond + scale * (cond - uncond)
+    return guide
+
+
+@torch.no_grad()
+def edm_sample(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence[int],
+               seed: int = 0, labels: Optional[torch.Tensor] = None,
+               settings: Optional[SamplerSettings] = None, guidance: Optional[Guidance] = None,
+               autocast_dtype: Optional[torch.dtype] = None, device="cpu") -> torch.Tensor:
+    """Generate images `indices` (one per index) -> float32 [len(indices), *image_shape].
+
+    denoiser(x, sigma [B], labels) is the x0 prediction (a Precond's forward). guidance, if
+    given, replaces the plain call (e.g. classifier_free_guidance(scale)).
+    """
+    settings = settings or SamplerSettings()
+    settings.check()
+    device = torch.device(device)
+    guide = guidance or plain_guidance
+    noise = PerImageNoise(seed, indices)
+    batch = len(indices)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+
+    def D(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        sigma_b = torch.full((batch,), sigma, dtype=torch.float32, device=device)
+        with autocast:
+            return guide(denoiser, x.float(), sigma_b, labels).double()
+
+    s = settings
+    steps = edm_sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho).tolist()
+    x = noise.randn(image_shape, device) * steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(steps[:-1], steps[1:])):
+        # Churn: raise the noise level from t_cur to t_hat with fresh noise.
+        gamma = min(s.S_churn / s.num_steps, math.sqrt(2) - 1) if s.S_min <= t_cur <= s.S_max else 0.0
+        t_hat = t_cur * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * s.S_noise * noise.randn(image_shape, device)
+        # Euler step along dx/dsigma = (x - D(x; sigma)) / sigma.
+        d_cur = (x - D(x, t_hat)) / t_hat
+        x_next = x + (t_next - t_hat) * d_cur
+        # Heun correction: average the slope at both ends (not at the last step, sigma = 0).
+        if s.solver == "heun" and t_next > 0:
+            d_next = (x_next - D(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_hat) * 0.5 * (d_cur + d_next)
+        x = x_next
+    return x.float()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 (same layout), the exact inverse of uint8 / 127.5 - 1."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,430 @@
+"""The ambient objective: branch rules, coefficient forms vs the spec's formulas, the posterior
+mean each branch teaches (Monte Carlo), sigma_tn limits, gradients at the threshold."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ambient_dist.config import ObjectiveConfig
+from ambient_dist.noise import ddpm_alpha_sigma, vp_alpha_sigma, vp_sigma, vp_t
+from ambient_dist.objective import (
+    LatentVAmbientLoss, StepCoefficients, VPAmbientLoss, build_loss, edm_coefficients,
+    latent_v_coefficients, literal_edm_ambient_loss, plain_edm_loss, reference_network_input,
+    reference_residual_loss, sample_lognormal_sigma, select_kernel_impl, two_branch_loss,
+    vp_coefficients)
+
+SD = 0.5
+
+
+def edm_scalings(sigma, sd=SD):
+    return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt(), \
+        1 / (sigma ** 2 + sd ** 2).sqrt(), sigma.log() / 4
+
+
+class FakePrecond(nn.Module):
+    """A Precond stand-in: EDM scalings around a tiny conv (the real ones live in models/)."""
+    sigma_data = SD
+
+    def __init__(self, channels=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.calls = []
+
+    def scalings(self, sigma):
+        return edm_scalings(sigma)
+
+    def raw(self, net_in, c_noise, labels=None):
+        self.calls.append((net_in.shape, labels))
+        return self.conv(net_in) * (1 + c_noise.reshape(-1, 1, 1, 1))
+
+    def forward(self, x, sigma, labels=None):
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma.reshape(-1, 1, 1, 1))
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise.flatten(), labels)
+
+
+def images(n=16, c=3, r=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, c, r, r, generator=g) * 2 - 1
+    return x0, torch.randn(n, c, r, r, generator=g)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------
+# sigma_tn limits: plain EDM bit for bit, all-clean, all-ambient
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["threshold", "uniform"])
+def test_sigma_tn_zero_is_plain_edm_bit_for_bit(rule):
+    net, (x0, _) = FakePrecond(), images()
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.0, branch_rule=rule))
+    out = loss_fn(net, x0, None, generator=gen(5))
+    sigma, ambient, eps = loss_fn.draw_noise(x0, gen(5))   # replay the same draws
+    plain = plain_edm_loss(net, x0, sigma, eps)
+    assert not out.ambient.any()
+    assert torch.equal(out.sigma, sigma)
+    assert torch.equal(out.per_sample, plain)
+    assert torch.equal(out.loss, plain.mean())
+
+
+def test_sigma_tn_huge_is_all_clean_and_plain_edm():
+    net, (x0, n) = FakePrecond(), images()
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=1e4))
+    out = loss_fn(net, x0, x0 + 1e4 * n, generator=gen(2))
+    sigma, _, eps = loss_fn.draw_noise(x0, gen(2))
+    assert not out.ambient.any()
+    assert torch.equal(out.per_sample, plain_edm_loss(net, x0, sigma, eps))
+
+
+def test_sigma_tn_tiny_is_all_ambient_and_matches_literal_formula():
+    net, (x0, n) = FakePrecond(), images(n=64)
+    sigma_tn = 1e-4   # below every log-normal draw in practice: the all-ambient objective
+    x_tn = x0 + sigma_tn * n
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=sigma_tn))
+    out = loss_fn(net, x0, x_tn, generator=gen(3))
+    sigma, ambient, eps = loss_fn.draw_noise(x0, gen(3))
+    assert out.ambient.all()
+    literal = literal_edm_ambient_loss(net, x0, x_tn, sigma, ambient, sigma_tn, eps)
+    torch.testing.assert_close(out.per_sample, literal, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["threshold", "uniform"])
+def test_mixed_batch_matches_literal_formula_with_one_network_call(rule):
+    net, (x0, n) = FakePrecond(), images(n=64)
+    x_tn = x0 + 0.5 * n
+    labels = torch.eye(4)[torch.arange(64) % 4]
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5, branch_rule=rule))
+    out = loss_fn(net, x0, x_tn, labels=labels, generator=gen(4))
+    assert len(net.calls) == 1 and net.calls[0][0][0] == 64 and net.calls[0][1] is labels
+    assert 0 < out.ambient.sum() < 64
+    sigma, ambient, eps = loss_fn.draw_noise(x0, gen(4))
+    literal = literal_edm_ambient_loss(net, x0, x_tn, sigma, ambient, 0.5, eps, labels)
+    torch.testing.assert_close(out.per_sample, literal, rtol=1e-4, atol=1e-5)
+    assert out.loss.shape == () and torch.equal(out.loss, out.per_sample.mean())
+
+
+def test_noisy_copies_stored_float16_are_accepted():
+    net, (x0, n) = FakePrecond(), images()
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5))
+    out = loss_fn(net, x0, (x0 + 0.5 * n).half(), generator=gen())
+    assert torch.isfinite(out.loss)
+
+
+# --------------------------------------------------------------------------------------
+# VP (eq. 6) and latent v (section 4): the coefficient form equals the literal formulas
+# --------------------------------------------------------------------------------------
+
+def test_vp_coefficients_equal_eq6_written_in_vp_units():
+    net, (x0, n) = FakePrecond(), images(n=32)
+    sigma_tn = 0.5
+    alpha_tn, s_tn = (float(v) for v in vp_alpha_sigma(sigma_tn))
+    x_tn = alpha_tn * x0 + s_tn * n                        # the stored VP copy
+    sigma = torch.exp(torch.linspace(-3, 3, 32))
+    ambient = sigma >= sigma_tn
+    eta = images(n=32, seed=9)[1]
+    coefs = vp_coefficients(net, sigma, ambient, sigma_tn)
+    ours = two_branch_loss(net.raw, coefs, x0, x_tn, eta)
+
+    alpha, s = (v.float().reshape(-1, 1, 1, 1) for v in vp_alpha_sigma(sigma))
+    amb = ambient.reshape(-1, 1, 1, 1)
+    s_cond = (s ** 2 - alpha ** 2 * s_tn ** 2 / alpha_tn ** 2).clamp(min=0).sqrt()
+    x_t = torch.where(amb, alpha / alpha_tn * x_tn + s_cond * eta, alpha * x0 + s * eta)
+    h = net(x_t / alpha, sigma)                            # E[x0 | x_t] via the VE denoiser
+    r_amb = ((s ** 2 - s_tn ** 2) / (s ** 2 * math.sqrt(1 - s_tn ** 2)) * h
+             + (s_tn ** 2 / s ** 2) * ((1 - s ** 2) / (1 - s_tn ** 2)).sqrt() * x_t - x_tn)
+    r = torch.where(amb, r_amb, h - x0)
+    literal = (r.square().sum(dim=(1, 2, 3))) / sigma ** 2
+    torch.testing.assert_close(ours, literal, rtol=2e-4, atol=1e-5)
+
+
+class FakeVNet(nn.Module):
+    """A v-prediction stand-in v(z_t, t, cond): a plain callable, no .raw."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, z, t, cond=None):
+        return self.conv(z) * (1 + t.reshape(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("space", ["v", "x0"])
+def test_latent_v_coefficients_equal_section4_formulas(space):
+    net = FakeVNet()
+    z0, n = images(n=40, c=4)
+    t_n = 50
+    alpha_tn, s_tn = (float(v) for v in ddpm_alpha_sigma(t_n))
+    z_tn = alpha_tn * z0 + s_tn * n
+    t = torch.tensor(list(range(0, 1000, 25)))
+    ambient = t > t_n
+    eps = images(n=40, c=4, seed=7)[1]
+    coefs = latent_v_coefficients(t, ambient, t_n, space)
+    ours = two_branch_loss(net, coefs, z0, z_tn, eps)
+
+    a_t, s_t = (v.float().reshape(-1, 1, 1, 1) for v in ddpm_alpha_sigma(t))
+    amb = ambient.reshape(-1, 1, 1, 1)
+    s_cond = (1 - a_t ** 2 / alpha_tn ** 2).clamp(min=0).sqrt()
+    z_t = torch.where(amb, a_t / alpha_tn * z_tn + s_cond * eps, a_t * z0 + s_t * eps)
+    v = net(z_t, t.float())
+    with torch.no_grad():
+        z0_hat = s_t ** 2 / (alpha_tn * s_cond ** 2) * (z_tn - a_t * s_tn ** 2 / (alpha_tn * s_t ** 2) * z_t)
+    v_target = torch.where(amb, (a_t * z_t - z0_hat) / s_t, a_t * eps - s_t * z0)
+    v_loss = (v - v_target).square().sum(dim=(1, 2, 3))
+    if space == "v":
+        torch.testing.assert_close(ours[ambient], v_loss[ambient], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(ours[~ambient], v_loss[~ambient], rtol=1e-4, atol=1e-4)
+    else:
+        z0_pred = a_t * z_t - s_t * v
+        k1 = alpha_tn * s_cond ** 2 / s_t ** 2
+        k2 = a_t * s_tn ** 2 / (alpha_tn * s_t ** 2)
+        r = torch.where(amb, k1 * z0_pred + k2 * z_t - z_tn, z0_pred - z0)
+        literal = r.square().sum(dim=(1, 2, 3)) / s_t.flatten() ** 2
+        torch.testing.assert_close(ours, literal, rtol=2e-4, atol=1e-4)
+        # The clean branch in x0 space is the usual v loss, unchanged.
+        torch.testing.assert_close(ours[~ambient], v_loss[~ambient], rtol=1e-4, atol=1e-4)
+
+
+def test_latent_loss_accepts_a_plain_callable_and_its_raw():
+    z0, n = images(n=8, c=4)
+    cfg = ObjectiveConfig(form="latent_v", t_n=50)
+    loss_fn = build_loss(cfg)
+    assert isinstance(loss_fn, LatentVAmbientLoss)
+    out = loss_fn(FakeVNet(), z0, z0 + n, generator=gen())
+    assert torch.isfinite(out.loss) and out.per_sample.shape == (8,)
+
+
+# --------------------------------------------------------------------------------------
+# Monte Carlo: each branch's implied target has conditional mean E[x0 | network input]
+# --------------------------------------------------------------------------------------
+
+MEANS = torch.tensor([-0.8, 0.1, 0.7], dtype=torch.float64)
+PROBS = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64)
+
+
+def draw_mixture(n, g):
+    return MEANS[torch.multinomial(PROBS, n, replacement=True, generator=g)]
+
+
+def posterior_mean(x, scale, var):
+    """E[x0 | x] for x = scale x0 + N(0, var), x0 from the point-mass mixture."""
+    x = x.double().reshape(-1, 1)
+    logits = PROBS.log() - (x - scale * MEANS) ** 2 / (2 * var)
+    return (logits.softmax(dim=1) * MEANS).sum(dim=1)
+
+
+def max_bin_zscore(x, target, expected, bins=20, floor=1e-4):
+    """Largest |z| over quantile bins of x of mean(target - expected): E[target - E[x0|x] | x] = 0
+    in every bin iff the target's conditional mean is the posterior mean. The standard error
+    has a floor, so float32 rounding of a nearly deterministic target is not a failure."""
+    order = x.double().flatten().argsort()
+    diff = (target.double().flatten() - expected.flatten())[order].reshape(bins, -1)
+    se = (diff.std(dim=1) / math.sqrt(diff.shape[1])).clamp(min=floor)
+    return float((diff.mean(dim=1) / se).abs().max())
+
+
+def implied_network_target(coefs, x_in, src):
+    """The F that zeroes the residual A F + B x_in + C src (tests may divide; training never does)."""
+    c = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    return -(c(coefs.B) * x_in + c(coefs.C) * src) / c(coefs.A)
+
+
+N_MC = 200_000
+
+
+def mc_batch(seed):
+    g = gen(seed)
+    x0 = draw_mixture(N_MC, g).float().reshape(-1, 1, 1, 1)
+    return x0, torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+
+
+@pytest.mark.parametrize("form, sigma, ambient", [
+    ("edm", 0.3, False), ("edm", 0.9, True), ("edm", 2.5, True),
+    ("vp", 0.3, False), ("vp", 0.9, True), ("vp", 2.5, True)])
+def test_ve_and_vp_targets_have_posterior_mean(form, sigma, ambient):
+    sigma_tn, net = 0.5, FakePrecond(channels=1)
+    x0, n, eps = mc_batch(11)
+    sig = torch.full((N_MC,), sigma)
+    amb = torch.full((N_MC,), ambient)
+    if form == "edm":
+        x_tn = x0 + sigma_tn * n
+        coefs = edm_coefficients(net, sig, amb, sigma_tn, SD)
+    else:
+        x_tn = float(vp_alpha_sigma(sigma_tn)[0]) * (x0 + sigma_tn * n)
+        coefs = vp_coefficients(net, sig, amb, sigma_tn)
+    x_in = reference_network_input(coefs, x0, x_tn, eps) / coefs.c_in.reshape(-1, 1, 1, 1)
+    src = x_tn if ambient else x0
+    c_skip, c_out, _, _ = edm_scalings(torch.tensor(sigma))
+    D_target = c_skip * x_in + c_out * implied_network_target(coefs, x_in, src)
+    expected = posterior_mean(x_in, 1.0, sigma ** 2)       # x_in | x0 ~ N(x0, sigma^2) either way
+    assert max_bin_zscore(x_in, D_target, expected) < 4.5
+    if ambient:   # the test can tell: treating the noisy copy as the clean target is biased
+        assert max_bin_zscore(x_in, x_tn * float(coefs.P[0]), expected) > 10
+
+
+@pytest.mark.parametrize("space", ["x0", "v"])
+@pytest.mark.parametrize("t, ambient", [(30, False), (150, True), (600, True)])
+def test_latent_v_targets_have_posterior_mean(space, t, ambient):
+    t_n = 100
+    z0, n, eps = mc_batch(12)
+    alpha_tn, s_tn = (float(v) for v in ddpm_alpha_sigma(t_n))
+    z_tn = alpha_tn * z0 + s_tn * n
+    tt = torch.full((N_MC,), t)
+    coefs = latent_v_coefficients(tt, torch.full((N_MC,), ambient), t_n, space)
+    z_t = reference_network_input(coefs, z0, z_tn, eps)
+    src = z_tn if ambient else z0
+    a_t, s_t = (float(v) for v in ddpm_alpha_sigma(t))
+    v_target = implied_network_target(coefs, z_t, src)
+    z0_target = a_t * z_t - s_t * v_target                 # x0 implied by the v target
+    expected = posterior_mean(z_t, a_t, s_t ** 2)          # z_t | z0 ~ N(a_t z0, s_t^2)
+    assert max_bin_zscore(z_t, z0_target, expected) < 4.5
+    if t == 150:  # the biased shortcut (the sampled eta used as epsilon) is caught
+        s_cond = math.sqrt(1 - a_t ** 2 / alpha_tn ** 2)
+        eta = eps
+        z0_hat = (z_tn - a_t * s_tn ** 2 / (alpha_tn * s_t ** 2) * z_t) * s_t ** 2 / (alpha_tn * s_cond ** 2)
+        v_biased = a_t * eta - s_t * z0_hat
+        assert max_bin_zscore(z_t, a_t * z_t - s_t * v_biased, expected) > 10
+
+
+class PosteriorPrecond(FakePrecond):
+    """D = E[x0 | x] for the point-mass data (the loss minimiser) plus a per-sample offset."""
+
+    def __init__(self, n, bias=0.0):
+        super().__init__(channels=1)
+        self.offset = nn.Parameter(torch.zeros(n, 1, 1, 1))
+        self.bias = bias
+
+    def raw(self, net_in, c_noise, labels=None):
+        sigma = (4 * c_noise.double()).exp().reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = edm_scalings(sigma)
+        x = net_in.double() / c_in
+        D = posterior_mean(x, 1.0, sigma.flatten().reshape(-1, 1) ** 2).reshape(x.shape)
+        return ((D + self.bias + self.offset.double() - c_skip * x) / c_out).float()
+
+
+@pytest.mark.parametrize("rule", ["threshold", "uniform"])
+def test_expected_loss_is_stationary_at_the_posterior_mean(rule):
+    """Through the whole loss class: d E[loss] / dD = 0 at D = E[x0|x_in]; not so when off."""
+    x0 = draw_mixture(200_000, gen(21)).float().reshape(-1, 1, 1, 1)
+    x_tn = x0 + 0.5 * torch.randn(x0.shape, generator=gen(22))
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5, branch_rule=rule))
+    zs = []
+    for bias in (0.0, 0.05):
+        net = PosteriorPrecond(len(x0), bias)
+        out = loss_fn(net, x0, x_tn, generator=gen(23))
+        out.loss.backward()
+        g = net.offset.grad.flatten().double() * len(x0)   # per-sample d loss_i / d D_i
+        g = g[out.ambient]                                  # the ambient branch is what is new
+        zs.append(float(g.mean() / (g.std() / math.sqrt(len(g)))))
+    assert abs(zs[0]) < 4
+    assert abs(zs[1]) > 10
+
+
+# --------------------------------------------------------------------------------------
+# Branch rules
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma_tn, clean_fraction", [(0.2, 0.37), (0.5, 0.66), (1.0, 0.84), (4.0, 0.98)])
+def test_threshold_rule_clean_fraction(sigma_tn, clean_fraction):
+    sigma, ambient = sample_lognormal_sigma(200_000, -1.2, 1.2, sigma_tn, "threshold", gen())
+    exact = 0.5 * (1 + math.erf((math.log(sigma_tn) + 1.2) / 1.2 / math.sqrt(2)))
+    assert abs(exact - clean_fraction) < 0.006            # the spec's table
+    assert abs((~ambient).float().mean().item() - exact) < 0.005
+    assert torch.equal(ambient, sigma >= sigma_tn)
+
+
+def test_uniform_rule_halves_and_restricted_lognormal():
+    sigma_tn = 0.5
+    sigma, ambient = sample_lognormal_sigma(200_000, -1.2, 1.2, sigma_tn, "uniform", gen())
+    assert abs(ambient.float().mean().item() - 0.5) < 0.005
+    assert (sigma[ambient] >= sigma_tn).all() and (sigma[~ambient] <= sigma_tn).all()
+    # Within each side sigma follows the log-normal restricted to it: check its CDF at two points.
+    Phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
+    cdf = lambda s: Phi((math.log(s) + 1.2) / 1.2)           # noqa: E731
+    p_tn = cdf(sigma_tn)
+    for s in (0.05, 0.2):
+        assert abs((sigma[~ambient] <= s).float().mean().item() - cdf(s) / p_tn) < 0.01
+    for s in (1.0, 3.0):
+        assert abs((sigma[ambient] <= s).float().mean().item() - (cdf(s) - p_tn) / (1 - p_tn)) < 0.01
+
+
+def test_vp_and_latent_branch_fractions():
+    cfg = ObjectiveConfig(form="vp", sigma_tn=0.5)
+    sigma, ambient = VPAmbientLoss(cfg).draw_levels(100_000, "cpu", gen())
+    t_n = float(vp_t(torch.tensor(0.5, dtype=torch.float64), cfg.vp_beta_d, cfg.vp_beta_min))
+    assert abs(ambient.float().mean().item() - (1 - t_n) / (1 - cfg.vp_epsilon_t)) < 0.01
+    assert torch.equal(ambient, sigma >= 0.5)
+    sigma, ambient = VPAmbientLoss(ObjectiveConfig(form="vp", sigma_tn=0.5, branch_rule="uniform")) \
+        .draw_levels(100_000, "cpu", gen())
+    assert abs(ambient.float().mean().item() - 0.5) < 0.01
+    assert (sigma[ambient] >= 0.5).all() and (sigma[~ambient] <= 0.5).all()
+    assert float(vp_sigma(torch.tensor(1.0), 19.9, 0.1)) >= float(sigma.max())
+
+    t, ambient = LatentVAmbientLoss(ObjectiveConfig(form="latent_v", t_n=100)).draw_levels(100_000, "cpu", gen())
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs(ambient.float().mean().item() - 0.899) < 0.01 and torch.equal(ambient, t > 100)
+    t, ambient = LatentVAmbientLoss(ObjectiveConfig(form="latent_v", t_n=100, branch_rule="uniform")) \
+        .draw_levels(100_000, "cpu", gen())
+    assert abs(ambient.float().mean().item() - 0.5) < 0.01
+    assert (t[ambient] > 100).all() and (t[~ambient] <= 100).all() and t.max() <= 999
+
+
+# --------------------------------------------------------------------------------------
+# Numerics at the threshold, errors, the kernel seam
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factor", [1.0, 1 + 1e-6, 1 + 1e-3])
+def test_gradients_finite_at_the_threshold(factor):
+    net, (x0, n) = FakePrecond(), images(n=8)
+    sigma_tn = 0.5
+    sigma = torch.full((8,), sigma_tn * factor)
+    coefs = edm_coefficients(net, sigma, sigma >= sigma_tn, sigma_tn, SD)
+    assert coefs.ambient.all()
+    loss = two_branch_loss(net.raw, coefs, x0, x0 + sigma_tn * n, images(n=8, seed=3)[1]).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_latent_gradients_finite_just_above_t_n():
+    net, (z0, n) = FakeVNet(), images(n=4, c=4)
+    for space in ("x0", "v"):
+        coefs = latent_v_coefficients(torch.full((4,), 51), torch.ones(4, dtype=torch.bool), 50, space)
+        loss = two_branch_loss(net, coefs, z0, z0 + n, images(n=4, c=4, seed=3)[1]).mean()
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_residual_without_x_in_matches_to_rounding():
+    net, (x0, n) = FakePrecond(), images()
+    sigma = torch.exp(torch.linspace(-2, 2, 16))
+    coefs = edm_coefficients(net, sigma, sigma >= 0.5, 0.5, SD)
+    eps = images(seed=4)[1]
+    net_in = reference_network_input(coefs, x0, x0 + 0.5 * n, eps)
+    F = net.raw(net_in, coefs.c_noise)
+    a = reference_residual_loss(coefs, F, net_in, x0, x0 + 0.5 * n)
+    b = two_branch_loss(net.raw, coefs, x0, x0 + 0.5 * n, eps)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert isinstance(coefs, StepCoefficients) and coefs.A.dtype == torch.float32
+
+
+def test_errors_name_the_problem():
+    net, (x0, n) = FakePrecond(), images()
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5))
+    with pytest.raises(ValueError, match="noisy copies"):
+        loss_fn(net, x0, None, generator=gen())
+    with pytest.raises(ValueError, match="shape"):
+        loss_fn(net, x0, x0[:, :1], generator=gen())
+    with pytest.raises(ValueError, match="objective.sigma_data"):
+        build_loss(ObjectiveConfig(sigma_tn=0.5, sigma_data=1.0))(net, x0, x0, generator=gen())
+    with pytest.raises(ValueError, match="objective.t_n"):
+        build_loss(ObjectiveConfig(form="latent_v", t_n=999, branch_rule="uniform"))
+
+
+def test_kernel_choice_on_cpu_is_the_reference():
+    assert select_kernel_impl("reference", torch.device("cpu")) == "reference"
+    assert select_kernel_impl("auto", torch.device("cpu")) == "reference"
