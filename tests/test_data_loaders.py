@@ -156,3 +156,20 @@ def test_gpu_loaders_match_cpu(shard_dir, loader):
         assert a.keys == b.keys
         assert torch.equal(a.clean, b.clean.cpu()) and torch.equal(a.noisy, b.noisy.cpu())
         assert torch.equal(a.labels, b.labels.cpu())
+
+
+def test_model_units_table_is_cpu_arithmetic():
+    from ambient_dist.data.augment import to_model_units
+    x = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    y = to_model_units(x)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float() / 127.5 - 1)
+    assert y[0, 0] == -1 and y[-1, -1] == 1
+    with pytest.raises(TypeError, match="expected uint8"):
+        to_model_units(y)
+
+
+@pytest.mark.gpu
+def test_model_units_identical_on_gpu():
+    from ambient_dist.data.augment import to_model_units
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_model_units(x.cuda()).cpu(), to_model_units(x))

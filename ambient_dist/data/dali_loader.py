@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .augment import UNIT_TABLE
 from .loader import Batch, TrainLoader
 from .order import RankPlan, SampleOrder
 from .shards import ShardSet
@@ -54,8 +55,9 @@ def build_pipeline(feeder: _BatchFeeder, batch_size: int, channels: int, device:
         image = fn.decoders.image(png, device="mixed" if on_gpu else "cpu",
                                   output_type=types.GRAY if channels == 1 else types.RGB)
         image = fn.transpose(fn.flip(image, horizontal=flip), perm=[2, 0, 1], output_layout="CHW")
-        # Same float32 operations, in the same order, as augment.to_model_units.
-        clean = fn.cast(image, dtype=types.FLOAT) / 127.5 - 1.0
+        # The same table as augment.to_model_units, so the bits match the other loaders.
+        clean = fn.lookup_table(image, keys=list(range(256)), values=UNIT_TABLE.tolist(),
+                                dtype=types.FLOAT)
         noisy = noisy.gpu() if on_gpu else noisy
         # Widen first (exact): DALI's CPU flip has no float16 kernel.
         noisy = fn.flip(fn.cast(noisy, dtype=types.FLOAT), horizontal=flip)
