@@ -67,6 +67,8 @@ class ObjectiveConfig:
     # "latent_v": latent v-prediction for Stable Diffusion (section 4).
     form: Literal["edm", "vp", "latent_v"] = "edm"
     # Noise level of the fixed noisy copies; 0 reproduces the plain objective exactly.
+    # In VE units (image units) for both edm and vp: the vp copy is alpha_tn x0 + s_tn n with
+    # alpha_tn = 1/sqrt(1 + sigma_tn^2), s_tn = sigma_tn alpha_tn.
     sigma_tn: float = 0.5
     # "threshold": branch follows the sampled sigma; "uniform": half clean, half ambient.
     branch_rule: Literal["threshold", "uniform"] = "threshold"
@@ -78,6 +80,9 @@ class ObjectiveConfig:
     vp_beta_min: float = 0.1
     vp_epsilon_t: float = 1e-5
     # Latent v-prediction: timestep index of the noisy copies and the loss space.
+    # Loss space default "x0": the ambient residual compared with z_tn (better conditioned);
+    # "v" regresses the literal v_hat, which is very noisy just above t_n. sigma_tn = 0 turns
+    # the ambient branch off for latent_v too (any sigma_tn > 0 enables it; t_n sets the noise).
     t_n: int = 50
     latent_loss_space: Literal["x0", "v"] = "x0"
     # Where the two-branch loss runs: "auto" = fused kernels on GPU, reference elsewhere.

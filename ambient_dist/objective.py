@@ -282,6 +282,7 @@ def two_branch_loss(network: Callable, coefs: StepCoefficients, clean: torch.Ten
         F = network(net_in, coefs.c_noise, labels)
         return reference_residual_loss(coefs, F, net_in, clean, noisy, x_in=x_in)
     import kernels
+    noisy = clean if noisy is None else noisy   # the kernels always take both tensors
     net_in = kernels.network_input(coefs, clean, noisy, eps, impl)
     F = network(net_in, coefs.c_noise, labels)
     return kernels.residual_loss(coefs, F, net_in, (clean, noisy), impl)
