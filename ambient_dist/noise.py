@@ -94,11 +94,12 @@ def ddpm_alphas_cumprod() -> torch.Tensor:
 
 def ddpm_alpha_sigma(t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at integer timestep(s) t, float64."""
-    abar = _ddpm_alphas_cumprod_cached()
     t = torch.as_tensor(t, dtype=torch.long)
-    if bool(((t < 0) | (t >= DDPM_STEPS)).any()):
+    # Checked on the CPU only: on a GPU the check would stall the step, and an out-of-range
+    # index fails there anyway (device-side assert).
+    if t.device.type == "cpu" and bool(((t < 0) | (t >= DDPM_STEPS)).any()):
         raise ValueError(f"DDPM timestep must be in [0, {DDPM_STEPS}), got {t.tolist()}")
-    abar_t = abar[t.cpu()].to(t.device)
+    abar_t = _ddpm_alphas_cumprod_cached().to(t.device)[t]
     return abar_t.sqrt(), (1.0 - abar_t).sqrt()
 
 

@@ -92,14 +92,14 @@ def plain_guidance(denoiser: Denoiser, x, sigma, labels):
 
 
 def classifier_free_guidance(scale: float) -> Guidance:
-    """D_uncond + scale (D_cond - D_uncond); unconditional = all-zero labels (EDM's label
-    dropout convention). Both halves go through the network as ONE batch of 2B."""
+    """D_uncond + scale (D_cond - D_uncond). The unconditional call passes labels=None, which
+    the Precond turns into all-zero labels (EDM's label-dropout convention), so class indices
+    and one-hot labels both work. scale 1 is the plain conditional model."""
     def guide(denoiser: Denoiser, x, sigma, labels):
         if labels is None:
             raise ValueError("classifier-free guidance needs class labels")
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                        torch.cat([labels, torch.zeros_like(labels)]))
-        cond, uncond = both.chunk(2)
+        cond = denoiser(x, sigma, labels)
+        uncond = denoiser(x, sigma, None)
         return uncond + scale * (cond - uncond)
     return guide
 
