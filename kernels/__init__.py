@@ -99,6 +99,7 @@ def network_input(coefs, clean: torch.Tensor, noisy: torch.Tensor, eps, impl: st
 
     out_dtype (default clean's dtype) is what the network receives, e.g. bfloat16 under
     autocast. `block` overrides the Triton block size (tests use it to cut samples unevenly).
+    noisy may be None when no sample is ambient (the reference's convention).
     """
     if impl == "reference":
         if isinstance(eps, PhiloxNoise):
@@ -106,6 +107,7 @@ def network_input(coefs, clean: torch.Tensor, noisy: torch.Tensor, eps, impl: st
         net_in = _reference().reference_network_input(coefs, clean, noisy, eps)
         return net_in if out_dtype is None else net_in.to(out_dtype)
     from kernels.fused import run_input_pass
+    noisy = clean if noisy is None else noisy
     return run_input_pass(backend(impl), coefs, clean, noisy, eps, out_dtype=out_dtype, block=block)
 
 
@@ -125,6 +127,7 @@ def residual_loss(coefs, F: torch.Tensor, net_in: torch.Tensor, src_or_pair, imp
         if len(src_or_pair) != 2:
             raise ValueError(f"src_or_pair: expected (clean, noisy) or one tensor, got {len(src_or_pair)} items")
         clean, noisy = src_or_pair
+        noisy = clean if noisy is None else noisy
     else:
         clean = noisy = src_or_pair
     if impl == "reference":

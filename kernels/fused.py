@@ -106,8 +106,7 @@ class FusedResidualLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad = ctx.grad_f
-        ctx.grad_f = None                     # free the buffer once handed over
+        grad = ctx.grad_f                      # freed with the graph (kept for retain_graph=True)
         if grad is None:
             return (None,) * 14
         expected = torch.full_like(grad_loss, ctx.grad_scale)

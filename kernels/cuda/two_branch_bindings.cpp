@@ -1,0 +1,131 @@
+// PyTorch bindings of the two-branch CUDA kernels: tensor checks, output allocation, and the
+// calls to the launchers of two_branch.cu. Only CPU-side PyTorch headers are used; the caller
+// (kernels/cuda_ext.py) passes the current CUDA stream and has made the tensors' device current.
+
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "two_branch.h"
+
+namespace {
+
+using two_branch::Storage;
+
+Storage storage_of(const torch::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case torch::kFloat32: return Storage::f32;
+    case torch::kBFloat16: return Storage::bf16;
+    case torch::kFloat16: return Storage::f16;
+    default:
+      TORCH_CHECK(false, name, ": dtype ", t.scalar_type(),
+                  " is not supported by impl 'cuda' (float32, bfloat16, float16)");
+  }
+  return Storage::f32;
+}
+
+void check_rows(const torch::Tensor& t, const char* name, int64_t batch, int64_t numel) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == numel && t.is_contiguous(), name,
+              ": expected a contiguous [", batch, ", ", numel, "] tensor, got ", t.sizes());
+}
+
+void check_coef(const torch::Tensor& t, const char* name, int64_t batch, torch::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 1 && t.size(0) == batch && t.is_contiguous(), name,
+              ": expected a contiguous CUDA tensor of shape [", batch, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+}
+
+// 16-byte row loads need numel % 8 == 0 and every base pointer aligned to 8 elements.
+bool vectorizable(int64_t numel, std::initializer_list<const torch::Tensor*> ts) {
+  if (numel % 8 != 0) return false;
+  for (const torch::Tensor* t : ts) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % (t->element_size() * 8) != 0) return false;
+  }
+  return true;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+torch::Tensor network_input(torch::Tensor clean, torch::Tensor noisy, torch::Tensor eps,
+                            torch::Tensor out, torch::Tensor P, torch::Tensor Q, torch::Tensor c_in,
+                            torch::Tensor ambient, bool seeded, int64_t first_sample,
+                            int64_t step_lo, int64_t step_hi, int64_t key_lo, int64_t key_hi,
+                            int64_t stream) {
+  const int64_t batch = clean.size(0), numel = clean.size(1);
+  check_rows(clean, "clean", batch, numel);
+  check_rows(noisy, "noisy", batch, numel);
+  check_rows(out, "out", batch, numel);
+  if (!seeded) check_rows(eps, "eps", batch, numel);
+  TORCH_CHECK(noisy.scalar_type() == clean.scalar_type() && (seeded || eps.scalar_type() == clean.scalar_type()),
+              "network_input: clean, noisy and eps must share one dtype");
+  check_coef(P, "P", batch, torch::kFloat32);
+  check_coef(Q, "Q", batch, torch::kFloat32);
+  check_coef(c_in, "c_in", batch, torch::kFloat32);
+  check_coef(ambient, "ambient", batch, torch::kUInt8);
+  TORCH_CHECK(batch <= 65535, "network_input: batch ", batch, " exceeds the grid limit 65535");
+  const bool vector_ok = seeded ? vectorizable(numel, {&clean, &noisy, &out})
+                                : vectorizable(numel, {&clean, &noisy, &eps, &out});
+  const two_branch::NoiseKey noise{static_cast<uint32_t>(key_lo), static_cast<uint32_t>(key_hi),
+                                   static_cast<uint32_t>(step_lo), static_cast<uint32_t>(step_hi),
+                                   first_sample};
+  check_launch(two_branch::network_input(
+                   storage_of(clean, "clean"), storage_of(out, "out"), clean.data_ptr(), noisy.data_ptr(),
+                   seeded ? nullptr : eps.data_ptr(), out.data_ptr(), P.data_ptr<float>(),
+                   Q.data_ptr<float>(), c_in.data_ptr<float>(), ambient.data_ptr<uint8_t>(), batch, numel,
+                   vector_ok, noise, as_stream(stream)),
+               "network_input");
+  return out;
+}
+
+// Returns {per-sample loss [B] float32, dF (undefined when write_grad is false)}.
+std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, torch::Tensor clean,
+                                         torch::Tensor noisy, torch::Tensor A, torch::Tensor B,
+                                         torch::Tensor C, torch::Tensor c_in, torch::Tensor weight,
+                                         torch::Tensor ambient, double grad_scale, bool write_grad,
+                                         bool deterministic, int64_t stream) {
+  const int64_t batch = F.size(0), numel = F.size(1);
+  check_rows(F, "F", batch, numel);
+  check_rows(net_in, "net_in", batch, numel);
+  check_rows(clean, "clean", batch, numel);
+  check_rows(noisy, "noisy", batch, numel);
+  TORCH_CHECK(net_in.scalar_type() == clean.scalar_type() && noisy.scalar_type() == clean.scalar_type(),
+              "residual_loss: net_in, clean and noisy must share one dtype");
+  for (auto [t, name] : {std::pair{&A, "A"}, {&B, "B"}, {&C, "C"}, {&c_in, "c_in"}, {&weight, "weight"}})
+    check_coef(*t, name, batch, torch::kFloat32);
+  check_coef(ambient, "ambient", batch, torch::kUInt8);
+  TORCH_CHECK(batch <= 65535, "residual_loss: batch ", batch, " exceeds the grid limit 65535");
+
+  const int blocks = two_branch::launch_for(numel).blocks_per_sample;
+  // One block per sample leaves nothing to add: both modes then write the loss directly.
+  const bool ordered = deterministic || blocks == 1;
+  const auto fopts = F.options().dtype(torch::kFloat32);
+  torch::Tensor loss = ordered ? torch::zeros({batch, blocks}, fopts) : torch::zeros({batch}, fopts);
+  torch::Tensor grad = write_grad ? torch::empty_like(F) : torch::Tensor();
+  const bool vector_ok = write_grad ? vectorizable(numel, {&F, &net_in, &clean, &noisy, &grad})
+                                    : vectorizable(numel, {&F, &net_in, &clean, &noisy});
+  check_launch(two_branch::residual_loss(
+                   storage_of(F, "F"), storage_of(clean, "clean"), F.data_ptr(), net_in.data_ptr(),
+                   clean.data_ptr(), noisy.data_ptr(), write_grad ? grad.data_ptr() : nullptr,
+                   loss.data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>(), C.data_ptr<float>(),
+                   c_in.data_ptr<float>(), weight.data_ptr<float>(), ambient.data_ptr<uint8_t>(), batch,
+                   numel, vector_ok, static_cast<float>(grad_scale), ordered, as_stream(stream)),
+               "residual_loss");
+  if (ordered) {
+    // Deterministic second pass: a fixed-shape row sum, the same order every run.
+    loss = blocks == 1 ? loss.select(1, 0) : loss.sum(1);
+  }
+  return {loss, grad};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused two-branch ambient objective (kernels/cuda/two_branch.cu)";
+  m.def("network_input", &network_input, "pass 1: net_in = c_in * (P * src + Q * eps)");
+  m.def("residual_loss", &residual_loss, "pass 2: per-sample loss and dloss/dF");
+}
