@@ -82,9 +82,13 @@ def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: fl
     p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
     sigma = (P_mean + P_std * torch.special.ndtri(p)).exp().float()
     # Rounding (and the clamp) can put sigma a hair over the boundary; pin it to its side.
-    sigma_tn32 = torch.tensor(sigma_tn, dtype=torch.float32, device=device)
-    sigma = torch.where(ambient, torch.maximum(sigma, sigma_tn32), torch.minimum(sigma, sigma_tn32))
-    return sigma, ambient
+    return _pin_to_side(sigma, ambient, sigma_tn), ambient
+
+
+def _pin_to_side(sigma: torch.Tensor, ambient: torch.Tensor, sigma_tn: float) -> torch.Tensor:
+    """sigma >= sigma_tn where ambient, <= sigma_tn elsewhere."""
+    bound = torch.full_like(sigma, sigma_tn)
+    return torch.where(ambient, torch.maximum(sigma, bound), torch.minimum(sigma, bound))
 
 
 # --------------------------------------------------------------------------------------
@@ -333,8 +337,7 @@ class _AmbientLoss:
         elif noisy.shape != clean.shape:
             raise ValueError(f"noisy copies have shape {tuple(noisy.shape)}, clean images "
                              f"{tuple(clean.shape)}")
-        else:
-            noisy = noisy.to(clean.dtype)  # stored float16
+        # noisy may stay float16 (as stored): both passes read it as is and compute in float32.
         coefs = self.coefficients(net, level, ambient)
         device = str(clean.device)
         if device not in self._impl:
@@ -383,22 +386,16 @@ class VPAmbientLoss(_AmbientLoss):
 
     def draw_levels(self, batch, device, generator=None):
         c = self.cfg
-        u = _rand([batch], generator, device)
         if c.sigma_tn > 0 and c.branch_rule == "uniform":
-            ambient = u < 0.5
-            u = _rand([batch], generator, device)
-            lo = torch.where(ambient, torch.full_like(u, self.t_n), torch.full_like(u, c.vp_epsilon_t))
-            hi = torch.where(ambient, torch.ones_like(u), torch.full_like(u, self.t_n))
-            t = lo + u * (hi - lo)
-        else:
-            t = 1 + u * (c.vp_epsilon_t - 1)
+            ambient = _rand([batch], generator, device) < 0.5
+            lo = torch.where(ambient, self.t_n, c.vp_epsilon_t)
+            hi = torch.where(ambient, 1.0, self.t_n)
+            sigma = vp_sigma(lo + _rand([batch], generator, device) * (hi - lo), c.vp_beta_d, c.vp_beta_min)
+            # Rounding can put sigma a hair over the boundary; pin it to its side.
+            return _pin_to_side(sigma, ambient, c.sigma_tn), ambient
+        t = 1 + _rand([batch], generator, device) * (c.vp_epsilon_t - 1)
         sigma = vp_sigma(t, c.vp_beta_d, c.vp_beta_min)
-        if c.sigma_tn > 0 and c.branch_rule == "uniform":
-            sigma_tn32 = torch.tensor(c.sigma_tn, dtype=sigma.dtype, device=sigma.device)
-            sigma = torch.where(ambient, torch.maximum(sigma, sigma_tn32), torch.minimum(sigma, sigma_tn32))
-        else:
-            ambient = (sigma >= c.sigma_tn) & (c.sigma_tn > 0)
-        return sigma, ambient
+        return sigma, (sigma >= c.sigma_tn) & (c.sigma_tn > 0)
 
     def coefficients(self, net, sigma, ambient):
         return vp_coefficients(net, sigma, ambient, self.cfg.sigma_tn)

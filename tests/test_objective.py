@@ -110,8 +110,10 @@ def test_mixed_batch_matches_literal_formula_with_one_network_call(rule):
 def test_noisy_copies_stored_float16_are_accepted():
     net, (x0, n) = FakePrecond(), images()
     loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5))
-    out = loss_fn(net, x0, (x0 + 0.5 * n).half(), generator=gen())
-    assert torch.isfinite(out.loss)
+    stored = (x0 + 0.5 * n).half()
+    out = loss_fn(net, x0, stored, generator=gen())
+    assert out.per_sample.dtype == torch.float32 and out.ambient.any()
+    assert torch.equal(out.per_sample, loss_fn(net, x0, stored.float(), generator=gen()).per_sample)
 
 
 # --------------------------------------------------------------------------------------
