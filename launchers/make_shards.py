@@ -5,14 +5,18 @@
         --count 300 --heldout 300 --sigma-tn 0.5
     python launchers/make_shards.py --source ~/cifar-10-batches-py --out data/cifar10 --workers 8
     python launchers/make_shards.py --source ~/ffhq-png --out data/ffhq64 --resolution 64 --fit crop
-    python launchers/make_shards.py --config configs/cifar10-ddpmpp.yaml --source ... --out ...
+    python launchers/make_shards.py --config configs/fashion-mnist-300.yaml --source fashion-mnist \
+        --out data/fashion-mnist-300
+    python launchers/make_shards.py --source cifar10 --path ~/cifar-10-batches-py --subset 1000 ...
 
 Sources: an image folder (--class-from-folder for labels), CIFAR-10/100 python batches,
 MNIST / Fashion-MNIST idx files, an .npz (images, labels, keys), img2dataset WebDataset shards;
 'fashion-mnist' / 'fashion-mnist-test' name the copy Debian installs. With --config the noisy
-copies, geometry and class count follow that experiment config (sigma_tn, form, resolution,
-channels), so the shards pass the trainer's manifest check. Re-running the same command skips
-finished shards after checking their checksums.
+copies and geometry follow that experiment config (sigma_tn, form, resolution, channels), so
+the shards pass the trainer's manifest check, and --count / --heldout default to its
+data.subset / evaluation.heldout_images. `--source FORMAT --path PATH` names the format
+explicitly (cifar10, cifar100, mnist, folder, npz, webdataset, ...). Re-running the same command
+skips finished shards after checking their checksums.
 """
 import argparse
 import sys
@@ -25,9 +29,18 @@ from ambient_dist.data.shards import ShardError, ShardOptions, make_shards  # no
 from ambient_dist.data.sources import FIT_MODES, SOURCE_FORMATS, SourceError, open_source  # noqa: E402
 
 
+# Format names accepted by `--source NAME --path PATH`.
+FORMAT_NAMES = {"cifar10": "cifar", "cifar100": "cifar", "cifar": "cifar", "mnist": "idx",
+                "fashion-mnist": "idx", "idx": "idx", "folder": "folder", "images": "folder",
+                "npz": "npz", "webdataset": "webdataset", "img2dataset": "webdataset",
+                "auto": "auto"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="path, or 'fashion-mnist' / 'fashion-mnist-test'")
+    p.add_argument("--source", required=True,
+                   help="path, or 'fashion-mnist' / 'fashion-mnist-test', or a format name with --path")
+    p.add_argument("--path", help="the source's path when --source names its format")
     p.add_argument("--out", required=True, help="shard directory to write")
     p.add_argument("--format", default="auto", choices=SOURCE_FORMATS)
     p.add_argument("--split", default="train", choices=["train", "test"], help="CIFAR / idx split")
@@ -40,10 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-tn", type=float, default=None, help="noise level of the copies (default 0.5)")
     p.add_argument("--form", default=None, choices=["edm", "vp"])
     p.add_argument("--noise-seed", type=int, default=0, help="dataset seed of the noisy copies")
-    p.add_argument("--count", type=int, default=0, help="training images (0 = all not held out)")
+    p.add_argument("--count", "--subset", type=int, default=None, dest="count",
+                   help="training images (0 = all not held out)")
     p.add_argument("--per-class", type=int, default=0, help="or: this many training images per class")
     p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--heldout", type=int, default=0, help="also set aside this many images never trained on")
+    p.add_argument("--heldout", type=int, default=None, help="also set aside this many images never trained on")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip (and list) undecodable source images")
@@ -52,7 +66,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     try:
-        cfg = load_config(args.config) if args.config else None
+        # The shard directory need not exist yet: blank data.shards to skip that check.
+        cfg = load_config(args.config, ["data.shards="]) if args.config else None
         pick = lambda flag, from_cfg, default: flag if flag is not None else (  # noqa: E731
             from_cfg if cfg is not None else default)
         opts = ShardOptions(
@@ -61,10 +76,18 @@ def main(argv=None) -> int:
             fit=args.fit,
             sigma_tn=pick(args.sigma_tn, cfg and cfg.objective.sigma_tn, 0.5),
             form=pick(args.form, cfg and cfg.objective.form, "edm"),
-            noise_seed=args.noise_seed, count=args.count, per_class=args.per_class,
-            subset_seed=args.subset_seed, heldout=args.heldout,
+            noise_seed=args.noise_seed, per_class=args.per_class, subset_seed=args.subset_seed,
+            count=pick(args.count, 0 if args.per_class else cfg and cfg.data.subset, 0),
+            heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
             samples_per_shard=args.samples_per_shard, workers=args.workers, skip_bad=args.skip_bad)
-        source = open_source(args.source, args.format, args.split, args.class_from_folder, args.label_field)
+        spec, fmt = args.source, args.format
+        if args.path:
+            fmt = FORMAT_NAMES.get(args.source.lower())
+            if fmt is None:
+                raise SourceError(f"--source {args.source!r} with --path: expected a format name, "
+                                  f"one of {', '.join(sorted(FORMAT_NAMES))}")
+            spec = args.path
+        source = open_source(spec, fmt, args.split, args.class_from_folder, args.label_field)
         manifest = make_shards(source, args.out, opts, overwrite=args.overwrite, progress=not args.quiet)
     except (ConfigError, ShardError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_
                                       make_shards, scan_tar, sha256_file)
 from ambient_dist.data.sources import SourceError, open_source
 from ambient_dist.noise import make_noisy_copy
-from test_data_sources import random_images, write_folder, write_mnist_dir
+from test_data_sources import random_images, write_cifar10_dir, write_folder, write_mnist_dir
 
 OPTS = dict(resolution=16, sigma_tn=0.5, count=20, heldout=6, samples_per_shard=8)
 
@@ -113,14 +113,19 @@ def test_index_is_dalis_format_and_dali_reads_it(tmp_path):
         assert np.array(png[i]).tobytes() == ours[0] and np.array(npy[i]).tobytes() == ours[1]
 
 
-def test_make_shards_cli_fashion_mnist(tmp_path, capsys):
+def _cli():
+    """launchers/make_shards.py's main (launchers/ is not a package)."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parent.parent / "launchers" / "make_shards.py"
     spec = importlib.util.spec_from_file_location("make_shards_cli", path)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    main = cli.main
+    return cli.main
+
+
+def test_make_shards_cli_fashion_mnist(tmp_path, capsys):
+    main = _cli()
     out = tmp_path / "fm"
     assert main(["--source", "fashion-mnist", "--out", str(out), "--count", "12", "--heldout", "4",
                  "--samples-per-shard", "5", "--quiet"]) == 0
@@ -132,6 +137,21 @@ def test_make_shards_cli_fashion_mnist(tmp_path, capsys):
     assert images.shape == (12, 32, 32, 1) and images[:, :2].max() == 0 and images[:, :, 30:].max() == 0
     assert main(["--source", "/nonexistent", "--out", str(out)]) == 2
     assert "/nonexistent: no such file" in capsys.readouterr().err
+
+
+def test_make_shards_cli_config_and_named_format(tmp_path, capsys):
+    main = _cli()
+    cifar = write_cifar10_dir(tmp_path / "c")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("data: {subset: 7, resolution: 16, channels: 1}\nobjective: {sigma_tn: 1.5, form: vp}\n"
+                   "network: {channel_mult: [1, 2]}\nevaluation: {heldout_images: 3}\n")
+    assert main(["--config", str(cfg), "--source", "cifar10", "--path", str(cifar),
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    m = read_manifest(tmp_path / "s")
+    assert (m["sigma_tn"], m["form"], m["resolution"], m["channels"]) == (1.5, "vp", 16, 1)
+    assert m["counts"]["train"] == 7 and m["counts"]["heldout"] == 3 and m["source"]["kind"] == "cifar"
+    assert main(["--source", "cifar11", "--path", str(cifar), "--out", str(tmp_path / "x")]) == 2
+    assert "expected a format name" in capsys.readouterr().err
 
 
 def test_skip_bad_counts_and_lists(tmp_path):
