@@ -132,6 +132,7 @@ def test_make_shards_cli_fashion_mnist(tmp_path, capsys):
     assert "12 training images in 3 shards, 4 held out" in capsys.readouterr().out
     m = read_manifest(out)
     assert (m["resolution"], m["channels"], m["fit"]) == (32, 1, "auto")
+    assert m["class_names"][9] == "Ankle boot" and m["source"]["name"] == "fashion-mnist"
     keys, images, _ = load_images(out)
     # 28x28 padded into 32x32 with background 0 (= -1).
     assert images.shape == (12, 32, 32, 1) and images[:, :2].max() == 0 and images[:, :, 30:].max() == 0
@@ -177,6 +178,10 @@ def test_checksum_mismatch(tmp_path):
     p.write_bytes(p.read_bytes()[:-1024])
     with pytest.raises(ShardError, match=f"{p.name}: checksum mismatch"):
         ShardSet(out)
+    # Ranks split the verification: shard 2 is rank 0's of 2 (0, 2, ...), not rank 1's.
+    ShardSet(out, verify_share=(1, 2))
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        ShardSet(out, verify_share=(0, 2))
 
 
 def test_truncated_tar(tmp_path):

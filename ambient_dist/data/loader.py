@@ -39,7 +39,9 @@ class TrainLoader:
                  start_sample: int = 0, shards: Optional[ShardSet] = None):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.shards = shards if shards is not None else ShardSet(cfg.data.shards, verify=True)
+        if shards is None:
+            shards = ShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
+        self.shards = shards
         check_manifest(self.shards.manifest, cfg)
         # data.subset takes a prefix of the stored order, which make_shards wrote shuffled.
         self.num_samples = cfg.data.subset or len(self.shards)

@@ -357,10 +357,15 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
                                          initializer=_worker_init,
                                          initargs=(source, out_dir, opts, channels)) as pool:
             pending = {pool.submit(_worker_write, j): j for j in todo}
-            for fut in futures.as_completed(pending):
-                done[pending[fut].name] = fut.result()
-                save(done)
-                bar.update(len(pending[fut].indices))
+            try:
+                for fut in futures.as_completed(pending):
+                    done[pending[fut].name] = fut.result()
+                    save(done)
+                    bar.update(len(pending[fut].indices))
+            except BaseException:
+                # Report the first error now; finished shards are in the manifest for a re-run.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         for j in todo:
             done[j.name] = _write_shard(source, j, out_dir, opts, channels)
@@ -442,9 +447,13 @@ class ShardSet:
     """The training samples of a shard directory, addressable by index 0..N-1 (stored order).
 
     Picklable: memory maps are opened lazily in each process (DataLoader workers included).
+    `verify` checks the sha256 of every tar; `verify_share=(rank, world_size)` checks only
+    every world_size-th one from `rank`, so that the ranks of a job split the reading (on a
+    shared file system every rank would otherwise read the whole dataset at start-up).
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, verify: bool = True):
+    def __init__(self, shards_dir: str | os.PathLike, verify: bool = True,
+                 verify_share: tuple[int, int] = (0, 1)):
         self.dir = Path(shards_dir)
         self.manifest = read_manifest(self.dir)
         entries = self.manifest["shards"]
@@ -452,10 +461,11 @@ class ShardSet:
             raise ShardError(f"{self.dir / MANIFEST_NAME}: the shard list is empty "
                              "(no training samples were written)")
         self.paths = [str(self.dir / e["name"]) for e in entries]
-        for entry, path in zip(entries, self.paths):
+        part, parts = verify_share
+        for s, (entry, path) in enumerate(zip(entries, self.paths)):
             if not os.path.isfile(path):
                 raise ShardError(f"{path}: listed in the manifest but missing")
-            if verify:
+            if verify and s % parts == part:
                 got = sha256_file(path)
                 if got != entry["sha256"]:
                     raise ShardError(f"{path}: checksum mismatch (sha256 {got[:16]}..., manifest "

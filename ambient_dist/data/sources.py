@@ -35,6 +35,8 @@ NAMED_SOURCES = {
     "fashion-mnist": (FASHION_MNIST_DIR, "train"),
     "fashion-mnist-test": (FASHION_MNIST_DIR, "test"),
 }
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -505,10 +507,13 @@ def open_source(spec: str, fmt: str = "auto", split: str = "train",
     """Open a source by path (or a name from NAMED_SOURCES, e.g. 'fashion-mnist')."""
     if spec in NAMED_SOURCES:
         directory, split = NAMED_SOURCES[spec]
-        path, fmt = Path(directory), "idx"
-        if not path.is_dir():
+        if not Path(directory).is_dir():
             raise SourceError(f"source {spec!r}: {directory} is missing "
                               "(install Debian's dataset-fashion-mnist package)")
+        source = open_idx(Path(directory), split)
+        source.class_names = list(FASHION_MNIST_CLASSES)
+        source.extra["name"] = spec
+        return source
     else:
         path = Path(spec)
     if fmt not in SOURCE_FORMATS:
