@@ -92,7 +92,7 @@ def test_parallel_workers_write_identical_shards(tmp_path):
 
 
 def test_index_is_dalis_format_and_dali_reads_it(tmp_path):
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
     from nvidia.dali.pipeline import Pipeline
     out, m = make(tmp_path)
     name = m["shards"][0]["name"]

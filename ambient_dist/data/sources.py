@@ -209,13 +209,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _load_cifar_batch(data: bytes, where: str) -> dict:
+def _load_cifar_pickle(data: bytes, where: str, needs: bytes = b"data") -> dict:
     try:
         batch = _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:
         raise SourceError(f"{where}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
-    if not isinstance(batch, dict) or b"data" not in batch:
-        raise SourceError(f"{where}: not a CIFAR python batch (no b'data' entry)")
+    if not isinstance(batch, dict) or needs not in batch:
+        raise SourceError(f"{where}: not a CIFAR python batch (no {needs!r} entry)")
     return batch
 
 
@@ -246,7 +246,7 @@ def open_cifar(path: Path, split: str) -> ArraySource:
     for name in names:
         if name not in files:
             raise SourceError(f"{path}: CIFAR batch {name} is missing")
-        batch = _load_cifar_batch(files[name], f"{path}/{name}")
+        batch = _load_cifar_pickle(files[name], f"{path}/{name}")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise SourceError(f"{path}/{name}: expected data [N, 3072] uint8, got {data.shape}")
@@ -256,21 +256,14 @@ def open_cifar(path: Path, split: str) -> ArraySource:
         keys += [f"{name}-{i:05d}" for i in range(len(data))]
     class_names = []
     if meta_name in files:
-        meta = _load_cifar_batch_meta(files[meta_name])
-        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
+        meta = _load_cifar_pickle(files[meta_name], f"{path}/{meta_name}", needs=names_key)
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
     labels_all = np.concatenate(labels)
     num_classes = len(class_names) or int(labels_all.max()) + 1
     src = ArraySource(path, np.concatenate(images), labels_all, keys, num_classes, "cifar",
                       {"split": split, "batches": names})
     src.class_names = class_names
     return src
-
-
-def _load_cifar_batch_meta(data: bytes) -> dict:
-    try:
-        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception:
-        return {}
 
 
 # ----------------------------------------------------------------------------------------
