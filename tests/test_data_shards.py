@@ -12,7 +12,7 @@ from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import load_images, read_manifest
 from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_manifest, encode_npy,
                                       make_shards, scan_tar, sha256_file)
-from ambient_dist.data.sources import SourceError, open_source
+from ambient_dist.data.sources import SourceError, choose_subset, open_source
 from ambient_dist.noise import make_noisy_copy
 from test_data_sources import random_images, write_cifar10_dir, write_folder, write_mnist_dir
 
@@ -293,3 +293,29 @@ def test_idx_source_end_to_end(tmp_path):
     assert m["channels"] == 1 and m["counts"]["train"] == 20
     _, _, labels = load_images(tmp_path / "out")
     assert sorted(labels) == sorted(list(range(10)) * 2)
+
+
+def test_interrupted_run_resumes(tmp_path):
+    src = npz_source(tmp_path)
+    opts = ShardOptions(**OPTS)
+    third = choose_subset(src, OPTS["count"], 0, OPTS["heldout"], 0)[0][17]  # in the third shard
+    good_load = src.load
+
+    def failing_load(i):
+        if i == third:
+            raise SourceError(f"simulated crash at {src.key(i)}")
+        return good_load(i)
+    src.load = failing_load
+    with pytest.raises(SourceError, match="simulated crash"):
+        make_shards(src, tmp_path / "s", opts, progress=False)
+    partial = read_manifest(tmp_path / "s", require_complete=False)
+    assert not partial["complete"] and [e["name"] for e in partial["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    with pytest.raises(ShardError, match="incomplete"):
+        ShardSet(tmp_path / "s")
+    stamps = [os.stat(tmp_path / "s" / e["name"]).st_mtime_ns for e in partial["shards"]]
+    src.load = good_load
+    m = make_shards(src, tmp_path / "s", opts, progress=False)
+    assert m["complete"] and len(m["shards"]) == 3
+    assert [os.stat(tmp_path / "s" / e["name"]).st_mtime_ns for e in m["shards"][:2]] == stamps
+    _, full = make(tmp_path, "fresh")
+    assert [e["sha256"] for e in m["shards"]] == [e["sha256"] for e in full["shards"]]
