@@ -113,7 +113,7 @@ def network_input(coefs, clean: torch.Tensor, noisy: torch.Tensor, eps, impl: st
 
 def residual_loss(coefs, F: torch.Tensor, net_in: torch.Tensor, src_or_pair, impl: str = "reference",
                   *, deterministic: bool = False, grad_scale: float | None = None,
-                  block: int | None = None) -> torch.Tensor:
+                  retain_grad_buffer: bool = False, block: int | None = None) -> torch.Tensor:
     """Pass 2: per-sample loss [B] = weight * sum(r^2); backward gives dloss/dF.
 
     src_or_pair: (clean, noisy), or one tensor already holding each sample's source.
@@ -121,7 +121,10 @@ def residual_loss(coefs, F: torch.Tensor, net_in: torch.Tensor, src_or_pair, imp
     (bitwise-reproducible losses; the gradient is elementwise and always reproducible).
     grad_scale: the incoming gradient per sample the kernel assumes when it writes dF in the
     forward pass; default 1/B (loss.mean()). Any other incoming gradient is still handled
-    exactly, at the cost of one rescaling pass in backward.
+    exactly, at the cost of one rescaling pass in backward (pass 1/(B*k) when a caller divides
+    the mean by k accumulation steps, to keep the fast path).
+    retain_grad_buffer: allow more than one backward through this loss (retain_graph=True,
+    gradcheck) at the cost of one more pass; by default dF is handed on in place.
     """
     if isinstance(src_or_pair, (tuple, list)):
         if len(src_or_pair) != 2:
@@ -134,4 +137,5 @@ def residual_loss(coefs, F: torch.Tensor, net_in: torch.Tensor, src_or_pair, imp
         return _reference().reference_residual_loss(coefs, F, net_in, clean, noisy)
     from kernels.fused import run_loss_pass
     return run_loss_pass(backend(impl), coefs, F, net_in, clean, noisy,
-                         deterministic=deterministic, grad_scale=grad_scale, block=block)
+                         deterministic=deterministic, grad_scale=grad_scale, block=block,
+                         retain_grad_buffer=retain_grad_buffer)

@@ -158,6 +158,12 @@ class CudaBackend:
                                                    bool(deterministic), stream)
         return loss, (grad if write_grad else None)
 
+    def rescale_rows(self, grad, upstream, expected, in_place, block=None):
+        with torch.cuda.device(grad.device):
+            stream = torch.cuda.current_stream(grad.device).cuda_stream
+            return self.module.rescale_rows(grad, upstream.float().contiguous(), float(expected),
+                                            bool(in_place), stream)
+
 
 _backend: CudaBackend | None = None
 

@@ -6,6 +6,8 @@ on [B, N] views and exposes two functions with the same signature:
     network_input(P, Q, c_in, ambient_u8, clean, noisy, eps_or_PhiloxNoise, out_dtype, block)
     residual_loss(A, B, C, c_in, weight, ambient_u8, F, net_in, clean, noisy,
                   grad_scale, write_grad, deterministic, block) -> (loss [B], dF or None)
+    rescale_rows(dF, upstream [B], grad_scale, in_place, block) -> dF * upstream / grad_scale
+                  per sample (in place: rows whose factor is exactly 1 are not touched)
 
 This module turns the caller's [B, C, H, W] tensors and StepCoefficients into those arguments
 once, with errors that name the offending argument, and wraps pass 2 in `FusedResidualLoss`
@@ -86,38 +88,47 @@ def run_input_pass(backend, coefs, clean, noisy, eps, out_dtype=None, block=None
 class FusedResidualLoss(torch.autograd.Function):
     """Per-sample loss of pass 2; dloss/dF is produced by the same kernel, in forward.
 
-    The kernel writes dF for the mean over the batch (grad_scale = 1/B). backward() returns it
-    as it is when the incoming gradient is that mean's (the common case: loss.mean().backward());
-    any other incoming gradient (a sum, a loss scale, gradient accumulation, gradcheck's one-hot
-    vectors) rescales it per sample, which costs one more elementwise pass. Checking which case
-    holds reads B floats back to the host.
+    The kernel writes dF for the mean over the batch (grad_scale = 1/B). backward() hands it on
+    through `rescale_rows`, which leaves a sample's rows untouched when its incoming gradient is
+    exactly grad_scale (the common case: loss.mean().backward()) and scales them otherwise (a
+    sum, a loss scale, gradient accumulation, gradcheck's one-hot vectors). The check runs on
+    the device, per sample: no host sync, and no extra pass over dF in the common case.
+
+    Scaling in place means the buffer serves one backward. With retain_grad_buffer=True the
+    scaled gradient goes to a new tensor instead (one more pass), so backward may run again
+    (retain_graph=True, gradcheck); without it a second backward raises.
     """
 
     @staticmethod
     def forward(ctx, f, net_in, clean, noisy, a, b, c, c_in, weight, amb,
-                backend, grad_scale, deterministic, block):
+                backend, grad_scale, deterministic, block, retain_grad_buffer):
         write_grad = ctx.needs_input_grad[0]
         loss, grad = backend.residual_loss(a, b, c, c_in, weight, amb, f, net_in, clean, noisy,
                                            grad_scale, write_grad, deterministic, block)
         ctx.grad_f = grad
         ctx.grad_scale = grad_scale
+        ctx.backend, ctx.block = backend, block
+        ctx.in_place, ctx.backward_calls = not retain_grad_buffer, 0
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad = ctx.grad_f                      # freed with the graph (kept for retain_graph=True)
+        nothing = (None,) * 14
         if grad is None:
-            return (None,) * 14
-        expected = torch.full_like(grad_loss, ctx.grad_scale)
-        if not torch.equal(grad_loss, expected):
-            ratio = (grad_loss / ctx.grad_scale).to(grad.dtype)
-            grad = grad * ratio.view(-1, *([1] * (grad.dim() - 1)))
-        return (grad,) + (None,) * 13
+            return (None,) + nothing
+        ctx.backward_calls += 1
+        if ctx.in_place and ctx.backward_calls > 1:
+            raise RuntimeError("kernels.residual_loss: backward ran twice through the same fused loss "
+                               "(retain_graph=True); pass retain_grad_buffer=True to residual_loss for that")
+        upstream = grad_loss.to(device=grad.device, dtype=torch.promote_types(grad_loss.dtype, torch.float32))
+        grad = ctx.backend.rescale_rows(grad, upstream.contiguous(), ctx.grad_scale, ctx.in_place, ctx.block)
+        return (grad,) + nothing
 
 
 def run_loss_pass(backend, coefs, f, net_in, clean, noisy, deterministic=False,
-                  grad_scale=None, block=None) -> torch.Tensor:
+                  grad_scale=None, block=None, retain_grad_buffer=False) -> torch.Tensor:
     """Per-sample loss [B] (float32; float64 for float64 inputs), differentiable in f."""
     batch, numel = f.shape[0], math.prod(f.shape[1:])
     dev = f.device
@@ -132,5 +143,6 @@ def run_loss_pass(backend, coefs, f, net_in, clean, noisy, deterministic=False,
     if not scale > 0:
         raise ValueError(f"grad_scale: must be > 0, got {grad_scale}")
     loss = FusedResidualLoss.apply(f_rows, net_rows, clean_rows, noisy_rows, a, b, c, c_in, weight,
-                                   amb, backend, scale, bool(deterministic), block)
+                                   amb, backend, scale, bool(deterministic), block,
+                                   bool(retain_grad_buffer))
     return loss

@@ -127,6 +127,23 @@ def _residual_loss_kernel(f_ptr, net_in_ptr, clean_ptr, noisy_ptr, grad_ptr, los
         tl.atomic_add(loss_ptr + sample, partial)
 
 
+@triton.jit
+def _rescale_rows_kernel(grad_ptr, out_ptr, upstream_ptr, expected, numel,
+                         BLOCK: tl.constexpr, IN_PLACE: tl.constexpr, COMPUTE: tl.constexpr):
+    # backward(): out = dF * upstream / expected per sample. In place, each program checks its
+    # own sample's factor, so the common case (factor exactly 1) reads no gradient at all and
+    # needs no device-to-host sync to find out.
+    block = tl.program_id(0)
+    sample = tl.program_id(1)
+    ratio = tl.load(upstream_ptr + sample).to(COMPUTE) / expected
+    if (not IN_PLACE) or ratio != 1.0:
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        in_bounds = offs < numel
+        row = sample.to(tl.int64) * numel
+        g = tl.load(grad_ptr + row + offs, mask=in_bounds, other=0.0).to(COMPUTE)
+        tl.store(out_ptr + row + offs, (g * ratio).to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
 def _interpreted() -> bool:
     return isinstance(_network_input_kernel, triton.runtime.interpreter.InterpretedFunction)
 
@@ -194,3 +211,14 @@ def residual_loss(a, b, c, c_in, weight, ambient, f, net_in, clean, noisy,
         # Deterministic second pass: a fixed-shape row sum (no atomics, same order every run).
         loss = loss[:, 0] if blocks == 1 else loss.sum(dim=1)
     return loss, (grad if write_grad else None)
+
+
+def rescale_rows(grad, upstream, expected, in_place, block=None):
+    """grad * upstream[i] / expected per sample; in place, rows with factor exactly 1 are skipped."""
+    batch, numel = grad.shape
+    blk = _block_size(numel, block)
+    out = grad if in_place else torch.empty_like(grad)
+    _rescale_rows_kernel[(triton.cdiv(numel, blk), batch)](
+        grad, out, upstream, float(expected), numel, BLOCK=blk, IN_PLACE=in_place,
+        COMPUTE=_compute_dtype(grad, upstream), num_warps=_num_warps(blk))
+    return out

@@ -285,10 +285,22 @@ def gradcheck_float64_through_the_kernel():
     assert net_in.dtype == torch.float64
     assert rel_err(net_in, reference_network_input(coefs, clean, noisy, eps)) < 1e-12
     F = F.requires_grad_()
+    # gradcheck runs backward once per output through one graph: keep dF (retain_grad_buffer).
     assert torch.autograd.gradcheck(
-        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton", block=4), (F,))
+        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton", block=4,
+                                        retain_grad_buffer=True), (F,))
     assert torch.autograd.gradcheck(
-        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton").mean(), (F,))
+        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton",
+                                        retain_grad_buffer=True).mean(), (F,))
+    # By default dF is handed on in place, so a second backward must refuse, not mislead.
+    loss = kernels.residual_loss(coefs, F, net_in, (clean, noisy), "triton").sum()
+    loss.backward(retain_graph=True)
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert "retain_grad_buffer=True" in str(e)
+    else:
+        raise AssertionError("a second backward through the in-place gradient did not raise")
 
 
 @triton_case

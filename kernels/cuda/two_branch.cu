@@ -202,6 +202,28 @@ __global__ void residual_loss_kernel(const TF* __restrict__ F, const TD* __restr
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Backward: hand dF on, scaled by the incoming gradient when it is not the one assumed
+// ---------------------------------------------------------------------------------------
+template <typename T>
+__global__ void rescale_rows_kernel(const T* __restrict__ grad, T* __restrict__ out,
+                                    const float* __restrict__ upstream, float expected, int64_t numel,
+                                    bool vector_ok, bool in_place) {
+  const int64_t sample = blockIdx.y;
+  const float ratio = upstream[sample] / expected;
+  // In place, a factor of exactly 1 (loss.mean().backward()) leaves the row as it is: the
+  // check costs one scalar load per block and no host sync.
+  if (in_place && ratio == 1.0f) return;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * ELEMS;
+  if (first >= numel) return;
+  const int64_t row = sample * numel;
+  float g[ELEMS];
+  load_row(grad + row, first, numel, vector_ok, g);
+#pragma unroll
+  for (int k = 0; k < ELEMS; ++k) g[k] *= ratio;
+  store_row(out + row, first, numel, vector_ok, g);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -268,6 +290,20 @@ cudaError_t residual_loss(Storage f_type, Storage data_type, const void* F, cons
           numel, vector_ok, grad_scale, grad != nullptr, ordered);
       return cudaGetLastError();
     });
+  });
+}
+
+cudaError_t rescale_rows(Storage type, const void* grad, void* out, const float* upstream, float expected,
+                         int64_t batch, int64_t numel, bool vector_ok, cudaStream_t stream) {
+  if (batch == 0 || numel == 0) return cudaSuccess;
+  const Launch launch = launch_for(numel);
+  const dim3 grid(launch.blocks_per_sample, static_cast<unsigned>(batch));
+  return with_storage(type, [&](auto tag) {
+    using T = decltype(tag);
+    rescale_rows_kernel<T><<<grid, launch.threads, 0, stream>>>(
+        static_cast<const T*>(grad), static_cast<T*>(out), upstream, expected, numel, vector_ok,
+        grad == out);
+    return cudaGetLastError();
   });
 }
 

@@ -39,4 +39,9 @@ cudaError_t residual_loss(Storage f_type, Storage data_type, const void* F, cons
                           const float* weight, const uint8_t* ambient, int64_t batch, int64_t numel,
                           bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream);
 
+// Backward: out = grad * upstream[b] / expected per sample. With out == grad (in place), rows
+// whose factor is exactly 1 are left untouched.
+cudaError_t rescale_rows(Storage type, const void* grad, void* out, const float* upstream, float expected,
+                         int64_t batch, int64_t numel, bool vector_ok, cudaStream_t stream);
+
 }  // namespace two_branch

@@ -122,10 +122,24 @@ std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, 
   return {loss, grad};
 }
 
+torch::Tensor rescale_rows(torch::Tensor grad, torch::Tensor upstream, double expected, bool in_place,
+                           int64_t stream) {
+  const int64_t batch = grad.size(0), numel = grad.size(1);
+  check_rows(grad, "grad", batch, numel);
+  check_coef(upstream, "upstream", batch, torch::kFloat32);
+  torch::Tensor out = in_place ? grad : torch::empty_like(grad);
+  check_launch(two_branch::rescale_rows(storage_of(grad, "grad"), grad.data_ptr(), out.data_ptr(),
+                                        upstream.data_ptr<float>(), static_cast<float>(expected), batch,
+                                        numel, vectorizable(numel, {&grad, &out}), as_stream(stream)),
+               "rescale_rows");
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused two-branch ambient objective (kernels/cuda/two_branch.cu)";
   m.def("network_input", &network_input, "pass 1: net_in = c_in * (P * src + Q * eps)");
   m.def("residual_loss", &residual_loss, "pass 2: per-sample loss and dloss/dF");
+  m.def("rescale_rows", &rescale_rows, "backward: dF scaled per sample by upstream / expected");
 }
