@@ -52,7 +52,8 @@ def discover(bench_dir: Path) -> dict[str, Path]:
 
 
 def select(modules: dict[str, Path], only: list[str]) -> dict[str, Path]:
-    """Filter by --only names ('train' or 'bench_train'; comma lists allowed)."""
+    """Filter by --only names ('train' or 'bench_train'; comma lists allowed), in the order
+    given, so that a time-boxed run (the GPU run book) can put what matters most first."""
     if not only:
         return modules
     wanted = [w.strip().removeprefix("bench_").removesuffix(".py")
@@ -61,7 +62,7 @@ def select(modules: dict[str, Path], only: list[str]) -> dict[str, Path]:
     if unknown:
         raise SystemExit(f"run_all: --only {', '.join(unknown)}: no such benchmark "
                          f"(available: {', '.join(modules) or 'none'})")
-    return {name: modules[name] for name in modules if name in wanted}
+    return {name: modules[name] for name in dict.fromkeys(wanted)}
 
 
 # --------------------------------------------------------------------------------------
@@ -126,7 +127,24 @@ def run_module(name: str, path: Path, ctx: Context) -> dict:
         return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
+def default_threads(args: argparse.Namespace) -> int:
+    """Torch threads per module: 1 for --quick on CPU, else torch's own choice (0).
+
+    Quick sizes gain nothing from a second thread, and on a busy CI machine spinning OpenMP
+    threads make a tiny step many times slower, which would hide the ratios in noise."""
+    if args.threads >= 0:
+        return args.threads
+    return 1 if args.quick and args.device == "cpu" else 0
+
+
+def _apply_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def _worker_main(args: argparse.Namespace) -> int:
+    _apply_threads(args.threads)
     ctx = Context(device=args.device, quick=args.quick, full=args.full,
                   out=Path(args.out) if args.out else None)
     name = Path(args.worker).stem.removeprefix("bench_")
@@ -144,7 +162,8 @@ def run_isolated(name: str, path: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         outcome_path = Path(tmp) / "outcome.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
-               "--worker-out", str(outcome_path), "--device", args.device]
+               "--worker-out", str(outcome_path), "--device", args.device,
+               "--threads", str(args.threads)]
         cmd += ["--quick"] if args.quick else ["--full"] if args.full else []
         cmd += ["--out", args.out] if args.out else []
         env = dict(os.environ)
@@ -228,6 +247,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bench-dir", default=str(BENCH_DIR), help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one module may run before it is killed (0 = no limit)")
+    p.add_argument("--threads", type=int, default=-1,
+                   help="torch threads per module (default: 1 for --quick on CPU, else torch's)")
     p.add_argument("--in-process", action="store_true",
                    help="run modules in this process (for debugging; no crash isolation)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -237,6 +258,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    args.threads = default_threads(args)
     if args.worker:
         return _worker_main(args)
 
@@ -247,9 +269,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     report: dict[str, Any] = {
         "machine": machine_info(args.device),
         "options": {"device": args.device, "quick": args.quick, "full": args.full,
-                    "only": args.only, "timeout_s": args.timeout},
+                    "only": args.only, "timeout_s": args.timeout,
+                    "threads": args.threads or "torch default"},
         "results": [], "errors": [], "modules": {},
     }
+    if args.in_process:
+        _apply_threads(args.threads)
     for name, path in modules.items():
         print(f"== bench_{name} ==", flush=True)
         t0 = time.perf_counter()

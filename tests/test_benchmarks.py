@@ -84,6 +84,7 @@ def test_select_accepts_short_and_module_names_and_rejects_unknown():
     mods = {"train": Path("bench_train.py"), "eval": Path("bench_eval.py")}
     assert list(select(mods, ["bench_train"])) == ["train"]
     assert list(select(mods, ["train,eval"])) == ["train", "eval"]
+    assert list(select(mods, ["eval", "train", "eval"])) == ["eval", "train"]   # order kept
     with pytest.raises(SystemExit, match="no such benchmark"):
         select(mods, ["trian"])
 
