@@ -195,4 +195,5 @@ def run(ctx: Context) -> list[dict]:
             case_dir = Path(tmp) / case.name
             case_dir.mkdir()
             out += case_results(ctx, case, ceiling, case_dir)
+            ctx.save_partial(out)   # the 32x32 figures survive a timeout in the 64x64 case
     return out

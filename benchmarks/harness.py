@@ -60,6 +60,8 @@ class Context:
     quick: bool = False
     full: bool = False
     out: Optional[Path] = None   # where run_all writes the JSON (benchmarks may put files beside it)
+    # Set by run_all: where `save_partial` leaves results that survive a timeout or crash.
+    partial_path: Optional[Path] = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -81,6 +83,16 @@ class Context:
         if self.full and full is not None:
             return full
         return default
+
+    def save_partial(self, results: list[dict]) -> None:
+        """Hand over the results so far: if the module is then killed (run_all --timeout or
+        --budget) or crashes, these are kept in the report beside the error. Optional."""
+        if self.partial_path is None:
+            return
+        import json
+        tmp = self.partial_path.with_name(self.partial_path.name + ".tmp")
+        tmp.write_text(json.dumps({"results": results, "partial": True}, default=str))
+        os.replace(tmp, self.partial_path)
 
     def sync(self) -> None:
         if self.on_gpu:

@@ -11,6 +11,10 @@ the interpreter, corrupts the CUDA context or hangs past --timeout costs only it
 figures: the error is recorded in the JSON and the table and the rest of the suite goes on.
 The child writes its results to a temporary JSON file that this process reads back.
 
+--timeout caps one module, --budget the whole suite (a module gets at most what is left;
+modules not started in time are recorded as skipped). A module may hand over results as it
+goes (ctx.save_partial); if it is then killed or crashes, those are kept beside the error.
+
 Output: the Markdown table is printed LAST (so it is what a terminal or CI log ends with);
 the JSON (machine details, options, results, errors) goes to --out if given, and a dated copy
 of JSON and table to <results-dir>/<YYYY-MM-DD>-<device>[-quick].json/.md.
@@ -114,7 +118,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def run_module(name: str, path: Path, ctx: Context) -> dict:
-    """Import and run one module here; {'results': [...]} or {'error': ..., 'traceback': ...}."""
+    """Import and run one module here: {'results': [...]}, or {'error': ..., 'traceback': ...}
+    (with the results it saved through ctx.save_partial, if any)."""
     try:
         spec = importlib.util.spec_from_file_location(f"benchmarks.bench_{name}", path)
         module = importlib.util.module_from_spec(spec)
@@ -124,7 +129,19 @@ def run_module(name: str, path: Path, ctx: Context) -> dict:
             raise AttributeError(f"{path.name} has no run(ctx) function")
         return {"results": check_results(name, module.run(ctx))}
     except Exception as e:  # noqa: BLE001 - recorded, the suite goes on
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        outcome = _read_partial(ctx.partial_path)
+        return {**outcome, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def _read_partial(path: Optional[Path]) -> dict:
+    """{'results': [...]} saved by ctx.save_partial before a failure, else {}."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"results": saved["results"]} if isinstance(saved.get("results"), list) else {}
 
 
 def default_threads(args: argparse.Namespace) -> int:
@@ -137,16 +154,10 @@ def default_threads(args: argparse.Namespace) -> int:
     return 1 if args.quick and args.device == "cpu" else 0
 
 
-def _apply_threads(threads: int) -> None:
-    if threads > 0:
-        import torch
-        torch.set_num_threads(threads)
-
-
 def _worker_main(args: argparse.Namespace) -> int:
-    _apply_threads(args.threads)
     ctx = Context(device=args.device, quick=args.quick, full=args.full,
-                  out=Path(args.out) if args.out else None)
+                  out=Path(args.out) if args.out else None,
+                  partial_path=Path(args.worker_out).with_name("partial.json"))
     name = Path(args.worker).stem.removeprefix("bench_")
     outcome = run_module(name, Path(args.worker), ctx)
     _write_json(Path(args.worker_out), outcome)
@@ -157,30 +168,35 @@ def _worker_main(args: argparse.Namespace) -> int:
 # One module, seen from the parent
 # --------------------------------------------------------------------------------------
 
-def run_isolated(name: str, path: Path, args: argparse.Namespace) -> dict:
-    """Run one module in a child process; its outcome, or an error naming what went wrong."""
+def run_isolated(name: str, path: Path, args: argparse.Namespace, timeout: Optional[float]) -> dict:
+    """Run one module in a child process; its outcome, or an error naming what went wrong
+    (plus whatever results it saved with ctx.save_partial before it died)."""
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         outcome_path = Path(tmp) / "outcome.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
-               "--worker-out", str(outcome_path), "--device", args.device,
-               "--threads", str(args.threads)]
+               "--worker-out", str(outcome_path), "--device", args.device]
         cmd += ["--quick"] if args.quick else ["--full"] if args.full else []
         cmd += ["--out", args.out] if args.out else []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if args.threads > 0:
+            # Read by torch when it is imported (no import here just to set it).
+            env["OMP_NUM_THREADS"] = str(args.threads)
         # A session of its own, so that a timeout can end the module's whole process group
         # (benchmarks that start ranks or loader workers) and nothing else.
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
-            rc = proc.wait(timeout=args.timeout or None)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return {"error": f"timed out after {args.timeout:g} s (--timeout)"}
+            return {**_read_partial(outcome_path.with_name("partial.json")),
+                    "error": f"timed out after {timeout:.0f} s (--timeout / --budget)"}
         if outcome_path.is_file():
             return json.loads(outcome_path.read_text())
         how = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
-        return {"error": f"child process ended with {how} before writing results"}
+        return {**_read_partial(outcome_path.with_name("partial.json")),
+                "error": f"child process ended with {how} before writing results"}
 
 
 # --------------------------------------------------------------------------------------
@@ -247,6 +263,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bench-dir", default=str(BENCH_DIR), help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds one module may run before it is killed (0 = no limit)")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds for the whole suite (0 = no limit): a module gets at most what "
+                        "is left, and modules not started in time are recorded as skipped")
     p.add_argument("--threads", type=int, default=-1,
                    help="torch threads per module (default: 1 for --quick on CPU, else torch's)")
     p.add_argument("--in-process", action="store_true",
@@ -269,24 +288,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     report: dict[str, Any] = {
         "machine": machine_info(args.device),
         "options": {"device": args.device, "quick": args.quick, "full": args.full,
-                    "only": args.only, "timeout_s": args.timeout,
+                    "only": args.only, "timeout_s": args.timeout, "budget_s": args.budget,
                     "threads": args.threads or "torch default"},
         "results": [], "errors": [], "modules": {},
     }
-    if args.in_process:
-        _apply_threads(args.threads)
+    if args.in_process and args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     for name, path in modules.items():
-        print(f"== bench_{name} ==", flush=True)
         t0 = time.perf_counter()
-        outcome = run_module(name, path, ctx) if args.in_process else run_isolated(name, path, args)
+        timeout = args.timeout or None
+        if args.budget:
+            left = args.budget - (t0 - start)
+            if left < 1:
+                outcome = {"error": f"skipped: the suite's --budget of {args.budget:g} s was spent"}
+                report["errors"].append({"module": name, **outcome})
+                report["modules"][name] = {"seconds": 0.0, "ok": False}
+                continue
+            timeout = min(timeout or left, left)
+        print(f"== bench_{name} ==", flush=True)
+        if args.in_process:
+            outcome = run_module(name, path, ctx)
+        else:
+            outcome = run_isolated(name, path, args, timeout)
         seconds = time.perf_counter() - t0
+        report["results"] += [{**r, "module": name} for r in outcome.get("results", [])]
         if "error" in outcome:
-            report["errors"].append({"module": name, **outcome})
+            report["errors"].append({"module": name, "error": outcome["error"],
+                                     "traceback": outcome.get("traceback", "")})
             print(f"bench_{name} FAILED after {seconds:.1f} s: {outcome['error']}", flush=True)
             if outcome.get("traceback"):
                 print(outcome["traceback"], file=sys.stderr, flush=True)
-        else:
-            report["results"] += [{**r, "module": name} for r in outcome["results"]]
         report["modules"][name] = {"seconds": round(seconds, 2), "ok": "error" not in outcome}
 
     table = markdown(report)

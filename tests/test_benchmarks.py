@@ -158,6 +158,27 @@ def test_only_filters_and_unknown_name_fails_clearly(tmp_path):
     assert proc.returncode != 0 and "no such benchmark" in proc.stderr
 
 
+def test_timeout_keeps_partial_results_and_budget_skips_the_rest(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_a_slow.py").write_text(textwrap.dedent("""
+        import time
+        from benchmarks.harness import result
+        def run(ctx):
+            ctx.save_partial([result("slow/first", "s", 1.0, 2.0, "b")])
+            time.sleep(600)
+    """))
+    (bench / "bench_b_never.py").write_text("def run(ctx):\n    return []\n")
+    out = tmp_path / "report.json"
+    proc = _run_suite(["--quick", "--bench-dir", str(bench), "--out", str(out),
+                       "--results-dir", "", "--budget", "8"])
+    assert proc.returncode == 1
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["slow/first"]     # kept
+    errors = {e["module"]: e["error"] for e in report["errors"]}
+    assert "timed out" in errors["a_slow"] and "skipped" in errors["b_never"]
+
+
 def test_markdown_shows_every_result_and_error():
     report = {"machine": {"date": "2026-01-01T00:00:00+00:00", "cpu": "X", "torch": "2",
                           "git_revision": "abc"},
