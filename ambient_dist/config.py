@@ -180,6 +180,31 @@ class DistributedConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text-conditional latent diffusion (Stable Diffusion fine-tuning, ambient_dist.text)."""
+    # Local diffusers-format Stable Diffusion 2.x directory (vae/, text_encoder/, tokenizer/,
+    # unet/, scheduler/); empty = not a text-conditional experiment.
+    model_path: str = ""
+    # What the U-Net predicts: "v" (SD 2.x 768 / base after v fine-tuning) or "epsilon".
+    prediction: Literal["v", "epsilon"] = "v"
+    # Probability of training a sample on the empty caption (classifier-free guidance).
+    caption_dropout: float = 0.1
+    # Mitigation 1 (paper Table 3): std of Gaussian noise added to the text embedding while
+    # training; 0 = off.
+    text_noise_std: float = 0.0
+    # Mitigation 2: drop samples whose ||eps(z_t, c) - eps(z_t, empty)|| (L2 over the whole
+    # latent, epsilon units) exceeds this; 0 = off.
+    drop_threshold: float = 0.0
+    gradient_checkpointing: bool = True
+    # Sampling: classifier-free guidance scale, scheduler and steps; prompt file (one prompt
+    # a line) or, when empty, the training captions.
+    guidance_scale: float = 7.5
+    sampler: Literal["ddim", "euler"] = "ddim"
+    sample_steps: int = 50
+    prompts: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
@@ -191,6 +216,7 @@ class ExperimentConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     # Derived quantities -----------------------------------------------------------------
     def micro_batch(self, world_size: int) -> int:
@@ -415,6 +441,14 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     if cfg.distributed.deepspeed_config and check_paths:
         c(Path(cfg.distributed.deepspeed_config).is_file(), "distributed.deepspeed_config",
           f"file {cfg.distributed.deepspeed_config} does not exist")
+    x = cfg.text
+    c(0 <= x.caption_dropout < 1, "text.caption_dropout", f"must be in [0, 1), got {x.caption_dropout}")
+    c(x.text_noise_std >= 0, "text.text_noise_std", f"must be >= 0 (0 = off), got {x.text_noise_std}")
+    c(x.drop_threshold >= 0, "text.drop_threshold", f"must be >= 0 (0 = off), got {x.drop_threshold}")
+    c(x.sample_steps >= 1, "text.sample_steps", f"must be >= 1, got {x.sample_steps}")
+    for k in ("model_path", "prompts"):
+        if getattr(x, k) and check_paths:
+            c(Path(getattr(x, k)).exists(), f"text.{k}", f"{getattr(x, k)} does not exist")
     e = cfg.evaluation
     for k in ("inception_path", "dinov2_path"):
         if getattr(e, k) and check_paths:
