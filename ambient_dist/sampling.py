@@ -9,7 +9,8 @@ step, noise is added to raise sigma by up to a factor (1 + gamma).
 
 Image n's randomness (its starting noise and its churn noise) comes from its own generator,
 seeded by (seed, n), so image n is the same whatever the batch size and whichever rank
-draws it. The state is integrated in float64 (as EDM does: the steps near sigma_min subtract
+draws it (bit for bit on a CPU; on a GPU up to the network's batch-size-dependent rounding,
+~1e-7 with DDPM++ on an H200). The state is integrated in float64 (as EDM does: the steps near sigma_min subtract
 nearly equal numbers); the denoiser gets float32 input, optionally under autocast.
 
 Output is float32 and only roughly in [-1, 1]; `to_uint8` clamps when converting to pixels.

@@ -430,3 +430,26 @@ def test_errors_name_the_problem():
 def test_kernel_choice_on_cpu_is_the_reference():
     assert select_kernel_impl("reference", torch.device("cpu")) == "reference"
     assert select_kernel_impl("auto", torch.device("cpu")) == "reference"
+
+
+def test_with_the_real_preconditioned_network():
+    """The contract with ambient_dist.models (docs/INTERFACES.md): scalings/raw/forward agree
+    with the loss, so sigma_tn = 0 is plain EDM bit for bit with a real U-Net too."""
+    from ambient_dist.config import from_dict
+    from ambient_dist.models import build_network
+    cfg = from_dict({"data": {"resolution": 8, "channels": 3},
+                     "network": {"precond": "edm", "model_channels": 16, "channel_mult": [1, 2],
+                                 "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0},
+                     "objective": {"sigma_tn": 0.0}})
+    net = build_network(cfg).eval()   # eval: no dropout, so two calls see the same function
+    x0, n = images(n=8)
+    loss_fn = build_loss(cfg.objective)
+    out = loss_fn(net, x0, None, generator=gen(6))
+    sigma, _, eps = loss_fn.draw_noise(x0, gen(6))
+    assert torch.equal(out.per_sample, plain_edm_loss(net, x0, sigma, eps))
+    cfg.objective.sigma_tn = 0.5
+    loss_fn = build_loss(cfg.objective)
+    out = loss_fn(net, x0, x0 + 0.5 * n, generator=gen(7))
+    sigma, ambient, eps = loss_fn.draw_noise(x0, gen(7))
+    literal = literal_edm_ambient_loss(net, x0, x0 + 0.5 * n, sigma, ambient, 0.5, eps)
+    torch.testing.assert_close(out.per_sample, literal, rtol=1e-4, atol=1e-4)
