@@ -9,11 +9,13 @@ device and non-zero on another. Elementwise work (norms, activations) is not cou
 the reference figures. A training step is forward + backward of a scalar loss with respect
 to all parameters (not the input image), as in training.
 
-The net may live on the "meta" device: shapes are all the counter needs, so even ImageNet-
-size networks are counted instantly without memory.
+Counting runs on a "meta" copy of the net (shapes only, no arithmetic): the count is the
+same as on a real device, takes seconds even for ImageNet-size networks on a CPU, and leaves
+the caller's model (its gradients, RNG-free state) untouched.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -35,13 +37,15 @@ def _example_inputs(net: nn.Module, batch: int, resolution: Optional[int], chann
 
 
 def _count(net: nn.Module, backward: bool, batch: int, resolution, channels, label_dim) -> float:
+    if next(net.parameters()).device.type != "meta":
+        net = copy.deepcopy(net).to("meta")
     x, sigma, labels = _example_inputs(net, batch, resolution, channels, label_dim)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel([SDPBackend.MATH]), torch.set_grad_enabled(backward):
         out = net(x, sigma, labels)
         if backward:
             params = [p for p in net.parameters() if p.requires_grad]
-            # autograd.grad, not .backward(): counting must not leave gradients on the model.
+            # autograd.grad, not .backward(): no gradients are left on a meta-device caller's net.
             torch.autograd.grad(out.float().square().mean(), params)
     return counter.get_total_flops() / batch / 1e9
 
