@@ -280,8 +280,14 @@ def select_kernel_impl(kind: str, device) -> str:
 def two_branch_loss(network: Callable, coefs: StepCoefficients, clean: torch.Tensor,
                     noisy: Optional[torch.Tensor], eps: torch.Tensor, labels=None,
                     impl: str = "reference") -> torch.Tensor:
-    """Per-sample loss [B]: pass 1, ONE call network(net_in, c_noise, labels), pass 2."""
+    """Per-sample loss [B]: pass 1, ONE call network(net_in, c_noise, labels), pass 2.
+
+    eps: a tensor like clean, or a kernels.PhiloxNoise (counter-based noise, see kernels/).
+    """
     if impl == "reference":
+        if not isinstance(eps, torch.Tensor):   # a kernels.PhiloxNoise: draw it here instead
+            import kernels
+            eps = kernels.normal_like(eps, clean)
         x_in, net_in = _noisy_input(coefs, clean, noisy, eps)
         F = network(net_in, coefs.c_noise, labels)
         return reference_residual_loss(coefs, F, net_in, clean, noisy, x_in=x_in)
@@ -322,14 +328,20 @@ class _AmbientLoss:
         """The raw network F(net_in, c_noise, labels) that the coefficients act on."""
         return net.raw
 
-    def draw_noise(self, clean: torch.Tensor, generator=None):
-        """(level, ambient, eps): all the step's random draws, in this fixed order."""
+    def draw_noise(self, clean: torch.Tensor, generator=None, eps=None):
+        """(level, ambient, eps): all the step's random draws, in this fixed order (eps is
+        drawn only when not given)."""
         level, ambient = self.draw_levels(clean.shape[0], clean.device, generator)
-        return level, ambient, _randn(clean.shape, generator, clean.device)
+        if eps is None:
+            eps = _randn(clean.shape, generator, clean.device)
+        return level, ambient, eps
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
-                 generator: Optional[torch.Generator] = None) -> LossOutput:
-        level, ambient, eps = self.draw_noise(clean, generator)
+                 generator: Optional[torch.Generator] = None, eps=None) -> LossOutput:
+        """eps: optional noise to use instead of drawing it -- a tensor shaped like clean, or
+        a kernels.PhiloxNoise, which the fused input pass draws in-kernel (no eps tensor is
+        written or read) and which is the same per sample however the batch is split."""
+        level, ambient, eps = self.draw_noise(clean, generator, eps)
         if noisy is None:
             if bool(ambient.any()):
                 raise ValueError(f"objective.sigma_tn={self.cfg.sigma_tn}: ambient samples need "

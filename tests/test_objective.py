@@ -453,3 +453,13 @@ def test_with_the_real_preconditioned_network():
     sigma, ambient, eps = loss_fn.draw_noise(x0, gen(7))
     literal = literal_edm_ambient_loss(net, x0, x0 + 0.5 * n, sigma, ambient, 0.5, eps)
     torch.testing.assert_close(out.per_sample, literal, rtol=1e-4, atol=1e-4)
+
+
+def test_counter_based_eps_is_the_same_noise_as_its_tensor():
+    from kernels import PhiloxNoise, normal_like
+    net, (x0, n) = FakePrecond(), images()
+    loss_fn = build_loss(ObjectiveConfig(sigma_tn=0.5))
+    noise = PhiloxNoise(seed=3, step=10, first_sample=16)
+    a = loss_fn(net, x0, x0 + 0.5 * n, generator=gen(8), eps=noise)
+    b = loss_fn(net, x0, x0 + 0.5 * n, generator=gen(8), eps=normal_like(noise, x0))
+    assert torch.equal(a.per_sample, b.per_sample) and a.ambient.any()
