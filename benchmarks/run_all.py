@@ -55,13 +55,24 @@ def discover(bench_dir: Path) -> dict[str, Path]:
     return {p.stem[len("bench_"):]: p for p in sorted(bench_dir.glob("bench_*.py"))}
 
 
+def _names(items: list[str]) -> list[str]:
+    """['train,eval', 'bench_x'] -> ['train', 'eval', 'x']."""
+    return [w.strip().removeprefix("bench_").removesuffix(".py")
+            for item in items for w in item.split(",") if w.strip()]
+
+
+def prioritise(modules: dict[str, Path], first: list[str]) -> dict[str, Path]:
+    """The modules named in --first (those that exist) first, in that order, then the rest."""
+    head = [n for n in dict.fromkeys(_names(first)) if n in modules]
+    return {n: modules[n] for n in head + [n for n in modules if n not in head]}
+
+
 def select(modules: dict[str, Path], only: list[str]) -> dict[str, Path]:
     """Filter by --only names ('train' or 'bench_train'; comma lists allowed), in the order
     given, so that a time-boxed run (the GPU run book) can put what matters most first."""
     if not only:
         return modules
-    wanted = [w.strip().removeprefix("bench_").removesuffix(".py")
-              for item in only for w in item.split(",") if w.strip()]
+    wanted = _names(only)
     unknown = [w for w in wanted if w not in modules]
     if unknown:
         raise SystemExit(f"run_all: --only {', '.join(unknown)}: no such benchmark "
@@ -257,6 +268,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="run only this benchmark (e.g. train or bench_train; repeat or comma-list)")
+    p.add_argument("--first", action="append", default=[], metavar="NAMES",
+                   help="run these first, in this order, then the rest (names that do not "
+                        "exist are ignored; for time-boxed runs)")
     p.add_argument("--out", default="", help="write the JSON report here too")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
                    help="where the dated JSON + Markdown copies go ('' = none)")
@@ -284,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Fail on a bad --device before spending minutes on modules.
     ctx = Context(device=args.device, quick=args.quick, full=args.full,
                   out=Path(args.out) if args.out else None)
-    modules = select(discover(Path(args.bench_dir)), args.only)
+    modules = prioritise(select(discover(Path(args.bench_dir)), args.only), args.first)
     report: dict[str, Any] = {
         "machine": machine_info(args.device),
         "options": {"device": args.device, "quick": args.quick, "full": args.full,

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import RESULT_KEYS, Context, measure, result  # noqa: E402
-from benchmarks.run_all import check_results, markdown, select  # noqa: E402
+from benchmarks.run_all import check_results, markdown, prioritise, select  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +87,9 @@ def test_select_accepts_short_and_module_names_and_rejects_unknown():
     assert list(select(mods, ["eval", "train", "eval"])) == ["eval", "train"]   # order kept
     with pytest.raises(SystemExit, match="no such benchmark"):
         select(mods, ["trian"])
+    # --first reorders and tolerates names that do not exist (yet).
+    mods = {"a": Path("a"), "b": Path("b"), "c": Path("c")}
+    assert list(prioritise(mods, ["c,nosuch", "b"])) == ["c", "b", "a"]
 
 
 # --------------------------------------------------------------------------------------
