@@ -1,0 +1,16 @@
+"""Evaluation metrics: feature extractors, FID, memorization, CLIP score, reports.
+
+    features.py       extractors loaded from local files (Inception, DINOv2, SSCD, pixels),
+                      batched and rank-split extraction, the reference-feature cache
+    fid.py            feature statistics (streamed, rank-reduced), cached reference statistics,
+                      the Frechet distance
+    memorization.py   chunked top-k nearest neighbours (rank-split), memorization_summary
+    clip_score.py     CLIP score of images against their prompts (local CLIP directory)
+    report.py         report.json / report.md and the figures
+    distributed.py    rank / slice / gather helpers shared by the above and the launchers
+
+The training loop calls `memorization_summary` at the end of a run; launchers/evaluate.py
+uses everything.
+"""
+from ambient_dist.metrics.features import FeatureError, build_extractor, extract  # noqa: F401
+from ambient_dist.metrics.memorization import memorization_summary, nearest_neighbours  # noqa: F401

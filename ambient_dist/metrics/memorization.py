@@ -1,0 +1,170 @@
+"""Memorization: how close each generated image is to its nearest training image.
+
+objective.md section 6, in a pluggable feature space (named in every summary):
+
+    score(x)      = max over training images y of cos(f(x), f(y))          (the paper's metric)
+    fraction      = share of generated images with score above each threshold
+    calibration   = the same for held-out real images (never trained on) against the training
+                    set: a threshold means little until you know how often distinct real
+                    images exceed it (raw pixels: most of them do)
+    Carlini       = d(x, nearest) < 1/3 * mean d(x, its 50 nearest), with d the L2 distance
+                    between normalised features: a copy is much closer to one training image
+                    than to the rest of its neighbourhood, whatever the space's scale
+
+Nearest neighbours: cosine similarities come from chunked matrix products (queries x keys in
+blocks that fit memory) with a running top-k, so 50k x 1M is a stream of GEMMs on one GPU.
+With a process group up, the training set is split over ranks, each finds its local top-k,
+and the candidates are gathered and merged: the answer equals the brute-force one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ambient_dist.metrics import distributed as mdist
+from ambient_dist.metrics.features import build_extractor, extract, reference_features
+
+CARLINI_NEIGHBOURS = 50
+CARLINI_RATIO = 1.0 / 3.0
+# Thresholds were calibrated in DINOv2 space (objective.md section 6); anywhere else they are
+# only a reference point and the held-out calibration is what to read.
+CALIBRATED_SPACE = "dinov2"
+
+
+@torch.no_grad()
+def local_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, offset: int = 0,
+               query_chunk: int = 4096, key_chunk: int = 16384, device="cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products of each query against `keys` -> (values [Q, k'], indices [Q, k'])
+    with k' = min(k, len(keys)), values descending, indices offset by `offset`.
+
+    Blocks of key_chunk keys are multiplied at a time and merged into the running top-k, so
+    memory is O(query_chunk * (key_chunk + k)) whatever the number of keys."""
+    device = torch.device(device)
+    k = min(k, len(keys))
+    out_v = torch.empty(len(queries), k)
+    out_i = torch.empty(len(queries), k, dtype=torch.long)
+    for q0 in range(0, len(queries), query_chunk):
+        q = queries[q0:q0 + query_chunk].to(device)
+        best_v = torch.full((len(q), 0), -math.inf, device=device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+        for k0 in range(0, len(keys), key_chunk):
+            block = keys[k0:k0 + key_chunk].to(device)
+            sims = q @ block.T
+            ids = torch.arange(k0, k0 + len(block), device=device).expand(len(q), -1)
+            cand_v = torch.cat([best_v, sims], 1)
+            cand_i = torch.cat([best_i, ids], 1)
+            best_v, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
+            best_i = cand_i.gather(1, pos)
+        out_v[q0:q0 + len(q)] = best_v.cpu()
+        out_i[q0:q0 + len(q)] = best_i.cpu() + offset
+    return out_v, out_i
+
+
+@torch.no_grad()
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 1,
+                       device="cpu", **chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products of queries [Q, D] against keys [K, D] (both normalised for cosine)
+    -> (values [Q, min(k, K)] descending, indices into keys).
+
+    Under a process group every rank passes the same queries and keys; rank r searches its
+    contiguous slice of the keys and the per-rank candidates are merged (all_gather + top-k)."""
+    rank, world = mdist.rank_and_world()
+    if world == 1:
+        return local_topk(queries, keys, k, device=device, **chunks)
+    k = min(k, len(keys))
+    lo, hi = mdist.slice_bounds(len(keys), rank, world)
+    vals, idx = local_topk(queries, keys[lo:hi], k, offset=lo, device=device, **chunks)
+    # A slice shorter than k pads with -inf so every rank sends the same shape.
+    pad = k - vals.shape[1]
+    if pad:
+        vals = torch.cat([vals, torch.full((len(queries), pad), -math.inf)], 1)
+        idx = torch.cat([idx, torch.full((len(queries), pad), -1, dtype=torch.long)], 1)
+    dev = mdist._collective_device()
+    all_v = [torch.empty_like(vals, device=dev) for _ in range(world)]
+    all_i = [torch.empty_like(idx, device=dev) for _ in range(world)]
+    dist.all_gather(all_v, vals.to(dev))
+    dist.all_gather(all_i, idx.to(dev))
+    cand_v, cand_i = torch.cat(all_v, 1).cpu(), torch.cat(all_i, 1).cpu()
+    best_v, pos = cand_v.topk(k, dim=1)
+    return best_v, cand_i.gather(1, pos)
+
+
+def similarity_statistics(max_sim: torch.Tensor, nearest: torch.Tensor, carlini_ratio: torch.Tensor,
+                          thresholds: list[float]) -> dict:
+    """Summary of one set's nearest-neighbour similarities; the whole distribution is kept."""
+    s = max_sim.double().numpy()
+    flagged = carlini_ratio < CARLINI_RATIO
+    return {
+        "count": int(len(s)),
+        "mean": float(s.mean()), "median": float(np.median(s)),
+        "p95": float(np.percentile(s, 95)), "min": float(s.min()), "max": float(s.max()),
+        "fraction_above": {f"{t:g}": float((s > t).mean()) for t in thresholds},
+        "carlini_fraction": float(flagged.float().mean()),
+        "max_similarity": [float(v) for v in s],
+        "nearest_index": [int(i) for i in nearest],
+        "carlini_ratio": [float(r) for r in carlini_ratio],
+    }
+
+
+def neighbour_statistics(queries: torch.Tensor, train: torch.Tensor, thresholds: list[float],
+                         device="cpu") -> dict:
+    """Nearest training neighbours of normalised query features -> similarity_statistics."""
+    k = min(CARLINI_NEIGHBOURS, len(train))
+    sims, idx = nearest_neighbours(queries, train, k=k, device=device)
+    # On the unit sphere ||a - b||^2 = 2 - 2 cos: the top-k by cosine are the k nearest in L2.
+    dists = (2 - 2 * sims.double()).clamp_min(0).sqrt()
+    carlini = dists[:, 0] / dists.mean(1).clamp_min(1e-12)
+    return similarity_statistics(sims[:, 0], idx[:, 0], carlini.float(), thresholds)
+
+
+def normalised(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=1)
+
+
+def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
+                         heldout_images: Optional[torch.Tensor], eval_cfg, device="cpu",
+                         batch_size: int = 50, progress: bool = False,
+                         train_features: Optional[torch.Tensor] = None) -> dict:
+    """Nearest-training-image similarity of generated images, calibrated by held-out images.
+
+    generated / train_images / heldout_images: float [N, C, H, W] in [-1, 1] (or uint8);
+    heldout_images may be None (the summary then says there is no calibration).
+    eval_cfg: an `EvaluationConfig` (feature space, model paths, thresholds).
+    train_features: already-extracted training features (evaluate.py passes them); otherwise
+    they come from the per-process cache, so repeated calls embed the training set once.
+    Returns a JSON-ready dict: feature space, thresholds, per-set statistics (fractions above
+    each threshold, Carlini fraction, the full per-image distribution and nearest indices).
+    """
+    kind = eval_cfg.memorization_features
+    path = {"inception": eval_cfg.inception_path, "dinov2": eval_cfg.dinov2_path}.get(kind, "")
+    extractor = build_extractor(kind, path, reference=train_images, device=device)
+    opts = dict(batch_size=batch_size, progress=progress)
+    if train_features is None:
+        train_features = reference_features.get(extractor, train_images, desc="train features", **opts)
+    train = normalised(train_features)
+    thresholds = [float(t) for t in eval_cfg.thresholds]
+    gen = normalised(extract(extractor, generated, desc="generated features", **opts))
+    summary = {
+        "feature_space": extractor.name,
+        "similarity": "cosine of L2-normalised features",
+        "thresholds": thresholds,
+        "thresholds_calibrated": kind == CALIBRATED_SPACE,
+        "carlini": {"neighbours": min(CARLINI_NEIGHBOURS, len(train)), "ratio": CARLINI_RATIO},
+        "num_train": int(len(train)),
+        "generated": neighbour_statistics(gen, train, thresholds, device),
+        "heldout": None,
+    }
+    if kind != CALIBRATED_SPACE:
+        summary["note"] = (f"thresholds are calibrated for DINOv2; in {extractor.name} space "
+                           "compare the generated fractions with the held-out ones")
+    if heldout_images is not None and len(heldout_images):
+        held = normalised(reference_features.get(extractor, heldout_images,
+                                                 desc="held-out features", **opts))
+        summary["heldout"] = neighbour_statistics(held, train, thresholds, device)
+    return summary
