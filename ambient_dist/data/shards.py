@@ -473,6 +473,9 @@ class ShardSet:
                                      "replaced; re-run make_shards to rewrite it")
         C, R = self.manifest["channels"], self.manifest["resolution"]
         self.shape = (C, R, R)
+        # Latent shards (ambient_dist.text.latents) store a noisy latent of another shape
+        # beside the clean image; pixel shards store a copy of the image's own shape.
+        self.noisy_shape = tuple(self.manifest.get("noisy_shape") or self.shape)
         self.keys: list[str] = []
         shard_of, table = [], []
         for s, (entry, path) in enumerate(zip(entries, self.paths)):
@@ -536,9 +539,9 @@ class ShardSet:
             noisy = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as e:
             raise ShardError(f"{where}: noisy copy is not a readable .npy ({e})") from None
-        if noisy.dtype != np.float16 or noisy.shape != self.shape:
+        if noisy.dtype != np.float16 or noisy.shape != self.noisy_shape:
             raise ShardError(f"{where}: noisy copy is {noisy.dtype} {list(noisy.shape)}, expected "
-                             f"float16 {list(self.shape)}")
+                             f"float16 {list(self.noisy_shape)}")
         return noisy
 
     def decode_label(self, i: int, data: bytes) -> int:
