@@ -180,6 +180,16 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert (tmp_path / "two_branch.o").stat().st_size > 0
 
 
+def test_cpu_benchmark_gives_harness_results(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))          # benchmarks/ is not an installed package
+    from benchmarks.harness import RESULT_KEYS, Context
+    from benchmarks.bench_kernels import run
+    rows = run(Context(device="cpu", quick=True))
+    assert len(rows) == 1 and all(k in rows[0] for k in RESULT_KEYS)
+    assert rows[0]["ours"] > 0 and rows[0]["baseline"] > 0 and rows[0]["ratio"] > 0
+    assert rows[0]["impl"] == "reference"
+
+
 # --------------------------------------------------------------------------------------
 # Triton under the interpreter: cases run in one child process
 # --------------------------------------------------------------------------------------
@@ -360,6 +370,25 @@ def bad_inputs_are_named():
             assert re.search(message, str(e)), (message, str(e))
         else:
             raise AssertionError(f"no error for {message}")
+
+
+@triton_case
+def gpu_check_script_runs_at_toy_size():
+    # The GPU check's plumbing (sections, tables, JSON) at toy sizes, Triton interpreted.
+    import tempfile
+    from kernels import gpu_check
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "check.json"
+        status = gpu_check.main(["--quick", "--device", "cpu", "--impls", "triton,cuda", "--no-compile",
+                                 "--no-share", "--out", str(out)])
+        report = json.loads(out.read_text())
+        table = out.with_suffix(".md").read_text()
+    assert status == 0, report["errors"]
+    checks = report["sections"]["verify triton"] + report["sections"]["verify noise triton"]
+    assert checks and all(r["ok"] for r in checks)
+    assert "cuda (skipped)" in report["errors"]
+    assert any(r["impl"] == "triton" and r["time_us"] > 0 for r in report["sections"]["time toy-3x8x8 batch 4"])
+    assert "checks within tolerance" in table and "| triton |" in table
 
 
 def _run_triton_cases() -> dict:

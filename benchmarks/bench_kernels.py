@@ -1,0 +1,110 @@
+"""The two-branch objective step (pass 1, pass 2, backward to F): fused kernels vs PyTorch.
+
+On a GPU, for DDPM++ 32x32 batch 512, 64x64 batch 256 and 4x64x64 latents batch 256:
+    step time, fused (the implementation select_impl("auto") picks) vs eager reference
+    step time, fused vs torch.compile of the reference
+    achieved GB/s vs a device copy of the same byte count (the bytes the fused design must
+        move; the fraction of a large copy's bandwidth is stored as an extra field)
+and the objective's share of a DDPM++ 32x32 batch-512 training step (U-Net forward+backward,
+bf16 autocast), fused against eager.
+
+On a CPU the kernels do not run (select_impl gives the reference), so the figure is the
+reference objective at a tiny size against a naive eager version that computes both branches
+for every sample and selects afterwards: a regression check of the reference, in ratios.
+
+The measurement code is kernels/gpu_check.py's (one definition of the step, the byte count
+and the baselines); this module turns its rows into harness results.
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Context, measure, median, result
+from kernels import gpu_check, select_impl
+
+
+def _measure(ctx: Context):
+    """gpu_check's timer interface on top of the harness's (CUDA events on a GPU)."""
+    def timed(fn, repeats, inner, warmup):
+        times = measure(fn, repeats=repeats, warmup=warmup, device=ctx.device, inner=inner)
+        return median(times), times
+    return timed
+
+
+def naive_step(F, clean, noisy, eps, c):
+    """The objective as first written: both branches for every sample, then a per-sample pick."""
+    col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_clean = col(c.P) * clean + col(c.Q) * eps
+    x_noisy = col(c.P) * noisy + col(c.Q) * eps
+    amb = col(c.ambient)
+    net_in = col(c.c_in) * torch.where(amb, x_noisy, x_clean)
+    x_in = net_in / col(c.c_in)
+    r_clean = col(c.A) * F + col(c.B) * x_in + col(c.C) * clean
+    r_noisy = col(c.A) * F + col(c.B) * x_in + col(c.C) * noisy
+    loss_clean = c.weight * r_clean.square().flatten(1).sum(1)
+    loss_noisy = c.weight * r_noisy.square().flatten(1).sum(1)
+    return net_in, torch.where(c.ambient, loss_noisy, loss_clean).mean()
+
+
+def run_cpu(ctx: Context) -> list[dict]:
+    batch, res = ctx.size(quick=4, default=16), ctx.size(quick=8, default=32)
+    g = torch.Generator().manual_seed(0)
+    c = gpu_check.coefficients(batch, "mixed", "cpu", g)
+    clean, noisy, eps, F = gpu_check.tensors(batch, (3, res, res), torch.float32, "cpu", g)
+    F.requires_grad_()
+    args = (c.P, c.Q, c.c_in, c.A, c.B, c.C, c.weight, c.ambient)
+    reps = dict(repeats=ctx.size(quick=3, default=10), warmup=1, device="cpu", inner=ctx.size(quick=5, default=20))
+    ours = measure(lambda: torch.autograd.grad(gpu_check.reference_step(F, clean, noisy, eps, *args)[1], F), **reps)
+    base = measure(lambda: torch.autograd.grad(naive_step(F, clean, noisy, eps, c)[1], F), **reps)
+    to_us = lambda ts: [t * 1e6 for t in ts]  # noqa: E731
+    return [result(f"kernels/objective step 3x{res}x{res} batch {batch} (cpu reference)", "us",
+                   median(ours) * 1e6, median(base) * 1e6, "naive eager, both branches computed",
+                   to_us(ours), to_us(base), impl="reference", batch=batch,
+                   note="the fused kernels need a GPU; this tracks the reference path")]
+
+
+def run_gpu(ctx: Context) -> list[dict]:
+    impl = select_impl("auto", ctx.device)
+    timed = _measure(ctx)
+    shapes = [("ddpmpp-32x32", 512, (3, 32, 32)), ("64x64", 256, (3, 64, 64)),
+              ("latent-4x64x64", 256, (4, 64, 64))]
+    if ctx.quick:
+        shapes = shapes[:1]
+    out = []
+    for name, batch, shape in shapes:
+        rows = gpu_check.time_shape(name, batch, shape, torch.float32, [impl], ctx.device, timed,
+                                    compile_ref=True, quick=False)
+        by = {r["impl"]: r for r in rows}
+        ours = by[impl]
+        tag = f"kernels/{name} batch {batch}"
+        for base_key, base_name in (("eager", "PyTorch eager reference"), ("compile", "torch.compile of the reference")):
+            base = by.get(base_key)
+            if base is None or "time_us" not in base:
+                continue
+            out.append(result(f"{tag} step vs {base_key}", "us", ours["time_us"], base["time_us"], base_name,
+                              ours["repeats_us"], base["repeats_us"], impl=impl, batch=batch))
+        copy = by["device copy (same bytes)"]
+        peak = next(r for r in rows if r["impl"].startswith("device copy (") and "same" not in r["impl"])
+        out.append(result(f"{tag} bandwidth", "GB/s", ours["gb_per_s"], copy["gb_per_s"],
+                          "device copy of the same bytes", impl=impl, batch=batch,
+                          fraction_of_large_copy=ours["gb_per_s"] / peak["gb_per_s"],
+                          large_copy_gb_per_s=peak["gb_per_s"]))
+        philox = by.get(impl + "+philox")
+        if philox is not None:
+            out.append(result(f"{tag} step with in-kernel noise vs eager", "us", philox["time_us"],
+                              by["eager"]["time_us"], "PyTorch eager reference (eps read from memory)",
+                              philox["repeats_us"], by["eager"]["repeats_us"], impl=impl, batch=batch))
+    if not ctx.quick:
+        share = gpu_check.step_share([impl], ctx.device, timed, quick=False)
+        unet = share[0]["time_ms"]
+        objective = {r["what"]: r for r in share[1:]}
+        fused, eager = objective[f"objective ({impl})"], objective["objective (eager)"]
+        out.append(result("kernels/DDPM++ 32x32 batch 512 training step (U-Net + objective)", "ms/step",
+                          unet + fused["time_ms"], unet + eager["time_ms"], "same step, eager objective",
+                          impl=impl, unet_ms=unet, objective_share_fused=fused["share_of_step"],
+                          objective_share_eager=eager["share_of_step"]))
+    return out
+
+
+def run(ctx: Context) -> list[dict]:
+    return run_gpu(ctx) if ctx.on_gpu else run_cpu(ctx)
