@@ -12,8 +12,8 @@ On a CPU the kernels do not run (select_impl gives the reference), so the figure
 reference objective at a tiny size against a naive eager version that computes both branches
 for every sample and selects afterwards: a regression check of the reference, in ratios.
 
-The measurement code is kernels/gpu_check.py's (one definition of the step, the byte count
-and the baselines); this module turns its rows into harness results.
+The measurement code is kernels/gpu_check.py's (one definition of the step, the byte count,
+the baselines and the device timer); this module turns its rows into harness results.
 """
 from __future__ import annotations
 
@@ -21,14 +21,6 @@ import torch
 
 from benchmarks.harness import Context, measure, median, result
 from kernels import gpu_check, select_impl
-
-
-def _measure(ctx: Context):
-    """gpu_check's timer interface on top of the harness's (CUDA events on a GPU)."""
-    def timed(fn, repeats, inner, warmup):
-        times = measure(fn, repeats=repeats, warmup=warmup, device=ctx.device, inner=inner)
-        return median(times), times
-    return timed
 
 
 def naive_step(F, clean, noisy, eps, c):
@@ -65,7 +57,10 @@ def run_cpu(ctx: Context) -> list[dict]:
 
 def run_gpu(ctx: Context) -> list[dict]:
     impl = select_impl("auto", ctx.device)
-    timed = _measure(ctx)
+    # gpu_check's timer: CUDA events like harness.measure, but with the stream held by a sleep
+    # kernel while the host queues each repeat, so small steps are timed as device work (in
+    # training the U-Net hides the launch overhead) rather than as Python launch latency.
+    timed = gpu_check.timer(ctx.device)
     shapes = [("ddpmpp-32x32", 512, (3, 32, 32)), ("64x64", 256, (3, 64, 64)),
               ("latent-4x64x64", 256, (4, 64, 64))]
     if ctx.quick:
