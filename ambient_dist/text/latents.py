@@ -1,0 +1,489 @@
+"""Latent shards for Stable Diffusion fine-tuning: the fixed latent and its ONE fixed noisy copy.
+
+For latent v-prediction (shared spec, objective.md section 4) the data are VAE latents:
+z0 = scaling_factor * (one fixed sample of the VAE posterior), and the ambient branch sees only
+z_tn = alpha_tn z0 + s_tn eta, made once per image. Both depend on the image's stable key only:
+
+    latent sample noise   keyed_normal(..., noise_seed, f"{key}/vae")  (the VAE's posterior draw)
+    noisy-copy noise      noise.make_noisy_copy(z0, ..., noise_seed, key, form="latent_v", t_n)
+
+so a re-run, another rank, or the online mode (which re-encodes the image during training)
+gets the same latent sample for the same image.
+
+A latent shard directory is a pixel shard directory (ambient_dist.data.shards) with more
+members per sample, so the pixel tools (ShardSet, load_images for evaluation) read it as is:
+
+    <key>.png         the clean image at the training resolution (evaluation compares samples
+                      with it; the online mode encodes it during training)
+    <key>.noisy.npy   float16 [4, h, w] noisy latent z_tn (never clipped)
+    <key>.json        {"key", "label", "caption", "meta"}
+    <key>.latent.npy  float16 [4, h, w] clean latent z0            (not in online mode)
+    <key>.text.npy    float16 [77, D] text-encoder output            (with --text-embeddings)
+
+The manifest adds form "latent_v", t_n, the latent shapes, the VAE scaling factor, the model
+directory and "online". Writing is batched (the VAE runs on the given device), shows progress,
+is resumable (finished shards are kept after a checksum check) and splits over ranks: rank r
+writes shards r, r + W, ...; each rank records its finished shards in parts/, and whichever
+rank finishes last writes the complete manifest.
+
+Reading: `LatentShardSet` (a ShardSet with the extra members) and `LatentLoader`, an endless
+iterator of `TextBatch`es in the order every loader of the project uses (data.order).
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ambient_dist.config import ConfigError, ExperimentConfig
+from ambient_dist.data.augment import to_model_units
+from ambient_dist.data.order import RankPlan, SampleOrder
+from ambient_dist.data.shards import (
+    CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
+    ShardSet, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy, encode_png,
+    read_index, read_manifest, scan_tar, sha256_file, write_index, write_json)
+from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
+from ambient_dist.noise import check_image_range, keyed_normal, make_noisy_copy
+
+from .sd_models import SDComponents
+
+LATENT_EXT, TEXT_EXT = "latent.npy", "text.npy"
+PARTS_DIR = "parts"
+
+
+# --------------------------------------------------------------------------------------
+# The encoders, shared by the shard writer, the online loader and the trainer
+# --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_latents(vae: torch.nn.Module, images: torch.Tensor, keys: list[str], noise_seed: int,
+                   scaling_factor: float) -> torch.Tensor:
+    """images float [B, 3, H, W] in [-1, 1] -> z0 float32 [B, 4, H/8, W/8].
+
+    z0 = scaling_factor * (mean + std * n_key): one fixed draw from the VAE's posterior per
+    image, its noise keyed by the image (not by the batch it happens to be in).
+    """
+    param = next(vae.parameters())
+    posterior = vae.encode(images.to(param.device, param.dtype)).latent_dist
+    noise = torch.stack([keyed_normal(posterior.mean.shape[1:], noise_seed, f"{k}/vae") for k in keys])
+    sample = posterior.mean.float() + posterior.std.float() * noise.to(posterior.mean.device)
+    return sample * scaling_factor
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids [B, L] padded/truncated to the tokenizer's length (77 for SD)."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_text(text_encoder: torch.nn.Module, tokenizer, captions: list[str]) -> torch.Tensor:
+    """Captions -> the text encoder's last hidden states [B, L, D] (what SD's U-Net attends to;
+    SD 2.x checkpoints already drop the last CLIP layer in their config)."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokenize(tokenizer, captions).to(device))[0]
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class LatentShardOptions:
+    """Everything that decides the content of a latent shard directory (besides source, model)."""
+
+    resolution: int = 256
+    fit: str = "crop"
+    t_n: int = 50
+    noise_seed: int = 0
+    count: int = 0
+    per_class: int = 0
+    subset_seed: int = 0
+    heldout: int = 0
+    samples_per_shard: int = 1000
+    text_embeddings: bool = False     # also store the text-encoder output of each caption
+    online: bool = False              # store no clean latent: training encodes the image
+    # Not part of the content:
+    batch_size: int = 32
+    workers: int = 4                  # image decoding threads
+
+    def content(self) -> dict:
+        d = asdict(self)
+        for k in ("batch_size", "workers"):
+            d.pop(k)
+        return d
+
+
+def _check_options(opts: LatentShardOptions) -> None:
+    def bad(flag, msg):
+        raise ShardError(f"{flag}: {msg}")
+    if not 0 <= opts.t_n < 1000:
+        bad("--t-n", f"must be a DDPM timestep in [0, 1000), got {opts.t_n}")
+    if opts.resolution < 8 or opts.resolution % 8:
+        bad("--resolution", f"must be a multiple of 8 (the VAE's downsampling), got {opts.resolution}")
+    if opts.fit not in FIT_MODES:
+        bad("--fit", f"expected one of {', '.join(FIT_MODES)}, got {opts.fit!r}")
+    if opts.samples_per_shard < 1 or opts.batch_size < 1:
+        bad("--samples-per-shard/--batch", "must be >= 1")
+
+
+def _model_description(components: SDComponents) -> dict:
+    """What identifies the encoders: a different VAE gives different latents."""
+    vae = dict(components.vae.config)
+    desc = {"path": components.path, "vae_config": {k: v for k, v in vae.items() if not k.startswith("_")}}
+    if components.text_encoder is not None:
+        desc["text_encoder"] = components.text_encoder.config.name_or_path or "in-memory"
+    return desc
+
+
+class _LatentWriter:
+    """Writes the shards of one rank, batch by batch through the VAE."""
+
+    def __init__(self, source: Source, out_dir: Path, opts: LatentShardOptions,
+                 components: SDComponents, device):
+        self.source, self.out_dir, self.opts, self.c = source, out_dir, opts, components
+        self.device = torch.device(device)
+        self.pool = futures.ThreadPoolExecutor(max(opts.workers, 1))
+
+    def _load(self, indices: list[int]) -> list[tuple]:
+        return list(self.pool.map(lambda i: _prepare(self.source, i, self.opts, 3), indices))
+
+    def write(self, name: str, indices: list[int], bar: tqdm) -> dict:
+        final = self.out_dir / name
+        tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        o, c = self.opts, self.c
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for start in range(0, len(indices), o.batch_size):
+                records = self._load(indices[start: start + o.batch_size])
+                keys = [r[0] for r in records]
+                pixels = np.stack([r[1] for r in records])
+                clean = to_model_units(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+                check_image_range(clean, f"{final} (clean images)")
+                # Stored in float16; the noisy copy is made from the stored value so that
+                # the two members agree exactly.
+                z0 = encode_latents(c.vae, clean.to(self.device), keys, o.noise_seed,
+                                    c.scaling_factor).half().cpu()
+                captions = [r[3] or "" for r in records]
+                text = (encode_text(c.text_encoder, c.tokenizer, captions).half().cpu()
+                        if o.text_embeddings else None)
+                for j, (key, image, label, caption, meta) in enumerate(records):
+                    noisy = make_noisy_copy(z0[j].float(), 0.0, o.noise_seed, key, "latent_v", o.t_n)
+                    _tar_member(tar, f"{key}.{CLEAN_EXT}", encode_png(image))
+                    _tar_member(tar, f"{key}.{NOISY_EXT}", encode_npy(noisy.numpy().astype(np.float16)))
+                    record = {"key": key, "label": label, "caption": caption or "", "meta": meta}
+                    _tar_member(tar, f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
+                    if not o.online:
+                        _tar_member(tar, f"{key}.{LATENT_EXT}", encode_npy(z0[j].numpy()))
+                    if text is not None:
+                        _tar_member(tar, f"{key}.{TEXT_EXT}", encode_npy(text[j].numpy()))
+                bar.update(len(records))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        samples = scan_tar(final)
+        index = final.with_suffix(".idx")
+        write_index(samples, index)
+        return {"name": name, "index": index.name, "samples": len(samples),
+                "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": []}
+
+
+@dataclass
+class _Job:  # the shape _plan_hash expects
+    name: str
+    indices: list[int]
+
+
+def _part_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / PARTS_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
+
+
+def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentShardOptions,
+                       components: SDComponents, rank: int = 0, world_size: int = 1,
+                       device="cpu", overwrite: bool = False, progress: bool = True) -> dict:
+    """Write this rank's latent shards (resuming finished ones); return the manifest, which is
+    complete (manifest["complete"]) once every rank has finished."""
+    _check_options(opts)
+    if components.vae is None or (opts.text_embeddings and components.text_encoder is None):
+        raise ShardError("make_latent_shards: components need the VAE (and the text encoder "
+                         "and tokenizer for --text-embeddings)")
+    if not 0 <= rank < world_size:
+        raise ShardError(f"rank {rank} outside world size {world_size}")
+    out_dir = Path(out_dir)
+    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
+    keys = [source.key(i) for i in train + heldout]
+    if len(set(keys)) != len(keys):
+        raise ShardError(f"{source.describe().get('path', source)}: two source images share a key "
+                         "(keys keep only [A-Za-z0-9_-]); rename one of them")
+    per = opts.samples_per_shard
+    jobs = [(f"train-{n:06d}.tar", train[s: s + per]) for n, s in enumerate(range(0, len(train), per))]
+    desc = {**source.describe(), "model": _model_description(components)}
+    plan = _plan_hash(desc, opts, [_Job(n, ix) for n, ix in jobs], [source.key(i) for i in heldout],
+                      source.key)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part_path = _part_path(out_dir, rank, world_size)
+    part_path.parent.mkdir(exist_ok=True)
+    done = _finished_shards(out_dir, part_path, plan, overwrite)
+    mine = [(n, ix) for k, (n, ix) in enumerate(jobs) if k % world_size == rank]
+    part = {"plan": plan, "rank": rank, "world_size": world_size, "complete": False,
+            "shards": [done[n] for n, _ in mine if n in done]}
+    write_json(part_path, part)
+
+    writer = _LatentWriter(source, out_dir, opts, components, device)
+    bar = tqdm(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
+               desc=f"latent shards (rank {rank}/{world_size}) -> {out_dir}")
+    bar.update(sum(len(ix) for n, ix in mine if n in done))
+    try:
+        for name, indices in mine:
+            if name in done:
+                continue
+            part["shards"].append(writer.write(name, indices, bar))
+            write_json(part_path, part)
+    finally:
+        writer.pool.shutdown()
+        bar.close()
+    if rank == 0 and heldout:
+        part["heldout"] = _write_heldout(source, heldout, out_dir, opts, 3)
+    part["complete"] = True
+    write_json(part_path, part)
+
+    vae_factor = components.vae_scale_factor
+    latent_shape = [int(components.vae.config.latent_channels), opts.resolution // vae_factor,
+                    opts.resolution // vae_factor]
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, "plan": plan,
+        "sigma_tn": None, "form": "latent_v", "t_n": opts.t_n, "noise_seed": opts.noise_seed,
+        "subset_seed": opts.subset_seed, "resolution": opts.resolution, "channels": 3,
+        "num_classes": source.num_classes, "class_names": list(source.class_names), "fit": opts.fit,
+        "selection": {"count": opts.count, "per_class": opts.per_class, "heldout": opts.heldout},
+        "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "latent_shape": latent_shape, "noisy_shape": latent_shape,
+        "scaling_factor": components.scaling_factor, "online": opts.online,
+        "text_embeddings": opts.text_embeddings,
+        "members": {"clean": CLEAN_EXT, "noisy": NOISY_EXT, "meta": META_EXT,
+                    "latent": None if opts.online else LATENT_EXT,
+                    "text": TEXT_EXT if opts.text_embeddings else None,
+                    "noisy_dtype": "float16", "noisy_layout": "CHW"},
+    }
+    return _assemble_manifest(out_dir, manifest, [n for n, _ in jobs], world_size, len(heldout))
+
+
+def _finished_shards(out_dir: Path, part_path: Path, plan: str, overwrite: bool) -> dict[str, dict]:
+    """Shards this rank (or a complete earlier run) finished and whose checksum still holds."""
+    entries = []
+    for path in (out_dir / MANIFEST_NAME, part_path):
+        if not path.is_file() or overwrite:
+            continue
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise ShardError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+        if old.get("plan") != plan:
+            raise ShardError(f"{path}: this directory holds latent shards made from a different "
+                             "source, model or options; choose another --out or pass --overwrite")
+        entries += old.get("shards", [])
+    done = {}
+    for e in entries:
+        p = out_dir / e["name"]
+        if p.exists() and (out_dir / e["index"]).exists() and sha256_file(p) == e["sha256"]:
+            done[e["name"]] = e
+    return done
+
+
+def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_size: int,
+                       heldout: int) -> dict:
+    """Merge the ranks' part files into manifest.json once all of them are complete."""
+    entries, held = {}, None
+    for r in range(world_size):
+        path = _part_path(out_dir, r, world_size)
+        part = json.loads(path.read_text()) if path.is_file() else {}
+        if not part.get("complete") or part.get("plan") != manifest["plan"]:
+            return manifest  # another rank is still writing; the last one to finish assembles
+        entries.update({e["name"]: e for e in part["shards"]})
+        held = held or part.get("heldout")
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise ShardError(f"{out_dir}: the ranks finished but shards {missing[:3]} are missing")
+    manifest["shards"] = [entries[n] for n in names]
+    manifest["heldout"] = held
+    manifest["counts"] = {"train": sum(e["samples"] for e in manifest["shards"]),
+                          "heldout": heldout, "skipped": 0}
+    manifest["complete"] = True
+    write_json(out_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+def check_latent_manifest(manifest: dict, cfg: ExperimentConfig) -> None:
+    """Refuse latent shards made for another objective, t_n or resolution than `cfg` trains."""
+    where = f"data.shards ({cfg.data.shards})"
+    problems = []
+    if manifest.get("form") != "latent_v":
+        problems.append(f"the shards hold pixels (form {manifest.get('form')!r}), not latents; make "
+                        "them with launchers/make_shards.py --latent --model PATH")
+    else:
+        if cfg.objective.form != "latent_v":
+            problems.append(f"objective.form is {cfg.objective.form!r}; latent shards train 'latent_v'")
+        if manifest["t_n"] != cfg.objective.t_n:
+            problems.append(f"objective.t_n is {cfg.objective.t_n}, the shards' noisy latents are at "
+                            f"t_n {manifest['t_n']} (remake them with --t-n {cfg.objective.t_n})")
+        if manifest["resolution"] != cfg.data.resolution:
+            problems.append(f"data.resolution is {cfg.data.resolution}, shards are {manifest['resolution']} px")
+    if cfg.data.subset > manifest["counts"]["train"]:
+        problems.append(f"data.subset is {cfg.data.subset} but the shards hold only "
+                        f"{manifest['counts']['train']} images")
+    if problems:
+        raise ConfigError(f"{where} do not match the config: " + "; ".join(problems))
+
+
+class LatentShardSet(ShardSet):
+    """A ShardSet that also reads the clean latent and the stored text embedding."""
+
+    def __init__(self, shards_dir, verify: bool = True, verify_share: tuple[int, int] = (0, 1)):
+        super().__init__(shards_dir, verify, verify_share)
+        m = self.manifest
+        if m.get("form") != "latent_v":
+            raise ShardError(f"{self.dir}: pixel shards (form {m.get('form')!r}); latent training "
+                             "needs shards made with make_shards.py --latent")
+        self.online = bool(m["online"])
+        self.latent_shape = tuple(m["latent_shape"])
+        self.has_text = bool(m["text_embeddings"])
+        wanted = ([] if self.online else [LATENT_EXT]) + ([TEXT_EXT] if self.has_text else [])
+        self.extra: dict[str, np.ndarray] = {ext: np.zeros((len(self), 2), np.int64) for ext in wanted}
+        i = 0
+        for entry, path in zip(m["shards"], self.paths):
+            index_path = self.dir / entry["index"]
+            for key, comps in (read_index(index_path) if index_path.is_file() else scan_tar(path)):
+                for ext in wanted:
+                    if ext not in comps:
+                        raise ShardError(f"{path}, key {key}: no .{ext} member in the sample")
+                    self.extra[ext][i] = comps[ext]
+                i += 1
+
+    def _npy(self, i: int, ext: str, shape=None) -> np.ndarray:
+        off, size = self.extra[ext][i]
+        try:
+            arr = np.load(io.BytesIO(self._member(i, int(off), int(size))), allow_pickle=False)
+        except ShardError:
+            raise
+        except Exception as e:
+            raise ShardError(f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}: .{ext} is "
+                             f"not a readable .npy ({e})") from None
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise ShardError(f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}: .{ext} has "
+                             f"shape {list(arr.shape)}, expected {list(shape)}")
+        return arr
+
+    def latent(self, i: int) -> np.ndarray:
+        return self._npy(i, LATENT_EXT, self.latent_shape)
+
+    def text_embedding(self, i: int) -> np.ndarray:
+        return self._npy(i, TEXT_EXT)
+
+    def caption(self, i: int) -> str:
+        t = self.table[i]
+        return json.loads(self._member(i, int(t[4]), int(t[5]))).get("caption") or ""
+
+    def noisy(self, i: int) -> np.ndarray:
+        t = self.table[i]
+        return self.decode_noisy(i, self._member(i, int(t[2]), int(t[3])))
+
+    def image(self, i: int) -> np.ndarray:
+        t = self.table[i]
+        return self.decode_clean(i, self._member(i, int(t[0]), int(t[1])))
+
+
+@dataclass
+class TextBatch:
+    keys: list[str]
+    clean: torch.Tensor              # float32 [B, 4, h, w] clean latents z0
+    noisy: torch.Tensor              # float32 [B, 4, h, w] fixed noisy latents z_tn
+    captions: list[str]
+    text: Optional[torch.Tensor]     # float32 [B, L, D] stored text-encoder output, or None
+
+
+class LatentLoader:
+    """This rank's micro-batches of latent shards, endlessly, in the project's data order
+    (data.order: a global permutation per epoch, rank r taking its slice of each step).
+
+    Reads members straight from the memory-mapped tars (a few KB per sample). Online shards
+    have no clean latent: the image is decoded and VAE-encoded here, on `device`, with the
+    same keyed posterior draw the shard writer used. No flips: a flipped latent is not the
+    latent of the flipped image, and captions can say "left".
+    """
+
+    def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, device,
+                 start_sample: int = 0, vae: Optional[torch.nn.Module] = None):
+        if not cfg.data.shards:
+            raise ShardError("data.shards: no shard directory set (make one with "
+                             "launchers/make_shards.py --latent)")
+        self.cfg, self.device = cfg, torch.device(device)
+        self.shards = LatentShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
+        check_latent_manifest(self.shards.manifest, cfg)
+        if self.shards.online and vae is None:
+            raise ShardError(f"{cfg.data.shards}: online shards hold no clean latents; the loader "
+                             "needs the VAE to encode the images")
+        self.vae = vae
+        self.num_samples = cfg.data.subset or len(self.shards)
+        self.order = SampleOrder(self.num_samples, cfg.data.seed, xflip=False)
+        self.plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
+        self.steps_done = 0
+
+    @property
+    def samples_seen(self) -> int:
+        return self.plan.samples_seen(self.steps_done)
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
+                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TextBatch:
+        indices, _ = self.order.positions(self.plan.step_start(self.steps_done), self.plan.micro_batch)
+        self.steps_done += 1
+        return self.batch(indices)
+
+    def batch(self, indices) -> TextBatch:
+        s = self.shards
+        keys = [s.keys[i] for i in indices]
+        noisy = torch.from_numpy(np.stack([s.noisy(i) for i in indices])).float()
+        if s.online:
+            images = torch.from_numpy(np.stack([s.image(i) for i in indices]))
+            clean = encode_latents(self.vae, to_model_units(images).to(self.device), keys,
+                                   s.manifest["noise_seed"], s.manifest["scaling_factor"])
+        else:
+            clean = torch.from_numpy(np.stack([s.latent(i) for i in indices])).float()
+        text = (torch.from_numpy(np.stack([s.text_embedding(i) for i in indices])).float()
+                if s.has_text else None)
+        return TextBatch(keys, clean.to(self.device), noisy.to(self.device),
+                         [s.caption(i) for i in indices],
+                         None if text is None else text.to(self.device))
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+
+def read_latent_manifest(shards_dir: str | os.PathLike) -> dict:
+    manifest = read_manifest(shards_dir)
+    if manifest.get("form") != "latent_v":
+        raise ShardError(f"{shards_dir}: not latent shards (form {manifest.get('form')!r})")
+    return manifest
+
+
+__all__ = ["encode_latents", "encode_text", "tokenize", "LatentShardOptions", "make_latent_shards",
+           "check_latent_manifest", "LatentShardSet", "LatentLoader", "TextBatch",
+           "read_latent_manifest", "SourceError"]
