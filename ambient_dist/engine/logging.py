@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ambient_dist.sampling import to_uint8
+
 
 class TrainingStats:
     """Per-step figures of one logging interval; `summary()` returns the means and resets.
@@ -70,7 +72,7 @@ def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> np.ndarra
     n, c, h, w = images.shape
     cols = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    pixels = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = to_uint8(images.detach().cpu())
     grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
     grid[:n] = pixels
     grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)

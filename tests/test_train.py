@@ -1,0 +1,244 @@
+"""The single-process training path, end to end at toy size (CPU, seconds per test).
+
+Real modules throughout (networks, objective, data loader, sampler, memorization summary);
+only the sizes are tiny: 32 training images of 16x16, a U-Net with 8 channels.
+"""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from ambient_dist.config import ConfigError, load_config, to_dict
+from ambient_dist.data import ShardOptions, make_shards, open_source
+from ambient_dist.engine import trainer as trainer_mod
+from ambient_dist.engine.checkpoint import CheckpointManager
+from ambient_dist.engine.trainer import Trainer, check_output_dir, find_resume_point
+from ambient_dist.models import build_network
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "launchers"))
+import train as train_launcher  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Toy tensors gain nothing from a second thread, and on a busy 2-core machine spinning
+    # OpenMP threads make each step ten times slower. Restored after this file.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """32 training + 8 held-out random 16x16 grey images, with their fixed noisy copies."""
+    root = tmp_path_factory.mktemp("data")
+    images = (np.random.default_rng(0).random((40, 16, 16)) * 255).astype(np.uint8)
+    np.savez(root / "source.npz", images=images)
+    make_shards(open_source(str(root / "source.npz")), root / "shards",
+                ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=32, heldout=8,
+                             samples_per_shard=16), progress=False)
+    return root / "shards"
+
+
+def toy_overrides(shards: Path, run_root: Path, **extra) -> list[str]:
+    options = {
+        "data.shards": str(shards), "data.resolution": 16, "data.channels": 1, "data.subset": 32,
+        "network.model_channels": 8, "network.channel_mult": "[1,2]", "network.num_blocks": 1,
+        "network.attn_resolutions": "[8]", "network.dropout": 0.1,
+        "optimizer.lr": 1e-3, "optimizer.lr_rampup_kimg": 0.016,
+        "train.batch": 8, "train.total_kimg": 0.048, "train.log_every_kimg": 0.016,
+        "train.checkpoint_every_kimg": 0.024, "train.sample_every_kimg": 1000,
+        "train.ema_halflife_kimg": 0.05, "train.run_root": str(run_root),
+        "sampling.steps": 3, "sampling.num_images": 4,
+        "evaluation.memorization_features": "pixels", "evaluation.heldout_images": 8,
+    }
+    options.update(extra)
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+def toy_config(shards, run_root, **extra):
+    return load_config(None, toy_overrides(shards, run_root, **extra))
+
+
+def test_quickstart_path_from_config_to_samples_and_memorization(shards, tmp_path, capsys):
+    config_file = tmp_path / "toy.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(toy_config(shards, tmp_path / "runs"))))
+    assert train_launcher.main(["--config", str(config_file), "name=toy"]) == 0
+    run = tmp_path / "runs" / "toy"
+    cfg = load_config(run / "config.yaml")
+    assert cfg == load_config(config_file, ["name=toy"])  # the saved config reproduces the run
+    assert CheckpointManager(run, 3).latest().name == "ckpt-000000000048"
+    assert list(run.glob("events.out.tfevents.*"))
+    net = build_network(cfg)
+    net.load_state_dict(load_file(str(run / "ema.safetensors")))  # what the sampler loads
+    grid = Image.open(run / "samples.png")
+    assert grid.size == (2 * 16, 2 * 16)  # 4 samples of 16x16 in a 2x2 grid
+    summary = json.loads((run / "memorization.json").read_text())
+    assert summary["feature_space"].startswith("pixels")
+    assert summary["generated"]["count"] == 4 and summary["heldout"]["count"] == 8
+    assert len(summary["generated"]["max_similarity"]) == 4
+    printed = capsys.readouterr().out
+    assert "memorization: nearest of 32 training images" in printed and "run directory" in printed
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 1 and info["fingerprint"] == cfg.fingerprint()
+
+
+def test_tensorboard_has_the_promised_scalars(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = toy_config(shards, tmp_path)
+    Trainer(cfg, tmp_path / "run").train()
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/all", "loss/clean", "loss/ambient", "objective/ambient_fraction",
+                "train/lr", "perf/images_per_s", "train/grad_norm"):
+        assert tag in tags, tag
+    assert "objective/log_sigma" in events.Tags()["histograms"]
+    steps = [e.step for e in events.Scalars("loss/all")]
+    assert steps == [16, 32, 48]  # x axis: images seen
+
+
+def _state(trainer: Trainer) -> dict:
+    return {**{f"net.{k}": v.clone() for k, v in trainer.net.state_dict().items()},
+            **{f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()}}
+
+
+def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path):
+    # Dropout and x-flips are on, so the global RNG, the noise generator and the loader
+    # position all have to be restored for this to hold.
+    cfg = toy_config(shards, tmp_path)
+    straight = Trainer(cfg, tmp_path / "a")
+    losses_straight = [straight.train_step().item() for _ in range(6)]
+
+    first = Trainer(cfg, tmp_path / "b")
+    losses_resumed = [first.train_step().item() for _ in range(3)]
+    first.save_checkpoint()
+    del first
+    second = Trainer(cfg, tmp_path / "b", resume_from=CheckpointManager(tmp_path / "b", 3).latest())
+    assert second.images_seen == 24
+    losses_resumed += [second.train_step().item() for _ in range(3)]
+
+    assert losses_resumed == losses_straight
+    a, b = _state(straight), _state(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt_a, opt_b = straight.optimizer.state_dict(), second.optimizer.state_dict()
+    for p in opt_a["state"]:
+        assert torch.equal(opt_a["state"][p]["exp_avg_sq"], opt_b["state"][p]["exp_avg_sq"])
+
+
+def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
+    short = toy_config(shards, tmp_path, **{"train.total_kimg": 0.024})
+    long = toy_config(shards, tmp_path, **{"train.total_kimg": 0.048})
+    Trainer(short, tmp_path / "b").train()
+    resumed = Trainer(long, tmp_path / "b", resume_from=find_resume_point(tmp_path / "b", "auto"))
+    resumed.train()
+    straight = Trainer(long, tmp_path / "a")
+    straight.train()
+    a, b = _state(straight), _state(resumed)
+    assert resumed.images_seen == straight.images_seen == 48
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_options_that_change_the_trajectory(shards, tmp_path):
+    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
+    Trainer(cfg, tmp_path / "r").train()
+    changed = toy_config(shards, tmp_path, **{"objective.sigma_tn": 1.0})
+    with pytest.raises(ConfigError, match="objective.sigma_tn: 0.5 -> 1.0"):
+        Trainer(changed, tmp_path / "r", resume_from=find_resume_point(tmp_path / "r", "auto"))
+
+
+def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(shards, tmp_path):
+    assert find_resume_point(tmp_path / "new", "auto") is None
+    Trainer(toy_config(shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()
+    with pytest.raises(ConfigError, match="--resume auto"):
+        find_resume_point(tmp_path / "r", None)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        find_resume_point(tmp_path / "new", str(tmp_path / "new"))
+
+
+def test_sigterm_checkpoints_and_stops_cleanly(shards, tmp_path, monkeypatch):
+    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 10})
+    trainer = Trainer(cfg, tmp_path / "r")
+    real_step = trainer.train_step
+
+    def step_then_preempt():
+        loss = real_step()
+        if trainer.steps == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster scheduler sends
+        return loss
+    monkeypatch.setattr(trainer, "train_step", step_then_preempt)
+    assert trainer.train() is False  # stopped early, no exception
+    latest = CheckpointManager(tmp_path / "r", 3).latest()
+    assert CheckpointManager.load(latest).meta["images_seen"] == 16
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(shards, tmp_path, monkeypatch):
+    trainer = Trainer(toy_config(shards, tmp_path), tmp_path / "r")
+    trainer.train_step()
+    real_loss = trainer.loss_fn
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+    trainer.loss_fn = poisoned
+    before = _state(trainer)
+    trainer.train_step()
+    after = _state(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and EMA untouched
+    assert trainer.bad_steps == 1 and trainer.images_seen == 16
+    monkeypatch.setattr(trainer_mod, "MAX_BAD_STEPS_IN_A_ROW", 3)
+    trainer.train_step()
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        trainer.train_step()
+
+
+def test_bf16_channels_last_and_accumulation_step(shards, tmp_path):
+    cfg = toy_config(shards, tmp_path, **{"train.precision": "bf16", "train.channels_last": True,
+                                          "train.batch_per_gpu": 4, "optimizer.grad_clip": 1.0})
+    trainer = Trainer(cfg, tmp_path / "r")
+    assert trainer.accumulation == 2
+    before = [p.detach().clone() for p in trainer.net.parameters()]
+    losses = [trainer.train_step() for _ in range(3)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert trainer.images_seen == 24 and trainer.loader.samples_seen == 24
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.net.parameters()))
+
+
+def test_output_directory_problems_are_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="not writable"):
+        check_output_dir(blocker / "run", 0)
+    with pytest.raises(ConfigError, match="GiB free"):
+        check_output_dir(tmp_path / "run", 2**60)
+
+
+def test_describe_prints_config_parameters_and_gflop(capsys):
+    argv = ["--config", str(ROOT / "configs" / "fashion-mnist-300.yaml"), "--describe", "data.shards="]
+    assert train_launcher.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "name: fashion-mnist-300" in out and "sigma_tn: 0.5" in out
+    cfg = load_config(ROOT / "configs" / "fashion-mnist-300.yaml", ["data.shards="])
+    params = sum(p.numel() for p in build_network(cfg).parameters())
+    assert f"parameters: {params}\n" in out
+    gflop = float(out.split("train GFLOP/image:")[1].split()[0])
+    assert gflop > 0
+
+
+def test_launcher_reports_config_errors_by_key(capsys, tmp_path):
+    argv = ["--config", str(ROOT / "configs" / "fashion-mnist-300.yaml"), "data.shards=",
+            "objective.sigma_tn=-1"]
+    assert train_launcher.main(argv) == 2
+    assert "objective.sigma_tn" in capsys.readouterr().err
