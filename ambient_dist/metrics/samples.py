@@ -1,0 +1,282 @@
+"""Sampling at scale: load a trained denoiser, split N images over ranks, store them resumably.
+
+The sampler itself is `ambient_dist.sampling.edm_sample` (image n has its own seed, so the
+output does not depend on the batch size or on which rank draws it). This module does what
+is around it for launchers/sample.py and launchers/evaluate.py:
+
+    load_denoiser(...)       config.yaml + EMA weights (a run directory, an exported
+                             .safetensors file, or a checkpoints/ckpt-* directory)
+    SampleStore              the output directory, in one of two layouts:
+                               png: <out>/000000/000123.png  (1000 images per folder)
+                               wds: <out>/samples-000000.tar (WebDataset shards of
+                                    `shard_size` consecutive images: <n>.png [+ <n>.cls])
+                             plus samples.json (what made them). Work is cut in blocks of
+                             consecutive indices; block b belongs to rank b % world. A PNG is
+                             written via temp file + rename and a shard only when complete,
+                             so an interrupted run resumes by skipping what exists.
+    generate(...)            the loop: this rank's pending images, batch by batch, with tqdm
+    read_samples(path)       images back as uint8 [N, C, H, W] (either layout)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ambient_dist import sampling
+from ambient_dist.config import ExperimentConfig, load_config
+from ambient_dist.data.shards import atomic_write_bytes, encode_png, sha256_file
+from ambient_dist.data.sources import decode_image_bytes
+
+META_NAME = "samples.json"
+PNG_PER_FOLDER = 1000
+
+
+class SampleStoreError(ValueError):
+    """The output directory holds something else, or cannot be read; names the path."""
+
+
+# --------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------
+
+def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[str | os.PathLike]
+                    ) -> Path:
+    """The EMA weights file to sample from.
+
+    --checkpoint may be an exported .safetensors file or a checkpoints/ckpt-* directory (its
+    ema.safetensors). A run directory gives its exported ema.safetensors, else the EMA of the
+    checkpoint named by checkpoints/latest."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / "ema.safetensors"
+        if not path.is_file():
+            raise SampleStoreError(f"--checkpoint {checkpoint}: no weights file {path}")
+        return path
+    if not run_dir:
+        raise SampleStoreError("give a run directory or --checkpoint")
+    run = Path(run_dir)
+    if (run / "ema.safetensors").is_file():
+        return run / "ema.safetensors"
+    latest = run / "checkpoints" / "latest"
+    if latest.is_file():
+        path = run / "checkpoints" / latest.read_text().strip() / "ema.safetensors"
+        if path.is_file():
+            return path
+    raise SampleStoreError(f"run directory {run}: neither ema.safetensors nor a checkpoint "
+                           "(train it first, or pass --checkpoint)")
+
+
+def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu"
+                  ) -> tuple[torch.nn.Module, ExperimentConfig, Path]:
+    """(network in eval mode on `device`, its config, the weights file it was loaded from)."""
+    from safetensors.torch import load_file
+
+    from ambient_dist.models import build_network
+    config_path = Path(config) if config else (Path(run_dir) / "config.yaml" if run_dir else None)
+    if config_path is None or not config_path.is_file():
+        raise SampleStoreError(f"config {config_path}: not found (give a run directory or --config)")
+    cfg = load_config(config_path)
+    weights = resolve_weights(run_dir, checkpoint)
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(load_file(str(weights)))
+    except RuntimeError as e:
+        raise SampleStoreError(f"{weights}: weights do not fit the network of {config_path} ({e})") from None
+    return net.eval().requires_grad_(False).to(device), cfg, weights
+
+
+# --------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class SampleMeta:
+    """What made the images; a resumed run must match it (or it would mix two sample sets)."""
+    num: int
+    seed: int
+    image_shape: list[int]
+    weights_sha: str          # sha256 of the weights file, first 16 hex digits
+    sampler: dict
+    layout: str
+    shard_size: int
+    labels: str               # "none", "cycle" (n % classes) or "class=<k>"
+
+
+def file_digest(path: Path) -> str:
+    return sha256_file(path)[:16]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+
+
+class SampleStore:
+    def __init__(self, root: str | os.PathLike, layout: str = "png", shard_size: int = 1000):
+        if layout not in ("png", "wds"):
+            raise SampleStoreError(f"--format must be png or wds, got {layout!r}")
+        if shard_size < 1:
+            raise SampleStoreError(f"--shard-size must be >= 1, got {shard_size}")
+        self.root, self.layout, self.block = Path(root), layout, shard_size
+
+    # layout -------------------------------------------------------------------------
+    def png_path(self, n: int) -> Path:
+        return self.root / f"{n // PNG_PER_FOLDER:06d}" / f"{n:06d}.png"
+
+    def shard_path(self, b: int) -> Path:
+        return self.root / f"samples-{b:06d}.tar"
+
+    def blocks(self, num: int, rank: int = 0, world: int = 1) -> list[range]:
+        """This rank's blocks of consecutive image indices (block b goes to rank b % world)."""
+        count = -(-num // self.block)
+        return [range(b * self.block, min((b + 1) * self.block, num))
+                for b in range(rank, count, world)]
+
+    def pending(self, block: range) -> list[int]:
+        if self.layout == "wds":
+            return [] if self.shard_path(block.start // self.block).is_file() else list(block)
+        return [n for n in block if not self.png_path(n).is_file()]
+
+    # metadata -----------------------------------------------------------------------
+    def check_meta(self, meta: SampleMeta) -> None:
+        """Write samples.json, or check that the one there describes the same sample set."""
+        path = self.root / META_NAME
+        wanted = asdict(meta)
+        if path.is_file():
+            have = json.loads(path.read_text())
+            diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+            if diff:
+                raise SampleStoreError(
+                    f"{self.root} holds samples made differently ({'; '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+                    "choose another --out or delete it")
+            return
+        _write_atomic(path, (json.dumps(wanted, indent=1) + "\n").encode())
+
+    # writing ------------------------------------------------------------------------
+    def write(self, block: range, indices: list[int], pixels: torch.Tensor,
+              labels: Optional[torch.Tensor], staged: dict) -> None:
+        """Store uint8 images [B, C, H, W] for `indices` (all inside `block`).
+
+        PNGs go straight to disk; shard members are staged until the block is complete."""
+        arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        for j, n in enumerate(indices):
+            png = encode_png(arrays[j])
+            if self.layout == "png":
+                _write_atomic(self.png_path(n), png)
+            else:
+                staged[n] = (png, None if labels is None else int(labels[j]))
+        if self.layout == "wds" and len(staged) == len(block):
+            self._write_shard(block, staged)
+            staged.clear()
+
+    def _write_shard(self, block: range, staged: dict) -> None:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for n in block:
+                png, label = staged[n]
+                members = [(f"{n:06d}.png", png)]
+                if label is not None:
+                    members.append((f"{n:06d}.cls", str(label).encode()))
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
+                    tar.addfile(info, io.BytesIO(data))
+        _write_atomic(self.shard_path(block.start // self.block), buf.getvalue())
+
+
+def class_labels(indices: list[int], label_dim: int, fixed: Optional[int]) -> Optional[torch.Tensor]:
+    """Class of image n: `fixed` if given, else n % classes (every class equally often, the
+    same convention as the end-of-training grid); None for unconditional networks."""
+    if not label_dim:
+        return None
+    if fixed is not None:
+        return torch.full((len(indices),), fixed, dtype=torch.long)
+    return torch.tensor(indices, dtype=torch.long) % label_dim
+
+
+def generate(net, store: SampleStore, num: int, batch: int, seed: int,
+             settings: sampling.SamplerSettings, rank: int = 0, world: int = 1,
+             fixed_class: Optional[int] = None, autocast_dtype=None, guidance=None,
+             device="cpu", progress: bool = True) -> int:
+    """Make this rank's missing images; returns how many it made."""
+    todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world)]
+    total = sum(len(p) for _, p in todo)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    bar = tqdm(total=total, desc=f"sampling (rank {rank})", unit="img", disable=not progress)
+    for block, pending in todo:
+        staged: dict = {}
+        for start in range(0, len(pending), batch):
+            indices = pending[start:start + batch]
+            labels = class_labels(indices, net.label_dim, fixed_class)
+            images = sampling.edm_sample(net, indices, shape, seed=seed,
+                                         labels=None if labels is None else labels.to(device),
+                                         settings=settings, guidance=guidance,
+                                         autocast_dtype=autocast_dtype, device=device)
+            store.write(block, indices, sampling.to_uint8(images), labels, staged)
+            bar.update(len(indices))
+    bar.close()
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------------------
+
+def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
+    """(index, uint8 [H, W, C], label or None) for every stored image, in index order.
+
+    Reads a SampleStore of either layout, or any folder of PNGs (index = position in
+    sorted order)."""
+    root = Path(path)
+    shards = sorted(root.glob("samples-*.tar")) if root.is_dir() else [root]
+    if shards and all(p.suffix == ".tar" for p in shards):
+        for shard in shards:
+            groups: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    if m.isfile():
+                        stem, _, ext = m.name.rpartition(".")
+                        groups.setdefault(stem, {})[ext] = tar.extractfile(m).read()
+            for stem in sorted(groups):
+                g = groups[stem]
+                if "png" not in g:
+                    raise SampleStoreError(f"{shard}: sample {stem} has no .png member")
+                label = int(g["cls"]) if "cls" in g else None
+                yield int(stem.rsplit("/", 1)[-1]), decode_image_bytes(g["png"], f"{shard}:{stem}"), label
+        return
+    if not root.is_dir():
+        raise SampleStoreError(f"samples {root}: neither a directory nor a .tar shard")
+    files = sorted(root.rglob("*.png"))
+    if not files:
+        raise SampleStoreError(f"samples {root}: no PNG files and no samples-*.tar shards")
+    for i, f in enumerate(files):
+        index = int(f.stem) if f.stem.isdigit() else i
+        yield index, decode_image_bytes(f.read_bytes(), str(f)), None
+
+
+def read_samples(path: str | os.PathLike, limit: int = 0
+                 ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
+    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples."""
+    indices, images, labels = [], [], []
+    for n, img, label in iter_samples(path):
+        indices.append(n)
+        images.append(img)
+        labels.append(label)
+        if limit and len(indices) >= limit:
+            break
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise SampleStoreError(f"samples {path}: images of different shapes {sorted(shapes)}")
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    has_labels = all(lab is not None for lab in labels)
+    return indices, pixels, (torch.tensor(labels) if has_labels else None)

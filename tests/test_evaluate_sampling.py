@@ -1,0 +1,144 @@
+"""launchers/sample.py: output independent of batch size and rank count, resume, both layouts."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ambient_dist.config import load_config, save_config
+from ambient_dist.metrics import samples as S
+from ambient_dist.models import build_network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_launcher(name):
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_launcher = load_launcher("sample")
+
+TINY = {"data.resolution": 8, "data.channels": 1, "network.model_channels": 8,
+        "network.channel_mult": "[1,2]", "network.num_blocks": 1, "network.attn_resolutions": "[]",
+        "network.dropout": 0.0, "sampling.steps": 2}
+
+
+def make_run(root: Path, **extra) -> Path:
+    options = {**TINY, **extra}
+    cfg = load_config(None, [f"{k}={v}" for k, v in options.items()])
+    run = root / "run"
+    save_config(cfg, run)
+    torch.manual_seed(0)
+    net = build_network(cfg)
+    # non-trivial output: EDM initialises the last layer to zero, which would make D = c_skip x
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run / "ema.safetensors"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("sample"))
+
+
+def sample(run, out, *extra, env=None, monkeypatch=None):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, str(v))
+    return sample_launcher.main([str(run), "--out", str(out), "--num", "7", "--quiet", *extra])
+
+
+def test_images_do_not_depend_on_batch_size_or_rank_count(run, tmp_path, monkeypatch, capsys):
+    assert sample(run, tmp_path / "a", "--batch", "7", monkeypatch=monkeypatch) == 0
+    assert sample(run, tmp_path / "b", "--batch", "2", monkeypatch=monkeypatch) == 0
+    # two ranks (torchrun variables) and three ranks (Open MPI variables), 2-image work blocks
+    for r in range(2):
+        assert sample(run, tmp_path / "c", "--batch", "3", "--shard-size", "2",
+                      env={"RANK": r, "WORLD_SIZE": 2}, monkeypatch=monkeypatch) == 0
+    for r in range(3):
+        assert sample(run, tmp_path / "d", "--batch", "1", "--shard-size", "2",
+                      env={"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3},
+                      monkeypatch=monkeypatch) == 0
+    idx_a, a, _ = S.read_samples(tmp_path / "a")
+    assert idx_a == list(range(7)) and a.shape == (7, 1, 8, 8) and a.dtype == torch.uint8
+    assert a.float().std() > 5  # real pictures, not a constant
+    assert len({bytes(im.numpy()) for im in a}) == 7  # seven different images
+    for other in ("b", "c", "d"):
+        idx, x, _ = S.read_samples(tmp_path / other)
+        assert idx == idx_a
+        # the same seeds; float round-off of a different batch shape may move a pixel by one level
+        assert (x.int() - a.int()).abs().max() <= 1, other
+    meta = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert meta["num"] == 7 and meta["sampler"]["num_steps"] == 2 and meta["labels"] == "none"
+
+
+def test_resume_skips_finished_images_and_refuses_a_different_sample_set(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert sample(run, out, "--batch", "3", monkeypatch=monkeypatch) == 0
+    _, full, _ = S.read_samples(out)
+    keep = S.SampleStore(out).png_path(0)
+    stamp = keep.stat().st_mtime_ns
+    # an interrupted run: two images missing and a half-written temp file left behind
+    S.SampleStore(out).png_path(3).unlink()
+    S.SampleStore(out).png_path(6).unlink()
+    (out / "000000" / ".000003.png.tmp-999").write_bytes(b"partial")
+    capsys.readouterr()
+    assert sample(run, out, "--batch", "3", monkeypatch=monkeypatch) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert keep.stat().st_mtime_ns == stamp  # finished images are not redone
+    _, resumed, _ = S.read_samples(out)
+    assert torch.equal(resumed, full)
+    # a different seed into the same folder would mix two sample sets: refused, named
+    assert sample(run, out, "--seed", "5", monkeypatch=monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "seed" in err and str(out) in err
+
+
+def test_webdataset_shards_with_class_labels_resume_per_shard(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path, **{"data.num_classes": 3})
+    out = tmp_path / "wds"
+    args = ("--format", "wds", "--shard-size", "3", "--batch", "2")
+    assert sample(run, out, *args, monkeypatch=monkeypatch) == 0
+    shards = sorted(out.glob("samples-*.tar"))
+    assert [p.name for p in shards] == ["samples-000000.tar", "samples-000001.tar", "samples-000002.tar"]
+    idx, x, labels = S.read_samples(out)
+    assert idx == list(range(7)) and labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    shards[1].unlink()
+    capsys.readouterr()
+    assert sample(run, out, *args, monkeypatch=monkeypatch) == 0
+    assert "wrote 3 images" in capsys.readouterr().out
+    _, again, _ = S.read_samples(out)
+    assert torch.equal(again, x)
+    # the same images as the PNG layout
+    assert sample(run, tmp_path / "png", "--batch", "7", monkeypatch=monkeypatch) == 0
+    _, png, _ = S.read_samples(tmp_path / "png")
+    assert (png.int() - x.int()).abs().max() <= 1
+    # a fixed class
+    assert sample(run, tmp_path / "c2", "--class", "2", "--format", "wds", monkeypatch=monkeypatch) == 0
+    assert S.read_samples(tmp_path / "c2")[2].tolist() == [2] * 7
+    assert sample(run, tmp_path / "c9", "--class", "9", monkeypatch=monkeypatch) == 2
+    assert "--class 9" in capsys.readouterr().err
+
+
+def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "x"
+    assert sample_launcher.main(["--config", str(run / "config.yaml"), "--checkpoint",
+                                 str(run / "ema.safetensors"), "--out", str(out), "--num", "2",
+                                 "--quiet"]) == 0
+    assert len(list(out.rglob("*.png"))) == 2
+    assert sample_launcher.main([str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "config" in capsys.readouterr().err
+    assert sample_launcher.main(["--quiet"]) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.SampleStoreError, match="no PNG files"):
+        S.read_samples(tmp_path / "empty")
