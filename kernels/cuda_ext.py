@@ -10,15 +10,21 @@ PyTorch/CUDA versions, so an edited source or a new PyTorch builds afresh instea
 stale library; ranks that start together wait on PyTorch's build lock rather than race.
 Build ahead of time (e.g. at install, where nvcc is present): `python -m kernels.cuda_ext`.
 
+Without ninja (which torch's load() requires), `build_without_ninja` runs the same three
+compiler steps by hand.
+
 `available()` says whether the build works here (no CUDA device, no nvcc or a compiler error:
 False, with the reason given once as a warning), which is how select_impl("auto") decides.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -82,18 +88,80 @@ def load(verbose: bool = False):
     if find_nvcc() is None:
         _build_error = "impl 'cuda': nvcc not found (set CUDA_HOME or put nvcc on PATH)"
         raise RuntimeError(_build_error)
-    from torch.utils.cpp_extension import load as cpp_load
     build_dir = cache_dir() / build_name()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        _module = cpp_load(name=build_dir.name, sources=[str(BINDINGS_SOURCE), str(KERNEL_SOURCE)],
-                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                           extra_include_paths=[str(SOURCE_DIR)], build_directory=str(build_dir),
-                           verbose=verbose)
+        if shutil.which("ninja") or _has_ninja_module():
+            from torch.utils.cpp_extension import load as cpp_load
+            _module = cpp_load(name=build_dir.name, sources=[str(BINDINGS_SOURCE), str(KERNEL_SOURCE)],
+                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                               extra_include_paths=[str(SOURCE_DIR)], build_directory=str(build_dir),
+                               verbose=verbose)
+        else:
+            _module = build_without_ninja(build_dir, arch_flags(), verbose)
     except Exception as e:  # a compiler error arrives as RuntimeError/OSError/CalledProcessError
         _build_error = f"impl 'cuda': building {KERNEL_SOURCE.name} in {build_dir} failed: {e}"
         raise RuntimeError(_build_error) from e
     return _module
+
+
+def _has_ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401  (the PyPI wheel puts the binary beside the module)
+    except ImportError:
+        return False
+    return True
+
+
+def arch_flags() -> list[str]:
+    """-gencode for the visible GPU (or $TORCH_CUDA_ARCH_LIST's first entry)."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").split()
+    if listed:
+        major, minor = listed[0].split("+")[0].split(".")
+    else:
+        major, minor = (str(v) for v in torch.cuda.get_device_capability())
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+def _run(cmd: list[str], verbose: bool) -> None:
+    if verbose:
+        print(" ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+
+
+def build_without_ninja(build_dir: Path, gencode: list[str], verbose: bool = False):
+    """What torch.utils.cpp_extension.load does, for machines without ninja (it requires it):
+    nvcc for the kernels, the C++ compiler for the bindings, one shared library, imported."""
+    from torch.utils import cpp_extension as ce
+    name = build_dir.name
+    library = build_dir / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not library.exists():
+        # Objects and the library are made in a private directory and moved in at the end, so
+        # ranks building at once never read each other's half-written files.
+        work = build_dir / f"tmp-{os.getpid()}"
+        work.mkdir(parents=True, exist_ok=True)
+        nvcc = find_nvcc()
+        cxx = os.environ.get("CXX", "c++")
+        includes = [f"-I{p}" for p in ce.include_paths("cuda")] + [
+            f"-I{sysconfig.get_paths()['include']}", f"-I{SOURCE_DIR}"]
+        abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        kernel_obj, bindings_obj = work / "two_branch.cuda.o", work / "two_branch_bindings.o"
+        _run([nvcc, "-c", str(KERNEL_SOURCE), "-o", str(kernel_obj), "-O3", "-lineinfo", "-std=c++17",
+              "-Xcompiler", "-fPIC", f"-I{SOURCE_DIR}", abi, *gencode], verbose)
+        _run([cxx, "-c", str(BINDINGS_SOURCE), "-o", str(bindings_obj), "-O3", "-std=c++20", "-fPIC",
+              *includes, abi, f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H"], verbose)
+        libs = ce.library_paths("cuda")
+        _run([cxx, "-shared", str(bindings_obj), str(kernel_obj), "-o", str(work / library.name),
+              *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs],
+              "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", "-lcudart"], verbose)
+        os.replace(work / library.name, library)
+        shutil.rmtree(work, ignore_errors=True)
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def available() -> bool:
