@@ -77,6 +77,15 @@ def test_flops_of_ddpmpp_cifar_match_reference_figure():
     assert all(p.grad is None for p in net.parameters())  # counting leaves no gradients
 
 
+def test_flops_of_a_real_frozen_net_equal_the_meta_count():
+    cfg = _tiny(attn_resolutions=[8, 4])
+    real = build_network(cfg).requires_grad_(False)  # e.g. an EMA copy
+    with torch.device("meta"):
+        meta = build_network(cfg)
+    assert train_gflop_per_image(real) == train_gflop_per_image(meta) > 0
+    assert next(real.parameters()).device.type == "cpu"
+
+
 def test_flops_count_attention_on_cpu():
     # The attention matmuls must be counted (the fused CPU kernel is invisible to the counter).
     with_attn = forward_gflop_per_image(build_network(_tiny(attn_resolutions=[8, 4])))
@@ -225,6 +234,29 @@ def test_state_dict_keeps_fourier_frequencies_not_resample_kernels():
     torch.testing.assert_close(other.eval()(x, s), net.eval()(x, s))
 
 
+@pytest.mark.parametrize("arch", ["ncsnpp", "adm"])  # ncsnpp covers DDPM++'s code paths too
+def test_forward_traces_as_one_graph(arch):
+    # No graph breaks: torch.compile can fuse the whole denoiser (label dropout included).
+    cfg = _tiny(arch, num_classes=2, label_dropout=0.1)
+    net = build_network(cfg).train()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    out = compiled(torch.randn(2, 3, 8, 8), torch.tensor([0.2, 2.0]), torch.eye(2))
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+
+
+def test_song_unet_skip_encoder_and_decoder_variants():
+    # Not EDM presets, but part of the SongUNet family: every resolution adds to the output.
+    from ambient_dist.models import SongUNet
+    torch.manual_seed(0)
+    unet = SongUNet(8, 3, 3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                    attn_resolutions=[4], dropout=0.0, encoder_type="skip", decoder_type="skip",
+                    resample_filter=[1, 3, 3, 1])
+    heads = [level.out for level in unet.decoder]
+    assert all(h is not None for h in heads) and heads[0].up is None and heads[1].up is not None
+    out = unet(torch.randn(2, 3, 8, 8), torch.zeros(2))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
 def test_bad_configs_are_named():
     cfg = _tiny()
     bad = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, arch="unet9"))
@@ -237,3 +269,6 @@ def test_bad_configs_are_named():
         group_norm(18, eps=1e-5)
     with pytest.warns(UserWarning, match="network.attn_resolutions"):
         build_network(_tiny(attn_resolutions=[16]))
+    net = build_network(cfg)
+    with pytest.raises(ValueError, match="batch of 2"):
+        net(torch.randn(2, 3, 8, 8), torch.ones(3))

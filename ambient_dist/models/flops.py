@@ -11,7 +11,7 @@ to all parameters (not the input image), as in training.
 
 Counting runs on a "meta" copy of the net (shapes only, no arithmetic): the count is the
 same as on a real device, takes seconds even for ImageNet-size networks on a CPU, and leaves
-the caller's model (its gradients, RNG-free state) untouched.
+the caller's model untouched.
 """
 from __future__ import annotations
 
@@ -24,29 +24,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def _example_inputs(net: nn.Module, batch: int, resolution: Optional[int], channels: Optional[int],
-                    label_dim: Optional[int]):
+def _count(net: nn.Module, backward: bool, batch: int, resolution: Optional[int],
+           channels: Optional[int], label_dim: Optional[int]) -> float:
     resolution = net.img_resolution if resolution is None else resolution
     channels = net.img_channels if channels is None else channels
     label_dim = net.label_dim if label_dim is None else label_dim
-    device = next(net.parameters()).device
-    x = torch.randn(batch, channels, resolution, resolution, device=device)
-    sigma = torch.full((batch,), 1.0, device=device)
-    labels = torch.zeros(batch, label_dim, device=device) if label_dim else None
-    return x, sigma, labels
-
-
-def _count(net: nn.Module, backward: bool, batch: int, resolution, channels, label_dim) -> float:
-    if next(net.parameters()).device.type != "meta":
-        net = copy.deepcopy(net).to("meta")
-    x, sigma, labels = _example_inputs(net, batch, resolution, channels, label_dim)
+    # A shape-only copy: nothing is computed, and the caller's net keeps its state (no
+    # gradients left behind; frozen nets, e.g. EMA copies, still count a training step).
+    net = copy.deepcopy(net).to("meta").requires_grad_(True)
+    with torch.device("meta"):
+        x = torch.randn(batch, channels, resolution, resolution)
+        sigma = torch.ones(batch)
+        labels = torch.zeros(batch, label_dim) if label_dim else None
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel([SDPBackend.MATH]), torch.set_grad_enabled(backward):
         out = net(x, sigma, labels)
         if backward:
-            params = [p for p in net.parameters() if p.requires_grad]
-            # autograd.grad, not .backward(): no gradients are left on a meta-device caller's net.
-            torch.autograd.grad(out.float().square().mean(), params)
+            torch.autograd.grad(out.float().square().mean(), list(net.parameters()))
     return counter.get_total_flops() / batch / 1e9
 
 

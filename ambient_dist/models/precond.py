@@ -33,6 +33,16 @@ def _bcast(c: torch.Tensor) -> torch.Tensor:
     return c.reshape(-1, 1, 1, 1)
 
 
+def _per_sample(value, images: torch.Tensor) -> torch.Tensor:
+    """A number, [] or [B] value (sigma, c_noise) -> float32 [B] on the images' device."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=images.device).reshape(-1)
+    if value.numel() == 1:
+        return value.expand(images.shape[0])
+    if value.numel() != images.shape[0]:
+        raise ValueError(f"sigma / c_noise has {value.numel()} values for a batch of {images.shape[0]}")
+    return value
+
+
 class Precond(nn.Module):
     """A U-Net wrapped as an x0-predicting denoiser. Subclasses define `scalings`."""
 
@@ -68,8 +78,7 @@ class Precond(nn.Module):
     def raw(self, net_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor] = None,
             augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The U-Net alone: F(net_in, c_noise), float32 out (whatever autocast ran inside)."""
-        c_noise = torch.as_tensor(c_noise, dtype=torch.float32, device=net_in.device)
-        c_noise = c_noise.reshape(-1).expand(net_in.shape[0]) if c_noise.numel() == 1 else c_noise.reshape(-1)
+        c_noise = _per_sample(c_noise, net_in)
         labels = self._labels(labels, net_in.shape[0], net_in.device)
         return self.unet(net_in, c_noise, labels, augment_labels).float()
 
@@ -77,9 +86,7 @@ class Precond(nn.Module):
                 augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """D(x; sigma), the x0 prediction. sigma: a number, [] or [B]."""
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
+        sigma = _per_sample(sigma, x)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         F_x = self.raw(_bcast(c_in) * x, c_noise, labels, augment_labels)
         return _bcast(c_skip) * x + _bcast(c_out) * F_x
