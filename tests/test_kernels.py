@@ -180,6 +180,17 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert (tmp_path / "two_branch.o").stat().st_size > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_fused_kernels_on_gpu(impl):
+    # CPU twins: the interpreted Triton cases below and gpu_check_script_runs_at_toy_size.
+    from kernels import gpu_check
+    rows = gpu_check.verify(impl, torch.device("cuda"), quick=False)
+    rows += gpu_check.verify_noise(impl, torch.device("cuda"), quick=False)
+    bad = [r for r in rows if not r["ok"]]
+    assert rows and not bad, bad[:3]
+
+
 def test_cpu_benchmark_gives_harness_results(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))          # benchmarks/ is not an installed package
     from benchmarks.harness import RESULT_KEYS, Context
