@@ -9,6 +9,10 @@
         --out data/fashion-mnist-300
     python launchers/make_shards.py --source cifar10 --path ~/cifar-10-batches-py --subset 1000 ...
 
+Latent shards for Stable Diffusion fine-tuning (ambient_dist.text.latents, docs/text.md):
+    python launchers/make_shards.py --latent --model ~/sd2-base --source img2dataset \
+        --path ~/laion-10k --out data/laion-10k-latents --resolution 256 --t-n 50
+
 Sources: an image folder (--class-from-folder for labels), CIFAR-10/100 python batches,
 MNIST / Fashion-MNIST idx files, an .npz (images, labels, keys), img2dataset WebDataset shards;
 'fashion-mnist' / 'fashion-mnist-test' name the copy Debian installs. With --config the noisy
@@ -63,6 +67,16 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bad", action="store_true", help="skip (and list) undecodable source images")
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    latent = p.add_argument_group("latent shards (text-conditional; see docs/text.md)")
+    latent.add_argument("--latent", action="store_true", help="write VAE latents + noisy latents at t_n")
+    latent.add_argument("--model", help="local diffusers-format Stable Diffusion directory (its VAE)")
+    latent.add_argument("--t-n", type=int, default=None, help="DDPM timestep of the noisy latents (default 50)")
+    latent.add_argument("--text-embeddings", action="store_true", help="also store the text-encoder output")
+    latent.add_argument("--online", action="store_true",
+                        help="store no clean latents: training VAE-encodes the images")
+    latent.add_argument("--batch", type=int, default=32, help="images per VAE batch")
+    latent.add_argument("--rank", type=int, default=None, help="this writer's rank (default $RANK or 0)")
+    latent.add_argument("--world-size", type=int, default=None, help="number of writers (default $WORLD_SIZE or 1)")
     args = p.parse_args(argv)
 
     try:
@@ -70,6 +84,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, ["data.shards="]) if args.config else None
         pick = lambda flag, from_cfg, default: flag if flag is not None else (  # noqa: E731
             from_cfg if cfg is not None else default)
+        if args.latent:
+            return make_latent(args, cfg, pick)
         opts = ShardOptions(
             resolution=pick(args.resolution, cfg and cfg.data.resolution, 32),
             channels=pick(args.channels, cfg and cfg.data.channels, 0),
@@ -80,14 +96,7 @@ def main(argv=None) -> int:
             count=pick(args.count, 0 if args.per_class else cfg and cfg.data.subset, 0),
             heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
             samples_per_shard=args.samples_per_shard, workers=args.workers, skip_bad=args.skip_bad)
-        spec, fmt = args.source, args.format
-        if args.path:
-            fmt = FORMAT_NAMES.get(args.source.lower())
-            if fmt is None:
-                raise SourceError(f"--source {args.source!r} with --path: expected a format name, "
-                                  f"one of {', '.join(sorted(FORMAT_NAMES))}")
-            spec = args.path
-        source = open_source(spec, fmt, args.split, args.class_from_folder, args.label_field)
+        source = open_from_args(args)
         manifest = make_shards(source, args.out, opts, overwrite=args.overwrite, progress=not args.quiet)
     except (ConfigError, ShardError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -100,6 +109,56 @@ def main(argv=None) -> int:
         print(f"skipped {len(manifest['skipped'])} undecodable source images (--skip-bad):")
         for s in manifest["skipped"]:
             print(f"  {s['where']}: {s['error']}")
+    return 0
+
+
+def open_from_args(args):
+    spec, fmt = args.source, args.format
+    if args.path:
+        fmt = FORMAT_NAMES.get(args.source.lower())
+        if fmt is None:
+            raise SourceError(f"--source {args.source!r} with --path: expected a format name, "
+                              f"one of {', '.join(sorted(FORMAT_NAMES))}")
+        spec = args.path
+    return open_source(spec, fmt, args.split, args.class_from_folder, args.label_field)
+
+
+def make_latent(args, cfg, pick) -> int:
+    """--latent: VAE-encode the images of the source (ambient_dist.text.latents)."""
+    import os
+
+    import torch
+
+    from ambient_dist.text.latents import LatentShardOptions, make_latent_shards
+    from ambient_dist.text.sd_models import ModelError, load_components
+    model = args.model or (cfg.text.model_path if cfg is not None else "")
+    if not model:
+        raise ConfigError("--latent needs --model PATH (or text.model_path in --config)")
+    opts = LatentShardOptions(
+        resolution=pick(args.resolution, cfg and cfg.data.resolution, 256),
+        fit="crop" if args.fit == "auto" else args.fit,
+        t_n=pick(args.t_n, cfg and cfg.objective.t_n, 50), noise_seed=args.noise_seed,
+        count=pick(args.count, 0 if args.per_class else cfg and cfg.data.subset, 0),
+        per_class=args.per_class, subset_seed=args.subset_seed,
+        heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
+        samples_per_shard=args.samples_per_shard, text_embeddings=args.text_embeddings,
+        online=args.online, batch_size=args.batch, workers=max(args.workers, 1))
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    parts = ("vae", "text_encoder", "tokenizer") if args.text_embeddings else ("vae",)
+    try:
+        components = load_components(model, parts, device=device)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    manifest = make_latent_shards(open_from_args(args), args.out, opts, components, rank, world,
+                                  device, overwrite=args.overwrite, progress=not args.quiet)
+    if not manifest["complete"]:
+        print(f"rank {rank}/{world}: shards written; the last rank to finish writes the manifest")
+        return 0
+    print(f"{args.out}: {manifest['counts']['train']} latent samples in {len(manifest['shards'])} "
+          f"shards, {manifest['counts']['heldout']} held out, latents {manifest['latent_shape']}, "
+          f"noisy at t_n {manifest['t_n']}{' (online)' if manifest['online'] else ''}")
     return 0
 
 
