@@ -1,5 +1,5 @@
 """DDPM++ and NCSN++ (Song et al., "Score-Based Generative Modeling through SDEs") as
-configured in EDM (Karras et al. 2022): one `SongUNet` class, two presets.
+configured in EDM (Karras et al. 2022): one `SongUNet` class; the two presets (precond.py) are
 
     DDPM++: positional noise embedding, standard encoder and decoder, box [1, 1] resampling.
     NCSN++: random Fourier embedding (twice as wide), "residual" encoder (a second path that
