@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     latent.add_argument("--online", action="store_true",
                         help="store no clean latents: training VAE-encodes the images")
     latent.add_argument("--batch", type=int, default=32, help="images per VAE batch")
-    latent.add_argument("--rank", type=int, default=None, help="this writer's rank (default $RANK or 0)")
-    latent.add_argument("--world-size", type=int, default=None, help="number of writers (default $WORLD_SIZE or 1)")
+    latent.add_argument("--rank", type=int, default=None, help="this writer's rank (default: from torchrun / mpirun, else 0)")
+    latent.add_argument("--world-size", type=int, default=None, help="number of writers (default: from the launcher, else 1)")
     args = p.parse_args(argv)
 
     try:
@@ -125,10 +125,9 @@ def open_from_args(args):
 
 def make_latent(args, cfg, pick) -> int:
     """--latent: VAE-encode the images of the source (ambient_dist.text.latents)."""
-    import os
-
     import torch
 
+    from ambient_dist.metrics.distributed import env_rank_world
     from ambient_dist.text.latents import LatentShardOptions, make_latent_shards
     from ambient_dist.text.sd_models import ModelError, load_components
     model = args.model or (cfg.text.model_path if cfg is not None else "")
@@ -143,9 +142,10 @@ def make_latent(args, cfg, pick) -> int:
         heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
         samples_per_shard=args.samples_per_shard, text_embeddings=args.text_embeddings,
         online=args.online, batch_size=args.batch, workers=max(args.workers, 1))
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    env_rank, env_world, local_rank = env_rank_world()  # torchrun / deepspeed / mpirun
+    rank = args.rank if args.rank is not None else env_rank
+    world = args.world_size if args.world_size is not None else env_world
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     parts = ("vae", "text_encoder", "tokenizer") if args.text_embeddings else ("vae",)
     try:
         components = load_components(model, parts, device=device)

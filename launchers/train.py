@@ -40,6 +40,8 @@ def main(argv=None) -> int:
         cfg = load_config(config_path, args.overrides)
         # Imported after the config is known good: this pulls in torch and the networks.
         from ambient_dist.engine.trainer import describe, run_training
+        if cfg.text.model_path:  # Stable Diffusion fine-tuning (ambient_dist.text, docs/text.md)
+            from ambient_dist.text.text_trainer import run_text_training as run_training
         if args.describe:
             print(describe(cfg))
             return 0

@@ -477,6 +477,13 @@ class LatentLoader:
         """Nothing runs in the background."""
 
 
+def training_captions(shards_dir: str | os.PathLike, count: int) -> list[str]:
+    """The captions of the first `count` training samples (stored order; data.subset takes
+    this same prefix), e.g. as prompts for sampling near the training set."""
+    shards = LatentShardSet(shards_dir, verify=False)
+    return [shards.caption(i) for i in range(min(count, len(shards)))]
+
+
 def read_latent_manifest(shards_dir: str | os.PathLike) -> dict:
     manifest = read_manifest(shards_dir)
     if manifest.get("form") != "latent_v":
@@ -486,4 +493,4 @@ def read_latent_manifest(shards_dir: str | os.PathLike) -> dict:
 
 __all__ = ["encode_latents", "encode_text", "tokenize", "LatentShardOptions", "make_latent_shards",
            "check_latent_manifest", "LatentShardSet", "LatentLoader", "TextBatch",
-           "read_latent_manifest", "SourceError"]
+           "read_latent_manifest", "training_captions", "SourceError"]

@@ -57,6 +57,17 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def prompts_for(cfg, count: int) -> list[str]:
+    """`count` prompts for an experiment: text.prompts (a file) or, when unset, the captions
+    of the first training samples of data.shards; cycled when there are fewer."""
+    from .latents import training_captions
+    pool = (read_prompts(cfg.text.prompts) if cfg.text.prompts
+            else training_captions(cfg.data.shards, min(count, cfg.data.subset or count)))
+    if not pool:
+        raise ValueError(f"data.shards ({cfg.data.shards}): no training captions to sample from")
+    return [pool[i % len(pool)] for i in range(count)]
+
+
 @torch.no_grad()
 def sample_latents(unet: torch.nn.Module, cond: torch.Tensor, empty: torch.Tensor,
                    indices: Sequence[int], latent_shape: Sequence[int], scheduler_config: dict,
@@ -105,3 +116,40 @@ def sample_images(components: SDComponents, prompts: Sequence[str], indices: Seq
         images = c.vae.decode((latents / c.scaling_factor).to(vae_dtype)).sample
         out.append(images.float().cpu())
     return torch.cat(out)
+
+
+def write_samples(components: SDComponents, store, prompts: Sequence[str], settings: TextSamplerSettings,
+                  device, rank: int = 0, world_size: int = 1, weights_sha: str = "",
+                  autocast_dtype=None, progress: bool = True) -> int:
+    """Generate images 0..len(prompts)-1 into a metrics.samples.SampleStore (the layout
+    launchers/evaluate.py reads), this rank's blocks only, skipping images already there.
+    Writes prompts.txt beside them (line n = prompt of image n, for the CLIP score)."""
+    import hashlib
+
+    from ambient_dist.data.shards import atomic_write_bytes
+    from ambient_dist.metrics.samples import SampleMeta
+    from ambient_dist.sampling import to_uint8
+    from tqdm.auto import tqdm
+
+    num = len(prompts)
+    text = "".join(p.replace("\n", " ") + "\n" for p in prompts).encode("utf-8")
+    sampler = {k: v for k, v in vars(settings).items() if k not in ("seed", "batch_size", "resolution")}
+    sampler["prompts_sha"] = hashlib.sha256(text).hexdigest()[:16]
+    store.check_meta(SampleMeta(num=num, seed=settings.seed, image_shape=[3, settings.resolution,
+                                settings.resolution], weights_sha=weights_sha, sampler=sampler,
+                                layout=store.layout, shard_size=store.block, labels="prompts"))
+    if rank == 0:
+        atomic_write_bytes(store.root / "prompts.txt", text)
+    todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world_size)]
+    total = sum(len(p) for _, p in todo)
+    bar = tqdm(total=total, desc=f"text sampling (rank {rank})", unit="img", disable=not progress)
+    for block, pending in todo:
+        staged: dict = {}
+        for start in range(0, len(pending), settings.batch_size):
+            indices = pending[start: start + settings.batch_size]
+            images = sample_images(components, [prompts[n] for n in indices], indices, settings,
+                                   device, autocast_dtype=autocast_dtype)
+            store.write(block, indices, to_uint8(images), None, staged)
+            bar.update(len(indices))
+    bar.close()
+    return total

@@ -30,6 +30,7 @@ import torch
 
 from ambient_dist.config import ConfigError, ExperimentConfig, save_config
 from ambient_dist.data.loader import Batch
+from ambient_dist.data.shards import ShardError
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.ema import EMA
 from ambient_dist.engine.logging import TrainingStats
@@ -42,8 +43,8 @@ from ambient_dist.objective import LatentVAmbientLoss, LossOutput, StepCoefficie
 from .export import export_pipeline
 from .latents import LatentLoader, encode_text, read_latent_manifest
 from .mitigations import CaptionDropout, PredictionMagnitudeFilter, TextEmbeddingNoise
-from .sampling import TextSamplerSettings, read_prompts, sample_images
-from .sd_models import SDComponents, load_components
+from .sampling import TextSamplerSettings, prompts_for, sample_images
+from .sd_models import SCHEDULER_PREDICTION, ModelError, SDComponents, load_components
 
 EXPORT_DIR = "diffusers"
 
@@ -137,7 +138,14 @@ class TextTrainer(Trainer):
         self.accumulation = cfg.accumulation_steps(self.world_size)
         self.memory_format = torch.contiguous_format
 
-        self.components: SDComponents = load_components(cfg.text.model_path, device=self.device)
+        try:
+            self.components: SDComponents = load_components(cfg.text.model_path, device=self.device)
+        except ModelError as e:
+            raise ConfigError(f"text.model_path: {e}") from None
+        have = self.components.scheduler_config.get("prediction_type", "epsilon")
+        if have != SCHEDULER_PREDICTION[cfg.text.prediction]:
+            raise ConfigError(f"text.prediction is {cfg.text.prediction!r} but {cfg.text.model_path} "
+                              f"predicts {have!r} (scheduler/scheduler_config.json); set it to match")
         self.net = self.components.unet.train().requires_grad_(True)
         if cfg.text.gradient_checkpointing:
             self.net.enable_gradient_checkpointing()
@@ -168,12 +176,7 @@ class TextTrainer(Trainer):
 
     def prompts(self, count: int) -> list[str]:
         """The prompt file's prompts, or the training captions, cycled to `count`."""
-        if self.cfg.text.prompts:
-            pool = read_prompts(self.cfg.text.prompts)
-        else:
-            shards = self.loader.shards
-            pool = [shards.caption(i) for i in range(min(count, self.loader.num_samples))]
-        return [pool[i % len(pool)] for i in range(count)]
+        return prompts_for(self.cfg, count)
 
     def ema_network(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
@@ -198,7 +201,10 @@ def run_text_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike
                       resume: Optional[str] = None) -> Path:
     """The whole job: train (or continue), then samples, memorization summary, diffusers export."""
     run_dir = resolve_run_dir(cfg, run_dir)
-    read_latent_manifest(cfg.data.shards)  # a clear error before the model is loaded
+    try:  # a clear error before the model is loaded
+        read_latent_manifest(cfg.data.shards)
+    except ShardError as e:
+        raise ConfigError(f"data.shards: {e}") from None
     resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
     trainer = TextTrainer(cfg, run_dir, resume_from=resume_from)
     params = sum(p.numel() for p in trainer.net.parameters())
