@@ -245,6 +245,14 @@ def forward_bf16_within_1e_2():
     assert rel_err(loss, ref_loss) < 1e-2
     loss.mean().backward()
     assert Fg.grad.dtype == torch.bfloat16 and rel_err(Fg.grad, ref_grad) < 1e-2
+    # float16 noisy copies beside float32 images (as the loader stores them): read as they are.
+    coefs, clean, noisy, eps, F = problem("mixed")
+    noisy16 = noisy.half()
+    net_in = kernels.network_input(coefs, clean, noisy16, eps, "triton")
+    assert net_in.dtype == torch.float32
+    assert rel_err(net_in, reference_network_input(coefs, clean, noisy16.float(), eps)) < 1e-5
+    loss = kernels.residual_loss(coefs, F, net_in, (clean, noisy16), "triton")
+    assert rel_err(loss, reference_residual_loss(coefs, F, net_in, clean, noisy16.float())) < 1e-5
     # bfloat16 network input from float32 images (autocast-style), without a separate cast.
     coefs, clean, noisy, eps, _ = problem("mixed")
     net_bf = kernels.network_input(coefs, clean, noisy, eps, "triton", out_dtype=torch.bfloat16)

@@ -8,7 +8,8 @@
 // block belongs to one sample, so it picks one base pointer and never reads the other tensor.
 // Tensors are [B, N] rows; a block covers THREADS * ELEMS consecutive elements of one row and
 // each thread ELEMS = 8 of them (two 16-byte loads of float32, one of bfloat16), with a scalar
-// fallback when a row is not 8-element aligned. Arithmetic is float32 for every storage type.
+// fallback when a row is not 8-element aligned. Each tensor has its own storage type (float32,
+// bfloat16 or float16, chosen at run time); arithmetic is float32.
 //
 // In-kernel noise is the Philox-4x32-10 definition of kernels/philox.py: counter (element / 4,
 // sample, step lo, step hi), key = seed; one call gives the normals of four elements.
@@ -28,8 +29,6 @@ namespace {
 
 constexpr int ELEMS = 8;           // elements per thread: two Philox groups of four
 constexpr int MAX_THREADS = 512;
-
-
 
 // ---------------------------------------------------------------------------------------
 // Storage <-> float32
@@ -78,6 +77,37 @@ __device__ __forceinline__ void store_row(T* __restrict__ row, int64_t first, in
   }
 }
 
+// A row of any storage type: the type is a kernel argument, the same for the whole grid, so
+// the switch is a uniform branch. One kernel then serves every mix of dtypes (float32 images
+// beside float16 noisy copies, a bfloat16 network input...) without an instantiation each.
+__device__ __forceinline__ void load_any(const void* base, Storage type, int64_t first, int64_t numel,
+                                         bool vector_ok, float (&out)[ELEMS]) {
+  switch (type) {
+    case Storage::f32: load_row(static_cast<const float*>(base), first, numel, vector_ok, out); break;
+    case Storage::bf16: load_row(static_cast<const __nv_bfloat16*>(base), first, numel, vector_ok, out); break;
+    case Storage::f16: load_row(static_cast<const __half*>(base), first, numel, vector_ok, out); break;
+  }
+}
+
+__device__ __forceinline__ void store_any(void* base, Storage type, int64_t first, int64_t numel,
+                                          bool vector_ok, const float (&in)[ELEMS]) {
+  switch (type) {
+    case Storage::f32: store_row(static_cast<float*>(base), first, numel, vector_ok, in); break;
+    case Storage::bf16: store_row(static_cast<__nv_bfloat16*>(base), first, numel, vector_ok, in); break;
+    case Storage::f16: store_row(static_cast<__half*>(base), first, numel, vector_ok, in); break;
+  }
+}
+
+__device__ __forceinline__ int element_size(Storage type) { return type == Storage::f32 ? 4 : 2; }
+
+// Base of sample `sample`'s row (numel elements of `type`).
+__device__ __forceinline__ const void* row_of(const void* base, Storage type, int64_t sample, int64_t numel) {
+  return static_cast<const char*>(base) + sample * numel * element_size(type);
+}
+__device__ __forceinline__ void* row_of(void* base, Storage type, int64_t sample, int64_t numel) {
+  return static_cast<char*>(base) + sample * numel * element_size(type);
+}
+
 // ---------------------------------------------------------------------------------------
 // Philox-4x32-10 and Box-Muller (kernels/philox.py states the same definition in PyTorch)
 // ---------------------------------------------------------------------------------------
@@ -116,30 +146,27 @@ __device__ __forceinline__ void philox_normal4(const NoiseKey& nk, int64_t sampl
 // ---------------------------------------------------------------------------------------
 // Pass 1: network input
 // ---------------------------------------------------------------------------------------
-template <typename TIn, typename TOut>
-__global__ void network_input_kernel(const TIn* __restrict__ clean, const TIn* __restrict__ noisy,
-                                     const TIn* __restrict__ eps, TOut* __restrict__ out,
-                                     const float* __restrict__ P, const float* __restrict__ Q,
+__global__ void network_input_kernel(Tensors t, const float* __restrict__ P, const float* __restrict__ Q,
                                      const float* __restrict__ c_in, const uint8_t* __restrict__ ambient,
-                                     int64_t numel, bool vector_ok, bool seeded, NoiseKey nk) {
+                                     int64_t numel, bool vector_ok, NoiseKey nk) {
   const int64_t sample = blockIdx.y;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * ELEMS;
   if (first >= numel) return;
-  const int64_t row = sample * numel;
-  const TIn* src_row = (ambient[sample] ? noisy : clean) + row;   // only one tensor is read
+  const bool amb = ambient[sample] != 0;           // only the branch's own tensor is read
   const float p = P[sample], q = Q[sample], ci = c_in[sample];
 
   float src[ELEMS], e[ELEMS], net[ELEMS];
-  load_row(src_row, first, numel, vector_ok, src);
-  if (seeded) {
+  load_any(row_of(amb ? t.noisy : t.clean, amb ? t.noisy_type : t.clean_type, sample, numel),
+           amb ? t.noisy_type : t.clean_type, first, numel, vector_ok, src);
+  if (t.eps == nullptr) {
     philox_normal4(nk, sample, first / 4, e);
     philox_normal4(nk, sample, first / 4 + 1, e + 4);
   } else {
-    load_row(eps + row, first, numel, vector_ok, e);
+    load_any(row_of(t.eps, t.eps_type, sample, numel), t.eps_type, first, numel, vector_ok, e);
   }
 #pragma unroll
   for (int k = 0; k < ELEMS; ++k) net[k] = ci * (p * src[k] + q * e[k]);
-  store_row(out + row, first, numel, vector_ok, net);
+  store_any(row_of(t.out, t.out_type, sample, numel), t.out_type, first, numel, vector_ok, net);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -161,38 +188,34 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;   // valid in thread 0
 }
 
-template <typename TF, typename TD>
-__global__ void residual_loss_kernel(const TF* __restrict__ F, const TD* __restrict__ net_in,
-                                     const TD* __restrict__ clean, const TD* __restrict__ noisy,
-                                     TF* __restrict__ grad, float* __restrict__ loss,
+__global__ void residual_loss_kernel(Tensors t, float* __restrict__ loss,
                                      const float* __restrict__ A, const float* __restrict__ B,
                                      const float* __restrict__ C, const float* __restrict__ c_in,
                                      const float* __restrict__ weight, const uint8_t* __restrict__ ambient,
-                                     int64_t numel, bool vector_ok, float grad_scale,
-                                     bool write_grad, bool deterministic) {
+                                     int64_t numel, bool vector_ok, float grad_scale, bool deterministic) {
   const int64_t sample = blockIdx.y;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * ELEMS;
-  const int64_t row = sample * numel;
   const float a = A[sample], b = B[sample], c = C[sample], w = weight[sample];
   const float ci = c_in[sample];
 
   float sq = 0.f;
   if (first < numel) {   // no early return: every thread takes part in block_sum
-    const TD* src_row = (ambient[sample] ? noisy : clean) + row;
+    const bool amb = ambient[sample] != 0;
+    const Storage src_type = amb ? t.noisy_type : t.clean_type;
     float f[ELEMS], x[ELEMS], s[ELEMS], r[ELEMS];
-    load_row(F + row, first, numel, vector_ok, f);
-    load_row(net_in + row, first, numel, vector_ok, x);
-    load_row(src_row, first, numel, vector_ok, s);
+    load_any(row_of(t.F, t.F_type, sample, numel), t.F_type, first, numel, vector_ok, f);
+    load_any(row_of(t.net_in, t.net_in_type, sample, numel), t.net_in_type, first, numel, vector_ok, x);
+    load_any(row_of(amb ? t.noisy : t.clean, src_type, sample, numel), src_type, first, numel, vector_ok, s);
 #pragma unroll
     for (int k = 0; k < ELEMS; ++k) {
       r[k] = first + k < numel ? a * f[k] + b * (x[k] / ci) + c * s[k] : 0.f;
       sq += r[k] * r[k];
     }
-    if (write_grad) {
+    if (t.out != nullptr) {
       const float g = 2.0f * grad_scale * w * a;   // d(mean_i loss_i)/dF for grad_scale = 1/B
 #pragma unroll
       for (int k = 0; k < ELEMS; ++k) r[k] *= g;
-      store_row(grad + row, first, numel, vector_ok, r);
+      store_any(row_of(t.out, t.out_type, sample, numel), t.out_type, first, numel, vector_ok, r);
     }
   }
   sq = block_sum(sq);
@@ -205,10 +228,8 @@ __global__ void residual_loss_kernel(const TF* __restrict__ F, const TD* __restr
 // ---------------------------------------------------------------------------------------
 // Backward: hand dF on, scaled by the incoming gradient when it is not the one assumed
 // ---------------------------------------------------------------------------------------
-template <typename T>
-__global__ void rescale_rows_kernel(const T* __restrict__ grad, T* __restrict__ out,
-                                    const float* __restrict__ upstream, float expected, int64_t numel,
-                                    bool vector_ok, bool in_place) {
+__global__ void rescale_rows_kernel(Tensors t, const float* __restrict__ upstream, float expected,
+                                    int64_t numel, bool vector_ok, bool in_place) {
   const int64_t sample = blockIdx.y;
   const float ratio = upstream[sample] / expected;
   // In place, a factor of exactly 1 (loss.mean().backward()) leaves the row as it is: the
@@ -216,12 +237,11 @@ __global__ void rescale_rows_kernel(const T* __restrict__ grad, T* __restrict__ 
   if (in_place && ratio == 1.0f) return;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * ELEMS;
   if (first >= numel) return;
-  const int64_t row = sample * numel;
   float g[ELEMS];
-  load_row(grad + row, first, numel, vector_ok, g);
+  load_any(row_of(t.F, t.F_type, sample, numel), t.F_type, first, numel, vector_ok, g);
 #pragma unroll
   for (int k = 0; k < ELEMS; ++k) g[k] *= ratio;
-  store_row(out + row, first, numel, vector_ok, g);
+  store_any(row_of(t.out, t.out_type, sample, numel), t.out_type, first, numel, vector_ok, g);
 }
 
 }  // namespace
@@ -238,73 +258,35 @@ Launch launch_for(int64_t numel) {
   return {static_cast<int>(threads), static_cast<int>((chunks + threads - 1) / threads)};
 }
 
-namespace {
-
-// Call fn with a value of the C++ type of `s` (its type selects the kernel instantiation).
-template <typename Fn>
-cudaError_t with_storage(Storage s, Fn&& fn) {
-  switch (s) {
-    case Storage::f32: return fn(float{});
-    case Storage::bf16: return fn(__nv_bfloat16{});
-    case Storage::f16: return fn(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-}  // namespace
-
-cudaError_t network_input(Storage in, Storage out_type, const void* clean, const void* noisy,
-                          const void* eps, void* out, const float* P, const float* Q,
-                          const float* c_in, const uint8_t* ambient, int64_t batch, int64_t numel,
-                          bool vector_ok, NoiseKey noise, cudaStream_t stream) {
+cudaError_t network_input(const Tensors& t, const float* P, const float* Q, const float* c_in,
+                          const uint8_t* ambient, int64_t batch, int64_t numel, bool vector_ok,
+                          NoiseKey noise, cudaStream_t stream) {
   if (batch == 0 || numel == 0) return cudaSuccess;
   const Launch launch = launch_for(numel);
   const dim3 grid(launch.blocks_per_sample, static_cast<unsigned>(batch));
-  return with_storage(in, [&](auto in_tag) {
-    return with_storage(out_type, [&](auto out_tag) {
-      using TIn = decltype(in_tag);
-      using TOut = decltype(out_tag);
-      network_input_kernel<TIn, TOut><<<grid, launch.threads, 0, stream>>>(
-          static_cast<const TIn*>(clean), static_cast<const TIn*>(noisy), static_cast<const TIn*>(eps),
-          static_cast<TOut*>(out), P, Q, c_in, ambient, numel, vector_ok, eps == nullptr, noise);
-      return cudaGetLastError();
-    });
-  });
+  network_input_kernel<<<grid, launch.threads, 0, stream>>>(t, P, Q, c_in, ambient, numel, vector_ok, noise);
+  return cudaGetLastError();
 }
 
-cudaError_t residual_loss(Storage f_type, Storage data_type, const void* F, const void* net_in,
-                          const void* clean, const void* noisy, void* grad, float* loss,
-                          const float* A, const float* B, const float* C, const float* c_in,
-                          const float* weight, const uint8_t* ambient, int64_t batch, int64_t numel,
-                          bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream) {
+cudaError_t residual_loss(const Tensors& t, float* loss, const float* A, const float* B, const float* C,
+                          const float* c_in, const float* weight, const uint8_t* ambient, int64_t batch,
+                          int64_t numel, bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream) {
   if (batch == 0 || numel == 0) return cudaSuccess;
   const Launch launch = launch_for(numel);
   const dim3 grid(launch.blocks_per_sample, static_cast<unsigned>(batch));
-  return with_storage(f_type, [&](auto f_tag) {
-    return with_storage(data_type, [&](auto d_tag) {
-      using TF = decltype(f_tag);
-      using TD = decltype(d_tag);
-      residual_loss_kernel<TF, TD><<<grid, launch.threads, 0, stream>>>(
-          static_cast<const TF*>(F), static_cast<const TD*>(net_in), static_cast<const TD*>(clean),
-          static_cast<const TD*>(noisy), static_cast<TF*>(grad), loss, A, B, C, c_in, weight, ambient,
-          numel, vector_ok, grad_scale, grad != nullptr, ordered);
-      return cudaGetLastError();
-    });
-  });
+  residual_loss_kernel<<<grid, launch.threads, 0, stream>>>(t, loss, A, B, C, c_in, weight, ambient, numel,
+                                                            vector_ok, grad_scale, ordered);
+  return cudaGetLastError();
 }
 
-cudaError_t rescale_rows(Storage type, const void* grad, void* out, const float* upstream, float expected,
-                         int64_t batch, int64_t numel, bool vector_ok, cudaStream_t stream) {
+cudaError_t rescale_rows(const Tensors& t, const float* upstream, float expected, int64_t batch,
+                         int64_t numel, bool vector_ok, cudaStream_t stream) {
   if (batch == 0 || numel == 0) return cudaSuccess;
   const Launch launch = launch_for(numel);
   const dim3 grid(launch.blocks_per_sample, static_cast<unsigned>(batch));
-  return with_storage(type, [&](auto tag) {
-    using T = decltype(tag);
-    rescale_rows_kernel<T><<<grid, launch.threads, 0, stream>>>(
-        static_cast<const T*>(grad), static_cast<T*>(out), upstream, expected, numel, vector_ok,
-        grad == out);
-    return cudaGetLastError();
-  });
+  rescale_rows_kernel<<<grid, launch.threads, 0, stream>>>(t, upstream, expected, numel, vector_ok,
+                                                           t.F == t.out);
+  return cudaGetLastError();
 }
 
 }  // namespace two_branch

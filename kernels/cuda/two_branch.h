@@ -24,24 +24,34 @@ struct Launch {
 };
 Launch launch_for(int64_t numel);
 
-// Pass 1: out = c_in * (P * src + Q * eps); eps == nullptr draws it from `noise`.
-// `vector_ok`: every row pointer is aligned for 8-element loads and numel % 8 == 0.
-cudaError_t network_input(Storage in, Storage out_type, const void* clean, const void* noisy,
-                          const void* eps, void* out, const float* P, const float* Q,
-                          const float* c_in, const uint8_t* ambient, int64_t batch, int64_t numel,
-                          bool vector_ok, NoiseKey noise, cudaStream_t stream);
+// The big tensors of a call, each a [B, N] row-major array with its own storage type.
+// Pass 1 reads clean/noisy/eps and writes out (eps == nullptr: draw it from the NoiseKey).
+// Pass 2 reads F/net_in/clean/noisy and writes dF to out (out == nullptr: no gradient).
+// rescale_rows reads F (the stored dF) and writes out (out == F: in place).
+struct Tensors {
+  const void* clean = nullptr;  Storage clean_type = Storage::f32;
+  const void* noisy = nullptr;  Storage noisy_type = Storage::f32;
+  const void* eps = nullptr;    Storage eps_type = Storage::f32;
+  const void* F = nullptr;      Storage F_type = Storage::f32;
+  const void* net_in = nullptr; Storage net_in_type = Storage::f32;
+  void* out = nullptr;          Storage out_type = Storage::f32;
+};
 
-// Pass 2: loss[b, block] (ordered) or loss[b] += (atomics) weight * sum(r^2), and, if grad is
-// not null, grad = grad_scale * 2 * weight * A * r.
-cudaError_t residual_loss(Storage f_type, Storage data_type, const void* F, const void* net_in,
-                          const void* clean, const void* noisy, void* grad, float* loss,
-                          const float* A, const float* B, const float* C, const float* c_in,
-                          const float* weight, const uint8_t* ambient, int64_t batch, int64_t numel,
-                          bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream);
+// Pass 1: out = c_in * (P * src + Q * eps). `vector_ok`: numel % 8 == 0 and every row pointer
+// is aligned for 8-element loads.
+cudaError_t network_input(const Tensors& t, const float* P, const float* Q, const float* c_in,
+                          const uint8_t* ambient, int64_t batch, int64_t numel, bool vector_ok,
+                          NoiseKey noise, cudaStream_t stream);
 
-// Backward: out = grad * upstream[b] / expected per sample. With out == grad (in place), rows
-// whose factor is exactly 1 are left untouched.
-cudaError_t rescale_rows(Storage type, const void* grad, void* out, const float* upstream, float expected,
-                         int64_t batch, int64_t numel, bool vector_ok, cudaStream_t stream);
+// Pass 2: loss[b, block] (ordered) or loss[b] += (atomics) weight * sum(r^2), and, if t.out is
+// not null, dF = grad_scale * 2 * weight * A * r.
+cudaError_t residual_loss(const Tensors& t, float* loss, const float* A, const float* B, const float* C,
+                          const float* c_in, const float* weight, const uint8_t* ambient, int64_t batch,
+                          int64_t numel, bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream);
+
+// Backward: out = F * upstream[b] / expected per sample. In place (out == F), rows whose factor
+// is exactly 1 are left untouched.
+cudaError_t rescale_rows(const Tensors& t, const float* upstream, float expected, int64_t batch,
+                         int64_t numel, bool vector_ok, cudaStream_t stream);
 
 }  // namespace two_branch

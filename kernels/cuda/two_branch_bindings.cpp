@@ -61,23 +61,24 @@ torch::Tensor network_input(torch::Tensor clean, torch::Tensor noisy, torch::Ten
   check_rows(noisy, "noisy", batch, numel);
   check_rows(out, "out", batch, numel);
   if (!seeded) check_rows(eps, "eps", batch, numel);
-  TORCH_CHECK(noisy.scalar_type() == clean.scalar_type() && (seeded || eps.scalar_type() == clean.scalar_type()),
-              "network_input: clean, noisy and eps must share one dtype");
   check_coef(P, "P", batch, torch::kFloat32);
   check_coef(Q, "Q", batch, torch::kFloat32);
   check_coef(c_in, "c_in", batch, torch::kFloat32);
   check_coef(ambient, "ambient", batch, torch::kUInt8);
   TORCH_CHECK(batch <= 65535, "network_input: batch ", batch, " exceeds the grid limit 65535");
+  two_branch::Tensors t;
+  t.clean = clean.data_ptr(); t.clean_type = storage_of(clean, "clean");
+  t.noisy = noisy.data_ptr(); t.noisy_type = storage_of(noisy, "noisy");
+  if (!seeded) { t.eps = eps.data_ptr(); t.eps_type = storage_of(eps, "eps"); }
+  t.out = out.data_ptr(); t.out_type = storage_of(out, "out");
   const bool vector_ok = seeded ? vectorizable(numel, {&clean, &noisy, &out})
                                 : vectorizable(numel, {&clean, &noisy, &eps, &out});
   const two_branch::NoiseKey noise{static_cast<uint32_t>(key_lo), static_cast<uint32_t>(key_hi),
                                    static_cast<uint32_t>(step_lo), static_cast<uint32_t>(step_hi),
                                    first_sample};
-  check_launch(two_branch::network_input(
-                   storage_of(clean, "clean"), storage_of(out, "out"), clean.data_ptr(), noisy.data_ptr(),
-                   seeded ? nullptr : eps.data_ptr(), out.data_ptr(), P.data_ptr<float>(),
-                   Q.data_ptr<float>(), c_in.data_ptr<float>(), ambient.data_ptr<uint8_t>(), batch, numel,
-                   vector_ok, noise, as_stream(stream)),
+  check_launch(two_branch::network_input(t, P.data_ptr<float>(), Q.data_ptr<float>(), c_in.data_ptr<float>(),
+                                         ambient.data_ptr<uint8_t>(), batch, numel, vector_ok, noise,
+                                         as_stream(stream)),
                "network_input");
   return out;
 }
@@ -93,8 +94,6 @@ std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, 
   check_rows(net_in, "net_in", batch, numel);
   check_rows(clean, "clean", batch, numel);
   check_rows(noisy, "noisy", batch, numel);
-  TORCH_CHECK(net_in.scalar_type() == clean.scalar_type() && noisy.scalar_type() == clean.scalar_type(),
-              "residual_loss: net_in, clean and noisy must share one dtype");
   for (auto [t, name] : {std::pair{&A, "A"}, {&B, "B"}, {&C, "C"}, {&c_in, "c_in"}, {&weight, "weight"}})
     check_coef(*t, name, batch, torch::kFloat32);
   check_coef(ambient, "ambient", batch, torch::kUInt8);
@@ -106,14 +105,18 @@ std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, 
   const auto fopts = F.options().dtype(torch::kFloat32);
   torch::Tensor loss = ordered ? torch::zeros({batch, blocks}, fopts) : torch::zeros({batch}, fopts);
   torch::Tensor grad = write_grad ? torch::empty_like(F) : torch::Tensor();
+  two_branch::Tensors t;
+  t.F = F.data_ptr(); t.F_type = storage_of(F, "F");
+  t.net_in = net_in.data_ptr(); t.net_in_type = storage_of(net_in, "net_in");
+  t.clean = clean.data_ptr(); t.clean_type = storage_of(clean, "clean");
+  t.noisy = noisy.data_ptr(); t.noisy_type = storage_of(noisy, "noisy");
+  if (write_grad) { t.out = grad.data_ptr(); t.out_type = t.F_type; }
   const bool vector_ok = write_grad ? vectorizable(numel, {&F, &net_in, &clean, &noisy, &grad})
                                     : vectorizable(numel, {&F, &net_in, &clean, &noisy});
-  check_launch(two_branch::residual_loss(
-                   storage_of(F, "F"), storage_of(clean, "clean"), F.data_ptr(), net_in.data_ptr(),
-                   clean.data_ptr(), noisy.data_ptr(), write_grad ? grad.data_ptr() : nullptr,
-                   loss.data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>(), C.data_ptr<float>(),
-                   c_in.data_ptr<float>(), weight.data_ptr<float>(), ambient.data_ptr<uint8_t>(), batch,
-                   numel, vector_ok, static_cast<float>(grad_scale), ordered, as_stream(stream)),
+  check_launch(two_branch::residual_loss(t, loss.data_ptr<float>(), A.data_ptr<float>(), B.data_ptr<float>(),
+                                         C.data_ptr<float>(), c_in.data_ptr<float>(), weight.data_ptr<float>(),
+                                         ambient.data_ptr<uint8_t>(), batch, numel, vector_ok,
+                                         static_cast<float>(grad_scale), ordered, as_stream(stream)),
                "residual_loss");
   if (ordered) {
     // Deterministic second pass: a fixed-shape row sum, the same order every run.
@@ -128,8 +131,10 @@ torch::Tensor rescale_rows(torch::Tensor grad, torch::Tensor upstream, double ex
   check_rows(grad, "grad", batch, numel);
   check_coef(upstream, "upstream", batch, torch::kFloat32);
   torch::Tensor out = in_place ? grad : torch::empty_like(grad);
-  check_launch(two_branch::rescale_rows(storage_of(grad, "grad"), grad.data_ptr(), out.data_ptr(),
-                                        upstream.data_ptr<float>(), static_cast<float>(expected), batch,
+  two_branch::Tensors t;
+  t.F = grad.data_ptr(); t.F_type = storage_of(grad, "grad");
+  t.out = out.data_ptr(); t.out_type = t.F_type;
+  check_launch(two_branch::rescale_rows(t, upstream.data_ptr<float>(), static_cast<float>(expected), batch,
                                         numel, vectorizable(numel, {&grad, &out}), as_stream(stream)),
                "rescale_rows");
   return out;
