@@ -29,9 +29,11 @@ import torch
 import yaml
 
 from ambient_dist import data, metrics, sampling
-from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict
+from ambient_dist.config import (ConfigError, ExperimentConfig, save_config, to_dict,
+                                 validate_world)
 from ambient_dist.data.augment import to_model_units
 from ambient_dist.engine.checkpoint import Checkpoint, CheckpointManager, export_safetensors_atomic
+from ambient_dist.engine.distributed import DistInfo, any_rank_true, init_distributed, shutdown
 from ambient_dist.engine.ema import EMA, ema_beta
 from ambient_dist.engine.logging import RunLogger, TrainingStats, save_image_grid
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
@@ -181,27 +183,33 @@ def build_optimizer(params, cfg: ExperimentConfig, device: torch.device) -> torc
 
 
 class Trainer:
+    """Single-process PyTorch training. `DeepSpeedTrainer` (deepspeed_engine.py) overrides
+    the few hooks marked below: how the model and optimizer are set up, how a micro-batch
+    is back-propagated and a step applied, what the EMA averages, and checkpoint I/O."""
+
     def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike,
-                 device: Optional[torch.device] = None, resume_from: Optional[Path] = None):
+                 dist_info: Optional[DistInfo] = None, resume_from: Optional[Path] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world_size = 0, 1
+        self.dist = dist_info or DistInfo(
+            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
         t = cfg.train
         self.micro_batch = cfg.micro_batch(self.world_size)
         self.accumulation = cfg.accumulation_steps(self.world_size)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
 
-        torch.manual_seed(t.seed)  # the initial weights
-        self.net = build_network(cfg).to(self.device, memory_format=self.memory_format).train()
+        torch.manual_seed(t.seed)  # the initial weights: the same on every rank
+        net = build_network(cfg).to(self.device, memory_format=self.memory_format).train()
         if t.compile:
             # Compile the U-Net call the loss makes (net.raw); the module and its state_dict
             # keys stay as they are, so checkpoints are the same with or without compile.
-            self.net.raw = torch.compile(self.net.raw)
+            net.raw = torch.compile(net.raw)
+        self.num_parameters = sum(p.numel() for p in net.parameters())
         self.loss_fn = build_loss(cfg.objective)
-        self.optimizer = build_optimizer(self.net.parameters(), cfg, self.device)
-        self.ema = EMA.of_module(self.net)
+        self._setup_model(net)
+        self.ema = EMA(self._ema_live())
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
-        # uses the global RNG (also saved).
+        # uses the global RNG (also saved). Each rank draws different noise.
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
@@ -212,27 +220,20 @@ class Trainer:
         self.batches = iter(self.loader)
         self.stats = TrainingStats()
 
-    # -- one optimizer step ------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.train.precision == "bf16")
+    # -- hooks: the plain PyTorch implementation -----------------------------------------
+    def _setup_model(self, net: torch.nn.Module) -> None:
+        self.net = net  # what the loss calls
+        self.optimizer = build_optimizer(net.parameters(), self.cfg, self.device)
 
-    def train_step(self) -> torch.Tensor:
-        """One step over the global batch; returns its mean loss (a device scalar)."""
-        set_learning_rate(self.optimizer, learning_rate(self.cfg.optimizer, self.images_seen))
-        self.optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
-            batch = next(self.batches)
-            clean = batch.clean.to(self.device, memory_format=self.memory_format)
-            noisy = batch.noisy.to(self.device, memory_format=self.memory_format)
-            labels = None if batch.labels is None else batch.labels.to(self.device)
-            with self._autocast():
-                out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator)
-            (out.loss / self.accumulation).backward()
-            step_loss += out.loss.detach() / self.accumulation
-            self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
+    def _ema_live(self) -> dict[str, torch.Tensor]:
+        """The live weights the EMA follows (the whole model here; a partition under ZeRO-3)."""
+        return self.net.state_dict()
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def _apply_step(self, step_loss: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """Clip and step unless the loss or gradient is not finite -> (applied, grad norm)."""
         params = [p for p in self.net.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         # One host sync per step: a non-finite loss or gradient skips the update entirely.
@@ -241,10 +242,34 @@ class Trainer:
             if self.cfg.optimizer.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optimizer.grad_clip, grad_norm)
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite, grad_norm
+
+    # -- one optimizer step ------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.precision == "bf16")
+
+    def train_step(self) -> torch.Tensor:
+        """One step over the global batch; returns this rank's mean loss (a device scalar)."""
+        set_learning_rate(self.optimizer, learning_rate(self.cfg.optimizer, self.images_seen))
+        step_loss = torch.zeros((), device=self.device)
+        for _ in range(self.accumulation):
+            batch = next(self.batches)
+            clean = batch.clean.to(self.device, memory_format=self.memory_format)
+            noisy = batch.noisy.to(self.device, memory_format=self.memory_format)
+            labels = None if batch.labels is None else batch.labels.to(self.device)
+            with self._autocast():
+                out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator)
+            self._backward(out.loss)
+            step_loss += out.loss.detach() / self.accumulation
+            self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
+
+        applied, grad_norm = self._apply_step(step_loss)
+        if applied:
             t = self.cfg.train
-            beta = ema_beta(self.images_seen, self.cfg.train.batch, t.ema_halflife_kimg,
-                            t.ema_rampup_ratio)
-            self.ema.update(self.net.state_dict(), beta)
+            beta = ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio)
+            self.ema.update(self._ema_live(), beta)
             self.bad_in_a_row = 0
         else:
             self.bad_steps += 1
@@ -254,7 +279,7 @@ class Trainer:
                     f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient "
                     f"(at {self.images_seen} images); the run has diverged. Lower optimizer.lr or "
                     f"set optimizer.grad_clip, and resume from {self.checkpoints.latest()}")
-        self.stats.add_step(grad_norm, skipped=not finite)
+        self.stats.add_step(grad_norm, skipped=not applied)
         self.images_seen += self.cfg.train.batch
         self.steps += 1
         return step_loss
@@ -273,7 +298,12 @@ class Trainer:
         saved_at = self.images_seen if self.checkpoints.latest() else -1
         try:
             with StopFlag() as stop:
-                while self.images_seen < total and stop.requested is None:
+                while self.images_seen < total:
+                    # Every rank must leave the loop at the same step (checkpointing is
+                    # collective), so a signal seen by any rank stops all of them.
+                    if any_rank_true(stop.requested is not None, self.dist):
+                        stop.requested = stop.requested or "signal on another rank"
+                        break
                     loss = self.train_step()
                     logger.progress(self.images_seen, None)
                     if self._crossed(t.log_every_kimg) or self.images_seen >= total:
@@ -282,8 +312,9 @@ class Trainer:
                         logger.log(self.images_seen, scalars, sigmas,
                                    lr=self.optimizer.param_groups[0]["lr"])
                     if self._crossed(t.sample_every_kimg) and self.images_seen < total:
-                        logger.image("samples", self.generate(min(16, self.cfg.sampling.num_images)),
-                                     self.images_seen)
+                        grid = self.generate(min(16, self.cfg.sampling.num_images))
+                        if grid is not None:
+                            logger.image("samples", grid, self.images_seen)
                     if self._crossed(t.checkpoint_every_kimg):
                         self.save_checkpoint()
                         saved_at = self.images_seen
@@ -304,55 +335,77 @@ class Trainer:
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         return states
 
+    def _meta(self) -> dict:
+        return {"images_seen": self.images_seen, "steps": self.steps, "bad_steps": self.bad_steps,
+                "world_size": self.world_size, "fingerprint": self.cfg.fingerprint(),
+                "config": to_dict(self.cfg)}
+
+    def _check_resumable(self, meta: dict, path: Path) -> None:
+        check_resume_compatible(meta["config"], self.cfg, path)
+        if meta["world_size"] != self.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks; this "
+                              f"run has {self.world_size}. Resume at the same world size (the "
+                              "per-rank optimizer partitions and data positions depend on it).")
+
+    def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["torch"])
+        self.noise_generator.set_state(rng["noise"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def _set_progress(self, meta: dict) -> None:
+        self.images_seen = meta["images_seen"]
+        self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
+
     def save_checkpoint(self) -> Path:
-        ckpt = Checkpoint(
-            model=self.net.state_dict(), ema=self.ema.state_dict(), rng=self._rng_states(),
-            state={"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict()},
-            meta={"images_seen": self.images_seen, "steps": self.steps, "bad_steps": self.bad_steps,
-                  "world_size": self.world_size, "fingerprint": self.cfg.fingerprint(),
-                  "config": to_dict(self.cfg)})
-        path = self.checkpoints.save(ckpt, self.images_seen)
+        path = self._write_checkpoint()
         self.export_ema()
         return path
 
+    def _write_checkpoint(self) -> Path:
+        ckpt = Checkpoint(
+            model=self.net.state_dict(), ema=self.ema.state_dict(), rng=self._rng_states(),
+            state={"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict()},
+            meta=self._meta())
+        return self.checkpoints.save(ckpt, self.images_seen)
+
     def _restore(self, path: Path) -> None:
         ckpt = CheckpointManager.load(path, self.device)
-        check_resume_compatible(ckpt.meta["config"], self.cfg, path)
-        if ckpt.meta["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {path} was written by {ckpt.meta['world_size']} ranks; "
-                              f"this run has {self.world_size}. Resume at the same world size.")
+        self._check_resumable(ckpt.meta, path)
         self.net.load_state_dict(ckpt.model)
         self.ema.load_state_dict(ckpt.ema)
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        torch.set_rng_state(ckpt.rng["torch"])
-        self.noise_generator.set_state(ckpt.rng["noise"])
-        if "cuda" in ckpt.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt.rng["cuda"], self.device)
-        self.images_seen = ckpt.meta["images_seen"]
-        self.steps, self.bad_steps = ckpt.meta["steps"], ckpt.meta["bad_steps"]
+        self._set_rng_states(ckpt.rng)
+        self._set_progress(ckpt.meta)
+
+    def ema_state_full(self) -> dict[str, torch.Tensor]:
+        """The whole model's EMA weights (collective under ZeRO-3, where each rank has a part)."""
+        return self.ema.state_dict()
 
     def export_ema(self) -> Path:
-        """<run_dir>/ema.safetensors: the EMA weights under the network's own keys."""
+        """<run_dir>/ema.safetensors: the EMA weights under the network's own keys (rank 0)."""
+        state = self.ema_state_full()
         path = self.run_dir / "ema.safetensors"
-        export_safetensors_atomic(self.ema.state_dict(), path,
-                                  metadata={"images_seen": str(self.images_seen),
-                                            "fingerprint": self.cfg.fingerprint()})
+        if self.rank == 0:
+            export_safetensors_atomic(state, path, metadata={
+                "images_seen": str(self.images_seen), "fingerprint": self.cfg.fingerprint()})
         return path
 
     # -- end of run: samples and the memorization summary ------------------------------
     def ema_network(self) -> torch.nn.Module:
+        state = self.ema_state_full()
         net = build_network(self.cfg).to(self.device).eval().requires_grad_(False)
-        self.ema.copy_to(net)
+        net.load_state_dict(state)
         return net
 
-    def generate(self, num_images: int) -> torch.Tensor:
-        """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler.
-
-        Each image has its own seed (sampling.seed, index), so the grid is the same at any
-        batch size; class-conditional networks cycle through the classes.
-        """
+    def generate(self, num_images: int) -> Optional[torch.Tensor]:
+        """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler (on rank 0;
+        None elsewhere). Each image has its own seed (sampling.seed, index), so the grid is
+        the same at any batch size; class-conditional networks cycle through the classes."""
+        net = self.ema_network()  # every rank takes part in gathering the EMA
+        if self.rank != 0:
+            return None
         indices = list(range(num_images))
-        net = self.ema_network()
         labels = (torch.tensor(indices, device=self.device) % net.label_dim
                   if net.label_dim else None)
         bf16 = self.cfg.train.precision == "bf16"
@@ -375,15 +428,17 @@ class Trainer:
         _, heldout, _ = data.load_images(shards, "heldout")
         return train, as_tensor(heldout[: self.cfg.evaluation.heldout_images])
 
-    def finish(self) -> dict:
-        """Export the EMA, write samples.png and memorization.json; return the summary."""
+    def finish(self) -> Optional[dict]:
+        """Export the EMA, write samples.png and memorization.json; return the summary
+        (on rank 0; the other ranks only help gather the EMA and return None)."""
         self.export_ema()
         images = self.generate(self.cfg.sampling.num_images)
+        if images is None:
+            return None
         save_image_grid(images, self.run_dir / "samples.png")
         train_images, heldout_images = self.reference_images()
         summary = metrics.memorization_summary(images, train_images, heldout_images,
-                                               self.cfg.evaluation, self.device,
-                                               progress=self.rank == 0)
+                                               self.cfg.evaluation, self.device, progress=True)
         tmp = self.run_dir / ".memorization.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, self.run_dir / "memorization.json")
@@ -409,20 +464,34 @@ def format_memorization(summary: dict) -> str:
 
 def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
                  resume: Optional[str] = None) -> Path:
-    """The whole job: prepare the run directory, train (or continue), then report."""
-    run_dir = resolve_run_dir(cfg, run_dir)
-    resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
-    trainer = Trainer(cfg, run_dir, resume_from=resume_from)
-    params = sum(p.numel() for p in trainer.net.parameters())
-    # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
-    check_output_dir(run_dir, params * 4 * 4 * (cfg.train.keep_checkpoints + 1))
-    save_config(cfg, run_dir)
-    write_run_info(run_dir, cfg, trainer.world_size)
-    if resume_from is not None:
-        print(f"resuming from {resume_from} at {trainer.images_seen} images")
-    if trainer.train():
-        summary = trainer.finish()
-        print(format_memorization(summary))
-        print(f"run directory: {run_dir} (config.yaml, checkpoints/, ema.safetensors, "
-              "samples.png, memorization.json, TensorBoard events)")
-    return run_dir
+    """The whole job on this rank: join the process group, prepare the run directory, train
+    (or continue), then report. Works the same as a plain process or under a launcher."""
+    info = init_distributed(cfg)
+    try:
+        validate_world(cfg, info.world_size)
+        if info.distributed and cfg.distributed.engine != "deepspeed":
+            raise ConfigError(f"distributed.engine: {info.world_size} ranks need "
+                              "distributed.engine=deepspeed (the plain engine is single-process)")
+        run_dir = resolve_run_dir(cfg, run_dir)
+        resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
+        if cfg.distributed.engine == "deepspeed":
+            from ambient_dist.engine.deepspeed_engine import DeepSpeedTrainer as trainer_class
+        else:
+            trainer_class = Trainer
+        trainer = trainer_class(cfg, run_dir, dist_info=info, resume_from=resume_from)
+        # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
+        check_output_dir(run_dir, trainer.num_parameters * 4 * 4 * (cfg.train.keep_checkpoints + 1))
+        if info.is_main:
+            save_config(cfg, run_dir)
+            write_run_info(run_dir, cfg, info.world_size)
+            if resume_from is not None:
+                print(f"resuming from {resume_from} at {trainer.images_seen} images")
+        if trainer.train():
+            summary = trainer.finish()
+            if summary is not None:
+                print(format_memorization(summary))
+                print(f"run directory: {run_dir} (config.yaml, checkpoints/, ema.safetensors, "
+                      "samples.png, memorization.json, TensorBoard events)")
+        return run_dir
+    finally:
+        shutdown(info)

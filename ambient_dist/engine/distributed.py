@@ -1,0 +1,122 @@
+"""Process-group set-up for every way a job can be started.
+
+One function, `init_distributed(cfg)`, turns whatever the launcher left in the environment
+into a `DistInfo` (rank, world size, local rank, device) and, for more than one rank, an
+initialised torch.distributed process group:
+
+    plain `python launchers/train.py`   no RANK/WORLD_SIZE: one rank, no process group
+    deepspeed / torchrun                RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set
+    mpirun (Open MPI)                   OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK, mapped here
+                                        to RANK/WORLD_SIZE/LOCAL_RANK before initialising
+
+MASTER_ADDR defaults to 127.0.0.1 (single-node runs and tests never leave the machine) and
+MASTER_PORT to 29500. The backend is NCCL with CUDA and gloo on CPU; `distributed.timeout_s`
+bounds every collective, so a dead rank ends the job with an error instead of hanging it.
+DS_ACCELERATOR=cpu is set when there is no GPU, before DeepSpeed is first imported, so that
+DeepSpeed does not go looking for one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ambient_dist.config import ExperimentConfig
+
+# Open MPI's names for what torch.distributed expects.
+_OMPI_TO_TORCH = {"OMPI_COMM_WORLD_RANK": "RANK", "OMPI_COMM_WORLD_SIZE": "WORLD_SIZE",
+                  "OMPI_COMM_WORLD_LOCAL_RANK": "LOCAL_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "LOCAL_WORLD_SIZE"}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launcher_environment(env: dict | None = None) -> dict[str, str]:
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables this process should run with.
+
+    Variables the launcher already set win; Open MPI's are mapped when torch's are missing.
+    """
+    env = dict(os.environ if env is None else env)
+    out: dict[str, str] = {}
+    for ompi, name in _OMPI_TO_TORCH.items():
+        if name not in env and ompi in env:
+            out[name] = env[ompi]
+    if int(env.get("WORLD_SIZE", out.get("WORLD_SIZE", "1"))) > 1:
+        out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
+        out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
+    return {**{k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in env}, **out}
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """Tell DeepSpeed to use its CPU accelerator when there is no CUDA device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(cfg: ExperimentConfig) -> DistInfo:
+    """Read the launcher's environment, pick the device, join the process group if needed."""
+    os.environ.update(launcher_environment())
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    use_cpu_accelerator_if_no_gpu()
+    if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.distributed.timeout_s)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if cfg.distributed.engine == "deepspeed":
+            import deepspeed  # its communication layer must know about the group it uses
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout,
+                                       auto_mpi_discovery=False, verbose=False)
+        else:
+            dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_ranks_true(flag: bool, info: DistInfo) -> bool:
+    """True only if `flag` holds on every rank (e.g. a stop request seen by one rank)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def any_rank_true(flag: bool, info: DistInfo) -> bool:
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
