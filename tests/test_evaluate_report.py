@@ -23,6 +23,16 @@ from ambient_dist.models import build_network
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Toy networks gain nothing from a second thread; on a busy small machine spinning
+    # OpenMP threads make them many times slower. Restored after this file.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_launcher(name):
     spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

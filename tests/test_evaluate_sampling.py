@@ -16,6 +16,16 @@ from ambient_dist.models import build_network
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Toy networks gain nothing from a second thread; on a busy small machine spinning
+    # OpenMP threads make them many times slower. Restored after this file.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_launcher(name):
     spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -66,7 +76,7 @@ def test_images_do_not_depend_on_batch_size_or_rank_count(run, tmp_path, monkeyp
         assert sample(run, tmp_path / "c", "--batch", "3", "--shard-size", "2",
                       env={"RANK": r, "WORLD_SIZE": 2}, monkeypatch=monkeypatch) == 0
     for r in range(3):
-        assert sample(run, tmp_path / "d", "--batch", "1", "--shard-size", "2",
+        assert sample(run, tmp_path / "d", "--batch", "3", "--shard-size", "2",
                       env={"OMPI_COMM_WORLD_RANK": r, "OMPI_COMM_WORLD_SIZE": 3},
                       monkeypatch=monkeypatch) == 0
     idx_a, a, _ = S.read_samples(tmp_path / "a")

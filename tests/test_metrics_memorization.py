@@ -6,7 +6,6 @@ through the same code path as the real files. Two-rank tests use gloo on 127.0.0
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 

@@ -7,6 +7,8 @@
     memorization.py   chunked top-k nearest neighbours (rank-split), memorization_summary
     clip_score.py     CLIP score of images against their prompts (local CLIP directory)
     report.py         report.json / report.md and the figures
+    samples.py        sampling at scale: model loading, rank split, resumable PNG / shard store
+    evaluation.py     one evaluation, samples -> report (what launchers/evaluate.py runs)
     distributed.py    rank / slice / gather helpers shared by the above and the launchers
 
 The training loop calls `memorization_summary` at the end of a run; launchers/evaluate.py

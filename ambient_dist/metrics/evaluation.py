@@ -28,7 +28,7 @@ from ambient_dist.metrics import distributed as mdist
 from ambient_dist.metrics import fid as fidlib
 from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
-from ambient_dist.metrics.features import build_extractor, extract, images_digest
+from ambient_dist.metrics.features import build_extractor, images_digest
 from ambient_dist.metrics.memorization import memorization_summary
 
 
