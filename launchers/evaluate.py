@@ -53,9 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
-    from ambient_dist.metrics import distributed as mdist
     from ambient_dist.metrics import evaluation as ev
     from ambient_dist.metrics.features import FeatureError
     from ambient_dist.metrics.samples import SampleStoreError
@@ -71,14 +68,10 @@ def main(argv=None) -> int:
             return 2
         print(f"wrote {path}")
         return 0
-    _, _, local_rank = mdist.env_rank_world()
-    if args.device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    started = mdist.init_from_env(torch.device(device))
+    from ambient_dist.config import ExperimentConfig
+    from ambient_dist.engine.distributed import init_distributed, shutdown
+    info = init_distributed(ExperimentConfig())  # joins the process group under torchrun / mpirun
+    device = str(info.device) if args.device == "auto" else args.device
     opts = ev.EvalOptions(
         samples=args.samples, run_dir=args.run_dir, shards=args.shards, out=args.out, num=args.num,
         features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
@@ -92,8 +85,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        shutdown(info)
     if "out" in report:
         mem = report["memorization"]["generated"]
         fid = report["fid"]["value"] if report["fid"] else None
