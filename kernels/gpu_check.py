@@ -352,13 +352,15 @@ def time_shape(name, batch, shape, dtype, impls, device, measure, compile_ref, q
     return rows
 
 
-def step_share(impls, device, measure, quick) -> list[dict]:
-    """Share of a DDPM++ 32x32 batch-512 training step taken by the objective, per impl."""
+def step_share(impls, device, measure, quick, resolution=32, batch=512, channel_mult=(2, 2, 2)) -> list[dict]:
+    """Share of a DDPM++ training step (default: CIFAR-10's, 32x32 batch 512) taken by the
+    objective, per impl. 64x64: EDM's FFHQ-64 network, channel_mult (1, 2, 2, 2), batch 256."""
     from ambient_dist.config import ExperimentConfig
     from ambient_dist.models import build_network
     cfg = ExperimentConfig()
-    batch = 4 if quick else 512
+    cfg.data.resolution, cfg.network.channel_mult = resolution, list(channel_mult)
     if quick:
+        batch = 4
         cfg.network.model_channels, cfg.network.num_blocks, cfg.data.resolution = 16, 1, 8
         cfg.network.attn_resolutions = [4]
     net = build_network(cfg).to(device)
@@ -386,7 +388,7 @@ def step_share(impls, device, measure, quick) -> list[dict]:
             c, F, kernels.network_input(c, clean, noisy, eps, impl), (clean, noisy), impl).mean(), F)
     for label, fn in steps.items():
         t, _ = measure(fn, **(dict(repeats=3, inner=2, warmup=1) if quick else dict(repeats=7, inner=10, warmup=3)))
-        rows.append({"what": f"objective ({label})", "batch": batch, "time_ms": t * 1e3,
+        rows.append({"what": f"objective ({label}), {res}x{res}", "batch": batch, "time_ms": t * 1e3,
                      "share_of_step": t / (unet + t)})
     return rows
 

@@ -1,8 +1,13 @@
 // PyTorch bindings of the two-branch CUDA kernels: tensor checks, output allocation, and the
 // calls to the launchers of two_branch.cu. Only CPU-side PyTorch headers are used; the caller
 // (kernels/cuda_ext.py) passes the current CUDA stream and has made the tensors' device current.
+// The ATen per-operator headers and the pybind11 tensor casters instead of torch/extension.h
+// (the whole C++ frontend): a third of the compile time, which the first training step waits on.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
@@ -12,11 +17,11 @@ namespace {
 
 using two_branch::Storage;
 
-Storage storage_of(const torch::Tensor& t, const char* name) {
+Storage storage_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case torch::kFloat32: return Storage::f32;
-    case torch::kBFloat16: return Storage::bf16;
-    case torch::kFloat16: return Storage::f16;
+    case at::kFloat: return Storage::f32;
+    case at::kBFloat16: return Storage::bf16;
+    case at::kHalf: return Storage::f16;
     default:
       TORCH_CHECK(false, name, ": dtype ", t.scalar_type(),
                   " is not supported by impl 'cuda' (float32, bfloat16, float16)");
@@ -24,22 +29,22 @@ Storage storage_of(const torch::Tensor& t, const char* name) {
   return Storage::f32;
 }
 
-void check_rows(const torch::Tensor& t, const char* name, int64_t batch, int64_t numel) {
+void check_rows(const at::Tensor& t, const char* name, int64_t batch, int64_t numel) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) == numel && t.is_contiguous(), name,
               ": expected a contiguous [", batch, ", ", numel, "] tensor, got ", t.sizes());
 }
 
-void check_coef(const torch::Tensor& t, const char* name, int64_t batch, torch::ScalarType dtype) {
+void check_coef(const at::Tensor& t, const char* name, int64_t batch, at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 1 && t.size(0) == batch && t.is_contiguous(), name,
               ": expected a contiguous CUDA tensor of shape [", batch, "], got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
 }
 
 // 16-byte row loads need numel % 8 == 0 and every base pointer aligned to 8 elements.
-bool vectorizable(int64_t numel, std::initializer_list<const torch::Tensor*> ts) {
+bool vectorizable(int64_t numel, std::initializer_list<const at::Tensor*> ts) {
   if (numel % 8 != 0) return false;
-  for (const torch::Tensor* t : ts) {
+  for (const at::Tensor* t : ts) {
     if (reinterpret_cast<uintptr_t>(t->data_ptr()) % (t->element_size() * 8) != 0) return false;
   }
   return true;
@@ -51,9 +56,9 @@ void check_launch(cudaError_t err, const char* what) {
 
 cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
-torch::Tensor network_input(torch::Tensor clean, torch::Tensor noisy, torch::Tensor eps,
-                            torch::Tensor out, torch::Tensor P, torch::Tensor Q, torch::Tensor c_in,
-                            torch::Tensor ambient, bool seeded, int64_t first_sample,
+at::Tensor network_input(at::Tensor clean, at::Tensor noisy, at::Tensor eps,
+                            at::Tensor out, at::Tensor P, at::Tensor Q, at::Tensor c_in,
+                            at::Tensor ambient, bool seeded, int64_t first_sample,
                             int64_t step_lo, int64_t step_hi, int64_t key_lo, int64_t key_hi,
                             int64_t stream) {
   const int64_t batch = clean.size(0), numel = clean.size(1);
@@ -61,10 +66,10 @@ torch::Tensor network_input(torch::Tensor clean, torch::Tensor noisy, torch::Ten
   check_rows(noisy, "noisy", batch, numel);
   check_rows(out, "out", batch, numel);
   if (!seeded) check_rows(eps, "eps", batch, numel);
-  check_coef(P, "P", batch, torch::kFloat32);
-  check_coef(Q, "Q", batch, torch::kFloat32);
-  check_coef(c_in, "c_in", batch, torch::kFloat32);
-  check_coef(ambient, "ambient", batch, torch::kUInt8);
+  check_coef(P, "P", batch, at::kFloat);
+  check_coef(Q, "Q", batch, at::kFloat);
+  check_coef(c_in, "c_in", batch, at::kFloat);
+  check_coef(ambient, "ambient", batch, at::kByte);
   TORCH_CHECK(batch <= 65535, "network_input: batch ", batch, " exceeds the grid limit 65535");
   two_branch::Tensors t;
   t.clean = clean.data_ptr(); t.clean_type = storage_of(clean, "clean");
@@ -84,10 +89,10 @@ torch::Tensor network_input(torch::Tensor clean, torch::Tensor noisy, torch::Ten
 }
 
 // Returns {per-sample loss [B] float32, dF (undefined when write_grad is false)}.
-std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, torch::Tensor clean,
-                                         torch::Tensor noisy, torch::Tensor A, torch::Tensor B,
-                                         torch::Tensor C, torch::Tensor c_in, torch::Tensor weight,
-                                         torch::Tensor ambient, double grad_scale, bool write_grad,
+std::vector<at::Tensor> residual_loss(at::Tensor F, at::Tensor net_in, at::Tensor clean,
+                                         at::Tensor noisy, at::Tensor A, at::Tensor B,
+                                         at::Tensor C, at::Tensor c_in, at::Tensor weight,
+                                         at::Tensor ambient, double grad_scale, bool write_grad,
                                          bool deterministic, int64_t stream) {
   const int64_t batch = F.size(0), numel = F.size(1);
   check_rows(F, "F", batch, numel);
@@ -95,16 +100,16 @@ std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, 
   check_rows(clean, "clean", batch, numel);
   check_rows(noisy, "noisy", batch, numel);
   for (auto [t, name] : {std::pair{&A, "A"}, {&B, "B"}, {&C, "C"}, {&c_in, "c_in"}, {&weight, "weight"}})
-    check_coef(*t, name, batch, torch::kFloat32);
-  check_coef(ambient, "ambient", batch, torch::kUInt8);
+    check_coef(*t, name, batch, at::kFloat);
+  check_coef(ambient, "ambient", batch, at::kByte);
   TORCH_CHECK(batch <= 65535, "residual_loss: batch ", batch, " exceeds the grid limit 65535");
 
   const int blocks = two_branch::launch_for(numel).blocks_per_sample;
   // One block per sample leaves nothing to add: both modes then write the loss directly.
   const bool ordered = deterministic || blocks == 1;
-  const auto fopts = F.options().dtype(torch::kFloat32);
-  torch::Tensor loss = ordered ? torch::zeros({batch, blocks}, fopts) : torch::zeros({batch}, fopts);
-  torch::Tensor grad = write_grad ? torch::empty_like(F) : torch::Tensor();
+  const auto fopts = F.options().dtype(at::kFloat);
+  at::Tensor loss = ordered ? at::zeros({batch, blocks}, fopts) : at::zeros({batch}, fopts);
+  at::Tensor grad = write_grad ? at::empty_like(F) : at::Tensor();
   two_branch::Tensors t;
   t.F = F.data_ptr(); t.F_type = storage_of(F, "F");
   t.net_in = net_in.data_ptr(); t.net_in_type = storage_of(net_in, "net_in");
@@ -125,12 +130,12 @@ std::vector<torch::Tensor> residual_loss(torch::Tensor F, torch::Tensor net_in, 
   return {loss, grad};
 }
 
-torch::Tensor rescale_rows(torch::Tensor grad, torch::Tensor upstream, double expected, bool in_place,
+at::Tensor rescale_rows(at::Tensor grad, at::Tensor upstream, double expected, bool in_place,
                            int64_t stream) {
   const int64_t batch = grad.size(0), numel = grad.size(1);
   check_rows(grad, "grad", batch, numel);
-  check_coef(upstream, "upstream", batch, torch::kFloat32);
-  torch::Tensor out = in_place ? grad : torch::empty_like(grad);
+  check_coef(upstream, "upstream", batch, at::kFloat);
+  at::Tensor out = in_place ? grad : at::empty_like(grad);
   two_branch::Tensors t;
   t.F = grad.data_ptr(); t.F_type = storage_of(grad, "grad");
   t.out = out.data_ptr(); t.out_type = t.F_type;
