@@ -17,14 +17,16 @@ a child process); `triton.jit` decides between compiled and interpreted at defin
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.philox import PhiloxNoise
 
-# Block of elements per program on a GPU; the interpreter prefers the largest block (fewer
-# Python-level program launches), so `_block_size` scales with the sample.
+# Block of elements per program on a GPU when no block of 1024-4096 divides the sample; the
+# interpreter prefers the largest block (fewer Python-level program launches).
 GPU_BLOCK = 2048
 INTERPRETER_MAX_BLOCK = 16384
 
@@ -174,6 +176,11 @@ def _compute_dtype(*tensors: torch.Tensor):
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensors' one (multi-GPU hosts).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _num_warps(block: int) -> int:
     # 16 (4096) or 8 elements per thread: several 16-byte loads in flight per tensor.
     return 8 if block >= 4096 else 4
@@ -194,10 +201,11 @@ def network_input(p, q, c_in, ambient, clean, noisy, eps, out_dtype, block=None)
         eps_arg = eps
     compute = _compute_dtype(clean, noisy) if seeded else _compute_dtype(clean, noisy, eps)
     grid = (triton.cdiv(numel, blk), batch)
-    _network_input_kernel[grid](clean, noisy, eps_arg, out, p, q, c_in, ambient, numel,
-                                first, step_lo, step_hi, key_lo, key_hi,
-                                BLOCK=blk, SEEDED_NOISE=seeded, COMPUTE=compute,
-                                num_warps=_num_warps(blk))
+    with _on_device(clean):
+        _network_input_kernel[grid](clean, noisy, eps_arg, out, p, q, c_in, ambient, numel,
+                                    first, step_lo, step_hi, key_lo, key_hi,
+                                    BLOCK=blk, SEEDED_NOISE=seeded, COMPUTE=compute,
+                                    num_warps=_num_warps(blk))
     return out
 
 
@@ -214,12 +222,13 @@ def residual_loss(a, b, c, c_in, weight, ambient, f, net_in, clean, noisy,
     ordered = deterministic or blocks == 1
     loss = (torch.empty((batch, blocks), dtype=acc_dtype, device=f.device) if ordered
             else torch.zeros(batch, dtype=acc_dtype, device=f.device))
-    _residual_loss_kernel[(blocks, batch)](f, net_in, clean, noisy, grad, loss,
-                                           a, b, c, c_in, weight, ambient,
-                                           numel, blocks, float(grad_scale),
-                                           BLOCK=blk, WRITE_GRAD=write_grad,
-                                           DETERMINISTIC=ordered, COMPUTE=compute,
-                                           num_warps=_num_warps(blk))
+    with _on_device(f):
+        _residual_loss_kernel[(blocks, batch)](f, net_in, clean, noisy, grad, loss,
+                                               a, b, c, c_in, weight, ambient,
+                                               numel, blocks, float(grad_scale),
+                                               BLOCK=blk, WRITE_GRAD=write_grad,
+                                               DETERMINISTIC=ordered, COMPUTE=compute,
+                                               num_warps=_num_warps(blk))
     if ordered:
         # Deterministic second pass: a fixed-shape row sum (no atomics, same order every run).
         loss = loss[:, 0] if blocks == 1 else loss.sum(dim=1)
@@ -231,7 +240,8 @@ def rescale_rows(grad, upstream, expected, in_place, block=None):
     batch, numel = grad.shape
     blk = _block_size(numel, block)
     out = grad if in_place else torch.empty_like(grad)
-    _rescale_rows_kernel[(triton.cdiv(numel, blk), batch)](
-        grad, out, upstream, float(expected), numel, BLOCK=blk, IN_PLACE=in_place,
-        COMPUTE=_compute_dtype(grad, upstream), num_warps=_num_warps(blk))
+    with _on_device(grad):
+        _rescale_rows_kernel[(triton.cdiv(numel, blk), batch)](
+            grad, out, upstream, float(expected), numel, BLOCK=blk, IN_PLACE=in_place,
+            COMPUTE=_compute_dtype(grad, upstream), num_warps=_num_warps(blk))
     return out
