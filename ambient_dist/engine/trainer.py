@@ -199,13 +199,13 @@ class Trainer:
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
 
         torch.manual_seed(t.seed)  # the initial weights: the same on every rank
-        net = build_network(cfg).to(self.device, memory_format=self.memory_format).train()
+        net = self._build_network().to(self.device, memory_format=self.memory_format).train()
         if t.compile:
             # Compile the U-Net call the loss makes (net.raw); the module and its state_dict
             # keys stay as they are, so checkpoints are the same with or without compile.
             net.raw = torch.compile(net.raw)
         self.num_parameters = sum(p.numel() for p in net.parameters())
-        self.loss_fn = build_loss(cfg.objective)
+        self.loss_fn = self._build_loss()
         self._setup_model(net)
         self.ema = EMA(self._ema_live())
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
@@ -215,10 +215,21 @@ class Trainer:
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
         if resume_from is not None:
             self._restore(resume_from)
-        self.loader = data.build_loader(cfg, self.rank, self.world_size, self.device,
-                                        start_sample=self.images_seen)
+        self.loader = self._build_loader()
         self.batches = iter(self.loader)
         self.stats = TrainingStats()
+
+    # -- what is trained on what (ambient_dist.text.text_trainer overrides these) -------
+    def _build_network(self) -> torch.nn.Module:
+        return build_network(self.cfg)
+
+    def _build_loss(self):
+        return build_loss(self.cfg.objective)
+
+    def _build_loader(self):
+        """An iterator of data.Batch with state_dict(), resuming at self.images_seen."""
+        return data.build_loader(self.cfg, self.rank, self.world_size, self.device,
+                                 start_sample=self.images_seen)
 
     # -- hooks: the plain PyTorch implementation -----------------------------------------
     def _setup_model(self, net: torch.nn.Module) -> None:
@@ -463,7 +474,7 @@ def format_memorization(summary: dict) -> str:
 
 
 def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
-                 resume: Optional[str] = None) -> Path:
+                 resume: Optional[str] = None, trainer_classes: Optional[dict] = None) -> Path:
     """The whole job on this rank: join the process group, prepare the run directory, train
     (or continue), then report. Works the same as a plain process or under a launcher."""
     info = init_distributed(cfg)
@@ -474,7 +485,9 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
                               "distributed.engine=deepspeed (the plain engine is single-process)")
         run_dir = resolve_run_dir(cfg, run_dir)
         resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
-        if cfg.distributed.engine == "deepspeed":
+        if trainer_classes:  # {"none": class, "deepspeed": class}, e.g. the text trainers
+            trainer_class = trainer_classes[cfg.distributed.engine]
+        elif cfg.distributed.engine == "deepspeed":
             from ambient_dist.engine.deepspeed_engine import DeepSpeedTrainer as trainer_class
         else:
             trainer_class = Trainer
