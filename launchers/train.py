@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                         help="continue from the latest checkpoint of RUN_DIR, or of this run's own "
                              "directory if there is one ('auto')")
     parser.add_argument("--run-dir", help="output directory (default: <train.run_root>/<name>)")
+    # The deepspeed launcher passes --local_rank; the environment (LOCAL_RANK) says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     config_path = args.config

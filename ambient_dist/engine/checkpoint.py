@@ -85,22 +85,31 @@ class CheckpointManager:
         self.keep = keep
 
     # -- writing ----------------------------------------------------------------------
-    def save(self, ckpt: Checkpoint, images_seen: int) -> Path:
+    def staging_path(self, images_seen: int) -> Path:
+        """Where a checkpoint is written before it is published (same name on every rank)."""
+        return self.root / f".tmp-{self.name(images_seen)}"
+
+    @staticmethod
+    def name(images_seen: int) -> str:
+        return f"ckpt-{images_seen:012d}"
+
+    def stage(self, images_seen: int) -> Path:
+        """Create an empty staging directory (one process does this; then all may write)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        name = f"ckpt-{images_seen:012d}"
-        final = self.root / name
-        tmp = self.root / f".tmp-{name}"
+        tmp = self.staging_path(images_seen)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_tensors(ckpt.model, tmp / "model.safetensors")
-        save_tensors(ckpt.ema, tmp / "ema.safetensors")
-        save_tensors(ckpt.rng, tmp / "rng.safetensors")
-        torch.save(ckpt.state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(ckpt.meta, indent=2, sort_keys=True))
-        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        return tmp
+
+    def publish(self, images_seen: int) -> Path:
+        """Make the staged checkpoint durable, rename it into place, then point `latest` at it."""
+        tmp, name = self.staging_path(images_seen), self.name(images_seen)
+        final = self.root / name
+        for f in tmp.rglob("*"):  # make the contents durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():  # re-saving the same position (e.g. preemption right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -108,6 +117,15 @@ class CheckpointManager:
         write_text_atomic(self.root / "latest", name + "\n")
         self._prune(keep_name=name)
         return final
+
+    def save(self, ckpt: Checkpoint, images_seen: int) -> Path:
+        tmp = self.stage(images_seen)
+        save_tensors(ckpt.model, tmp / "model.safetensors")
+        save_tensors(ckpt.ema, tmp / "ema.safetensors")
+        save_tensors(ckpt.rng, tmp / "rng.safetensors")
+        torch.save(ckpt.state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps(ckpt.meta, indent=2, sort_keys=True))
+        return self.publish(images_seen)
 
     def _prune(self, keep_name: str) -> None:
         for stray in self.root.glob(".tmp-ckpt-*"):

@@ -409,12 +409,13 @@ class Trainer:
         net.load_state_dict(state)
         return net
 
-    def generate(self, num_images: int) -> Optional[torch.Tensor]:
-        """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler (on rank 0;
-        None elsewhere). Each image has its own seed (sampling.seed, index), so the grid is
-        the same at any batch size; class-conditional networks cycle through the classes."""
+    def generate(self, num_images: int, every_rank: bool = False) -> Optional[torch.Tensor]:
+        """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler, on rank 0
+        (None elsewhere) or, with every_rank, the same images on every rank. Each image has
+        its own seed (sampling.seed, index), so the grid is the same at any batch size;
+        class-conditional networks cycle through the classes."""
         net = self.ema_network()  # every rank takes part in gathering the EMA
-        if self.rank != 0:
+        if self.rank != 0 and not every_rank:
             return None
         indices = list(range(num_images))
         labels = (torch.tensor(indices, device=self.device) % net.label_dim
@@ -441,15 +442,18 @@ class Trainer:
 
     def finish(self) -> Optional[dict]:
         """Export the EMA, write samples.png and memorization.json; return the summary
-        (on rank 0; the other ranks only help gather the EMA and return None)."""
+        (on rank 0; the other ranks take part in the collectives and return None)."""
         self.export_ema()
-        images = self.generate(self.cfg.sampling.num_images)
-        if images is None:
-            return None
-        save_image_grid(images, self.run_dir / "samples.png")
+        # The memorization summary splits its feature extraction over the ranks, so every
+        # rank needs the samples; they are identical everywhere (per-image seeds).
+        images = self.generate(self.cfg.sampling.num_images, every_rank=True)
         train_images, heldout_images = self.reference_images()
         summary = metrics.memorization_summary(images, train_images, heldout_images,
-                                               self.cfg.evaluation, self.device, progress=True)
+                                               self.cfg.evaluation, self.device,
+                                               progress=self.rank == 0)
+        if self.rank != 0:
+            return None
+        save_image_grid(images, self.run_dir / "samples.png")
         tmp = self.run_dir / ".memorization.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, self.run_dir / "memorization.json")
