@@ -51,7 +51,7 @@ from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
     ShardSet, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy, encode_png,
     read_index, read_manifest, scan_tar, sha256_file, write_index, write_json)
-from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
+from ambient_dist.data.sources import FIT_MODES, Source, choose_subset
 from ambient_dist.noise import check_image_range, keyed_normal, make_noisy_copy
 
 from .sd_models import SDComponents
@@ -493,4 +493,4 @@ def read_latent_manifest(shards_dir: str | os.PathLike) -> dict:
 
 __all__ = ["encode_latents", "encode_text", "tokenize", "LatentShardOptions", "make_latent_shards",
            "check_latent_manifest", "LatentShardSet", "LatentLoader", "TextBatch",
-           "read_latent_manifest", "training_captions", "SourceError"]
+           "read_latent_manifest", "training_captions"]

@@ -1,23 +1,22 @@
 """Ambient fine-tuning of Stable Diffusion's U-Net on latent shards, under the engine's loop.
 
 The engine's `Trainer` (ambient_dist.engine.trainer) runs the loop, the optimizer step, EMA,
-checkpoints, resume and the end-of-run memorization summary; `TextTrainer` supplies what is
-different for a text-conditional latent model:
+checkpoints, resume and the end-of-run memorization summary, and its `DeepSpeedTrainer` the
+ZeRO 1/2/3 + bf16 variant. `TextTraining` is mixed into either and overrides what is
+different for a text-conditional latent model (the engine's _build_* hooks):
 
-- the network is the checkpoint's UNet2DConditionModel (trained, gradient checkpointing
-  optional), the VAE and CLIP text encoder are frozen and never enter the optimizer, the EMA
+- the network is the checkpoint's UNet2DConditionModel (trained; gradient checkpointing
+  optional); the VAE and CLIP text encoder are frozen and never enter the optimizer, the EMA
   or the checkpoints;
-- batches come from latent shards (text.latents.LatentLoader) as the engine's `Batch`, with the
-  text embedding in the `labels` slot (stored in the shards, or encoded here from the caption);
+- batches come from latent shards (text.latents.LatentLoader) as the engine's `Batch`, with
+  the text embedding in the `labels` slot (stored in the shards, or encoded from the caption);
 - the loss is `TextAmbientLoss`: caption dropout, text-embedding noise and the prediction-
   magnitude filter (text.mitigations) around the latent ambient loss of ambient_dist.objective
-  (v-prediction, or its epsilon-prediction twin below);
+  (v-prediction, or its epsilon-prediction form `LatentEpsAmbientLoss` below);
 - `generate` samples with classifier-free guidance from the training captions (text.sampling),
-  and the run ends with a diffusers directory of the EMA U-Net (text.export).
+  and `finish` also writes <run>/diffusers, the EMA U-Net as a diffusers model (text.export).
 
-Precision: train.precision bf16 autocasts the U-Net call (fp32 master weights, fp32 EMA).
-Runs as a single process; multi-rank runs use the engine's DeepSpeed path when it takes
-external networks (not yet).
+`run_text_training` is what launchers/train.py calls when text.model_path is set.
 """
 from __future__ import annotations
 
@@ -28,15 +27,10 @@ from typing import Optional
 
 import torch
 
-from ambient_dist.config import ConfigError, ExperimentConfig, save_config
+from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.data.loader import Batch
 from ambient_dist.data.shards import ShardError
-from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.ema import EMA
-from ambient_dist.engine.logging import TrainingStats
-from ambient_dist.engine.trainer import (
-    Trainer, build_optimizer, check_output_dir, find_resume_point, format_memorization,
-    resolve_run_dir, write_run_info)
+from ambient_dist.engine.trainer import Trainer, run_training
 from ambient_dist.noise import ddpm_alpha_sigma
 from ambient_dist.objective import LatentVAmbientLoss, LossOutput, StepCoefficients
 
@@ -118,108 +112,129 @@ class TextAmbientLoss:
 # The trainer
 # --------------------------------------------------------------------------------------
 
-class TextTrainer(Trainer):
-    """The engine's Trainer with a Stable Diffusion U-Net, latent shards and text conditioning.
+class ConditionedLoader:
+    """Latent batches as the engine's `Batch`, the text embedding in the labels slot (stored
+    in the shards, or encoded here from the captions by the frozen text encoder)."""
 
-    Only construction and sampling differ; the step, the loop, checkpoints, resume and the
-    end-of-run report are the engine's.
-    """
+    def __init__(self, latents: LatentLoader, components: SDComponents):
+        self.latents, self.components = latents, components
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        b = next(self.latents)
+        c = self.components
+        cond = b.text if b.text is not None else encode_text(c.text_encoder, c.tokenizer, b.captions)
+        return Batch(b.keys, b.clean, b.noisy, cond.float())
+
+    def state_dict(self) -> dict:
+        return self.latents.state_dict()
+
+    def close(self) -> None:
+        self.latents.close()
+
+
+class TextTraining:
+    """What a text-conditional run changes in the engine's Trainer (mixed into the plain
+    Trainer or the DeepSpeedTrainer): the network, the loss, the loader, sampling, export."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike,
-                 device: Optional[torch.device] = None, resume_from: Optional[Path] = None):
+                 dist_info=None, resume_from: Optional[Path] = None):
         if not cfg.text.model_path:
             raise ConfigError("text.model_path: set it to a local diffusers-format Stable Diffusion "
                               "2.x directory")
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world_size = 0, 1
-        t = cfg.train
-        self.micro_batch = cfg.micro_batch(self.world_size)
-        self.accumulation = cfg.accumulation_steps(self.world_size)
-        self.memory_format = torch.contiguous_format
-
+        device = (dist_info.device if dist_info is not None
+                  else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         try:
-            self.components: SDComponents = load_components(cfg.text.model_path, device=self.device)
+            self.components: SDComponents = load_components(cfg.text.model_path, device=device)
         except ModelError as e:
             raise ConfigError(f"text.model_path: {e}") from None
         have = self.components.scheduler_config.get("prediction_type", "epsilon")
         if have != SCHEDULER_PREDICTION[cfg.text.prediction]:
             raise ConfigError(f"text.prediction is {cfg.text.prediction!r} but {cfg.text.model_path} "
                               f"predicts {have!r} (scheduler/scheduler_config.json); set it to match")
-        self.net = self.components.unet.train().requires_grad_(True)
-        if cfg.text.gradient_checkpointing:
-            self.net.enable_gradient_checkpointing()
-        empty = encode_text(self.components.text_encoder, self.components.tokenizer, [""])
-        self.loss_fn = TextAmbientLoss(cfg, empty)
-        self.optimizer = build_optimizer(self.net.parameters(), cfg, self.device)
-        self.ema = EMA.of_module(self.net)
-        self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
-        self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
-        self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
-        if resume_from is not None:
-            self._restore(resume_from)
-        self.loader = LatentLoader(cfg, self.rank, self.world_size, self.device,
-                                   start_sample=self.images_seen, vae=self.components.vae)
-        self.batches = (self._conditioned(b) for b in self.loader)
-        self.stats = TrainingStats()
+        super().__init__(cfg, run_dir, dist_info=dist_info, resume_from=resume_from)
 
-    def _conditioned(self, batch) -> Batch:
-        """A latent batch as the engine's Batch, the text embedding in the labels slot."""
+    # -- engine hooks ------------------------------------------------------------------
+    def _build_network(self) -> torch.nn.Module:
+        unet = self.components.unet.train().requires_grad_(True)
+        if self.cfg.text.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet
+
+    def _build_loss(self) -> "TextAmbientLoss":
         c = self.components
-        cond = batch.text if batch.text is not None else encode_text(c.text_encoder, c.tokenizer,
-                                                                     batch.captions)
-        return Batch(batch.keys, batch.clean, batch.noisy, cond.float())
+        return TextAmbientLoss(self.cfg, encode_text(c.text_encoder, c.tokenizer, [""]))
 
-    # -- sampling ----------------------------------------------------------------------
-    def sampler_settings(self, **overrides) -> TextSamplerSettings:
-        return TextSamplerSettings.from_config(self.cfg, **overrides)
+    def _build_loader(self) -> ConditionedLoader:
+        latents = LatentLoader(self.cfg, self.rank, self.world_size, self.device,
+                               start_sample=self.images_seen, vae=self.components.vae)
+        self.shards = latents.shards
+        return ConditionedLoader(latents, self.components)
 
-    def prompts(self, count: int) -> list[str]:
-        """The prompt file's prompts, or the training captions, cycled to `count`."""
-        return prompts_for(self.cfg, count)
-
+    # -- sampling and export -----------------------------------------------------------
     def ema_network(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
-        net = UNet2DConditionModel.from_config(self.net.config).to(self.device).eval()
-        self.ema.copy_to(net)
-        return net.requires_grad_(False)
+        state = self.ema_state_full()  # collective under ZeRO-3
+        net = UNet2DConditionModel.from_config(self.components.unet.config).to(self.device)
+        net.load_state_dict(state)
+        return net.eval().requires_grad_(False)
 
-    def generate(self, num_images: int) -> torch.Tensor:
-        """Images 0..num_images-1 from the EMA U-Net, guided by the captions (or prompt file)."""
+    def generate(self, num_images: int, every_rank: bool = False) -> Optional[torch.Tensor]:
+        """Images 0..num_images-1 from the EMA U-Net, guided by the training captions (or the
+        prompt file), on rank 0 (None elsewhere) or, with every_rank, on every rank."""
+        net = self.ema_network()  # every rank takes part in gathering the EMA
+        if self.rank != 0 and not every_rank:
+            return None
         bf16 = self.cfg.train.precision == "bf16"
-        return sample_images(self.components, self.prompts(num_images), list(range(num_images)),
-                             self.sampler_settings(), self.device, unet=self.ema_network(),
-                             autocast_dtype=torch.bfloat16 if bf16 else None)
+        return sample_images(self.components, prompts_for(self.cfg, num_images),
+                             list(range(num_images)), TextSamplerSettings.from_config(self.cfg),
+                             self.device, unet=net, autocast_dtype=torch.bfloat16 if bf16 else None)
 
     def export_diffusers(self) -> Path:
         """<run_dir>/diffusers: the base model with the EMA U-Net, loadable by diffusers."""
-        return export_pipeline(self.ema.state_dict(), self.cfg.text.model_path,
-                               self.run_dir / EXPORT_DIR, self.cfg.text.prediction)
+        state = self.ema_state_full()
+        path = self.run_dir / EXPORT_DIR
+        if self.rank == 0:
+            export_pipeline(state, self.cfg.text.model_path, path, self.cfg.text.prediction)
+        return path
+
+    def finish(self) -> Optional[dict]:
+        summary = super().finish()
+        path = self.export_diffusers()
+        if self.rank == 0:
+            loss = self.loss_fn
+            if loss.filter.enabled:
+                print(f"prediction-magnitude filter (text.drop_threshold {loss.filter.threshold}) "
+                      f"dropped {int(loss.dropped)} of {loss.samples} samples this session")
+            print(f"diffusers model: {path} (StableDiffusionPipeline.from_pretrained loads it; "
+                  "launchers/sample_text.py samples it)")
+        return summary
+
+
+class TextTrainer(TextTraining, Trainer):
+    """Single-process text-conditional training."""
+
+
+def text_trainer_classes(cfg: ExperimentConfig) -> dict:
+    """{"none": ..., "deepspeed": ...} for the engine's run_training (DeepSpeed imported only
+    when asked for)."""
+    if cfg.distributed.engine != "deepspeed":
+        return {"none": TextTrainer}
+    from ambient_dist.engine.deepspeed_engine import DeepSpeedTrainer
+
+    class TextDeepSpeedTrainer(TextTraining, DeepSpeedTrainer):
+        """Text-conditional training under DeepSpeed (ZeRO 1/2/3, bf16)."""
+    return {"deepspeed": TextDeepSpeedTrainer}
 
 
 def run_text_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
                       resume: Optional[str] = None) -> Path:
-    """The whole job: train (or continue), then samples, memorization summary, diffusers export."""
-    run_dir = resolve_run_dir(cfg, run_dir)
+    """The engine's run_training with the text trainers: train (or continue), then samples,
+    memorization summary and the diffusers export."""
     try:  # a clear error before the model is loaded
         read_latent_manifest(cfg.data.shards)
     except ShardError as e:
         raise ConfigError(f"data.shards: {e}") from None
-    resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
-    trainer = TextTrainer(cfg, run_dir, resume_from=resume_from)
-    params = sum(p.numel() for p in trainer.net.parameters())
-    check_output_dir(run_dir, params * 4 * 4 * (cfg.train.keep_checkpoints + 1))
-    save_config(cfg, run_dir)
-    write_run_info(run_dir, cfg, trainer.world_size)
-    if resume_from is not None:
-        print(f"resuming from {resume_from} at {trainer.images_seen} images")
-    if trainer.train():
-        summary = trainer.finish()
-        print(format_memorization(summary))
-        loss = trainer.loss_fn
-        if loss.filter.enabled:
-            print(f"prediction-magnitude filter dropped {int(loss.dropped)} of {loss.samples} samples "
-                  "this session")
-        export = trainer.export_diffusers()
-        print(f"run directory: {run_dir}; diffusers model: {export}")
-    return run_dir
+    return run_training(cfg, run_dir, resume, trainer_classes=text_trainer_classes(cfg))

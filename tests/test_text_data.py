@@ -1,0 +1,206 @@
+"""Text-conditional data path: tiny SD components on disk, latent shards, their loader.
+
+The models are tiny randomly initialised stand-ins (ambient_dist.text.sd_models.tiny_components)
+with SD 2.x's classes and 8x VAE downsampling. The tokenizer is a tiny byte-level BPE
+vocabulary built in code: no installed package ships a real CLIP vocabulary offline.
+The img2dataset input is written with webdataset's own TarWriter (test_data_sources).
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_data_sources import write_img2dataset
+
+from ambient_dist.config import ConfigError, load_config
+from ambient_dist.data import load_images
+from ambient_dist.data.shards import ShardError
+from ambient_dist.data.sources import open_source
+from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal
+from ambient_dist.text.latents import (
+    LATENT_EXT, LatentLoader, LatentShardOptions, LatentShardSet, encode_latents, encode_text,
+    make_latent_shards)
+from ambient_dist.text.sd_models import (
+    ModelError, load_components, save_components, tiny_components, tiny_tokenizer)
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = 32  # pixels; latents are 4 x 4 x 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A complete diffusers-format directory of tiny random SD components (v-prediction)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    save_components(tiny_components(seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def laion(tmp_path_factory) -> Path:
+    return write_img2dataset(tmp_path_factory.mktemp("laion") / "img2dataset", n=12, per_shard=5)
+
+
+def latent_config(shards, model, *overrides):
+    return load_config(None, [f"data.shards={shards}", "objective.form=latent_v", "objective.sigma_tn=1",
+                              "objective.t_n=50", f"data.resolution={RES}", "data.xflip=false",
+                              "train.batch=4", f"text.model_path={model}", *overrides])
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+def test_tokenizer_is_clip_shaped():
+    tok = tiny_tokenizer()
+    ids = tok(["the cat", ""], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    assert ids.shape == (2, 77)
+    assert int(ids[0, 0]) == tok.bos_token_id and int(ids[1, 1]) == tok.eos_token_id
+    # "the" and "cat" are merged words of the tiny vocabulary: one token each.
+    assert int(ids[0, 3]) == tok.eos_token_id
+
+
+def test_saved_components_load_back_with_the_same_weights(tiny_model):
+    made = tiny_components(seed=0)
+    loaded = load_components(tiny_model)
+    for part in ("vae", "text_encoder", "unet"):
+        a, b = getattr(made, part).state_dict(), getattr(loaded, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.vae_scale_factor == 8 and loaded.scaling_factor == pytest.approx(0.18215)
+    assert loaded.unet.training and not loaded.vae.training
+    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    only_vae = load_components(tiny_model, ("vae",))
+    assert only_vae.unet is None and only_vae.text_encoder is None
+
+
+def test_model_errors_name_the_path(tiny_model, tmp_path):
+    with pytest.raises(ModelError, match="directory not found"):
+        load_components(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ModelError, match=r"broken/unet: missing"):
+        load_components(broken)
+    load_components(broken, ("vae",))  # a part that is there still loads
+    config = broken / "scheduler" / "scheduler_config.json"
+    c = json.loads(config.read_text())
+    c["beta_schedule"] = "linear"
+    config.write_text(json.dumps(c))
+    with pytest.raises(ModelError, match=r"scheduler_config.json: noise schedule.*beta_schedule"):
+        load_components(broken, ("vae",))
+
+
+# --------------------------------------------------------------------------------------
+# Latent shards
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(tiny_model, laion, tmp_path_factory):
+    """Latent shards with text embeddings, written by two ranks (rank 1 first)."""
+    out = tmp_path_factory.mktemp("latent") / "shards"
+    components = load_components(tiny_model, ("vae", "text_encoder", "tokenizer"))
+    opts = LatentShardOptions(resolution=RES, t_n=50, samples_per_shard=3, heldout=2, batch_size=2,
+                              text_embeddings=True, noise_seed=7)
+    source = open_source(str(laion), "webdataset")
+    partial = make_latent_shards(source, out, opts, components, rank=1, world_size=2, progress=False)
+    assert not partial["complete"] and not (out / "manifest.json").exists()
+    manifest = make_latent_shards(source, out, opts, components, rank=0, world_size=2, progress=False)
+    assert manifest["complete"]
+    return out, components, opts
+
+
+def test_latent_shards_round_trip(shards):
+    out, components, opts = shards
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["form"] == "latent_v" and manifest["t_n"] == 50
+    assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0}
+    assert manifest["latent_shape"] == [4, RES // 8, RES // 8] and len(manifest["shards"]) == 4
+    s = LatentShardSet(out)
+    keys, images, _ = load_images(out)  # the pixel reader sees the clean images as usual
+    assert images.shape == (10, RES, RES, 3) and keys == s.keys
+    alpha, sig = (float(v) for v in ddpm_alpha_sigma(50))
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z0 = encode_latents(components.vae, pixels, keys, opts.noise_seed, components.scaling_factor)
+    text = encode_text(components.text_encoder, components.tokenizer, [s.caption(i) for i in range(len(s))])
+    for i, key in enumerate(keys):
+        latent = torch.from_numpy(s.latent(i)).float()
+        # The stored latent is the keyed posterior draw of the stored image (float16).
+        torch.testing.assert_close(latent, z0[i], atol=2e-3, rtol=2e-3)
+        # The noisy latent is alpha_tn z0 + s_tn eta with the key's own eta.
+        expected = alpha * latent + sig * keyed_normal(latent.shape, opts.noise_seed, key)
+        torch.testing.assert_close(torch.from_numpy(s.noisy(i)).float(), expected, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(torch.from_numpy(s.text_embedding(i)).float(), text[i], atol=2e-3, rtol=2e-3)
+        assert s.caption(i).startswith("caption ")
+    # The posterior draw is a draw, not the mean: the keyed noise matters.
+    mean = components.vae.encode(pixels[:1]).latent_dist.mean * components.scaling_factor
+    assert (mean - z0[:1]).abs().max() > 1e-3
+
+
+def test_latent_shards_resume_and_refuse_other_options(shards, laion):
+    out, components, opts = shards
+    source = open_source(str(laion), "webdataset")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    for rank in (0, 1):
+        make_latent_shards(source, out, opts, components, rank=rank, world_size=2, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    other = LatentShardOptions(**{**vars(opts), "t_n": 100})
+    with pytest.raises(ShardError, match="different source, model or options"):
+        make_latent_shards(source, out, other, components, progress=False)
+
+
+def test_loader_batches_and_manifest_checks(shards, tiny_model):
+    out, _, _ = shards
+    cfg = latent_config(out, tiny_model)
+    loader = LatentLoader(cfg, 0, 1, "cpu")
+    seen = []
+    for _ in range(5):  # two epochs of 10 samples, batches of 4 straddling the boundary
+        b = next(loader)
+        assert b.clean.shape == b.noisy.shape == (4, 4, RES // 8, RES // 8) and b.text.shape[:2] == (4, 77)
+        seen += b.keys
+    assert sorted(seen[:10]) == sorted(LatentShardSet(out).keys)
+    assert loader.state_dict()["samples_seen"] == 20
+    resumed = LatentLoader(cfg, 0, 1, "cpu", start_sample=8)
+    assert next(resumed).keys == seen[8:12]
+    # Two ranks see disjoint halves of each global batch.
+    two = [LatentLoader(latent_config(out, tiny_model, "train.batch=8"), r, 2, "cpu") for r in (0, 1)]
+    k0, k1 = next(two[0]).keys, next(two[1]).keys
+    assert not set(k0) & set(k1) and k0 + k1 == seen[:8]
+    with pytest.raises(ConfigError, match="objective.t_n is 100.*t_n 50"):
+        LatentLoader(latent_config(out, tiny_model, "objective.t_n=100"), 0, 1, "cpu")
+
+
+def test_online_shards_encode_the_same_latents(tiny_model, laion, shards, tmp_path):
+    stored, components, opts = shards
+    online = tmp_path / "online"
+    make_latent_shards(open_source(str(laion), "webdataset"), online,
+                       LatentShardOptions(**{**vars(opts), "online": True, "text_embeddings": False}),
+                       components, progress=False)
+    s = LatentShardSet(online)
+    assert s.online and LATENT_EXT not in s.extra
+    with pytest.raises(ShardError, match="needs the VAE"):
+        LatentLoader(latent_config(online, tiny_model), 0, 1, "cpu")
+    batch = LatentLoader(latent_config(online, tiny_model), 0, 1, "cpu", vae=components.vae)
+    b_online = next(batch)
+    b_stored = next(LatentLoader(latent_config(stored, tiny_model), 0, 1, "cpu"))
+    assert b_online.keys == b_stored.keys and b_online.text is None
+    torch.testing.assert_close(b_online.clean, b_stored.clean, atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(b_online.noisy, b_stored.noisy, atol=0, rtol=0)
+
+
+def test_make_shards_latent_cli(tiny_model, laion, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "launchers"))
+    import make_shards
+    out = tmp_path / "cli"
+    rc = make_shards.main(["--latent", "--model", str(tiny_model), "--source", "img2dataset",
+                           "--path", str(laion), "--out", str(out), "--resolution", str(RES),
+                           "--t-n", "25", "--samples-per-shard", "6", "--quiet"])
+    assert rc == 0 and "12 latent samples in 2 shards" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["t_n"] == 25
+    rc = make_shards.main(["--latent", "--source", str(laion), "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 2 and "--latent needs --model" in capsys.readouterr().err
+
+
+
