@@ -6,7 +6,7 @@ On a GPU, for DDPM++ 32x32 batch 512, 64x64 batch 256 and 4x64x64 latents batch 
     achieved GB/s vs a device copy of the same byte count (the bytes the fused design must
         move; the fraction of a large copy's bandwidth is stored as an extra field)
 and the objective's share of a DDPM++ training step (U-Net forward+backward, bf16 autocast) at
-32x32 batch 512 and 64x64 batch 256 (EDM's FFHQ-64 network), fused against eager. The latent
+32x32 batch 256 and 64x64 batch 64 (EDM's FFHQ-64 network), fused against eager. The latent
 step's share is not measured: it needs the Stable Diffusion U-Net, which is not built here.
 
 On a CPU the kernels do not run (select_impl gives the reference), so the figure is the
@@ -68,11 +68,16 @@ def run_gpu(ctx: Context) -> list[dict]:
         shapes = shapes[:1]
     out = []
     for name, batch, shape in shapes:
-        rows = gpu_check.time_shape(name, batch, shape, torch.float32, [impl], ctx.device, timed,
-                                    compile_ref=True, quick=False)
+        tag = f"kernels/{name} batch {batch}"
+        try:
+            rows = gpu_check.time_shape(name, batch, shape, torch.float32, [impl], ctx.device, timed,
+                                        compile_ref=True, quick=False)
+        except Exception as e:  # one shape failing keeps the others' figures
+            out.append(result(f"{tag} step vs eager", "us", None, None, "PyTorch eager reference",
+                              impl=impl, error=repr(e)[:300]))
+            continue
         by = {r["impl"]: r for r in rows}
         ours = by[impl]
-        tag = f"kernels/{name} batch {batch}"
         for base_key, base_name in (("eager", "PyTorch eager reference"), ("compile", "torch.compile of the reference")):
             base = by.get(base_key)
             if base is None or "time_us" not in base:
@@ -90,14 +95,20 @@ def run_gpu(ctx: Context) -> list[dict]:
             out.append(result(f"{tag} step with in-kernel noise vs eager", "us", philox["time_us"],
                               by["eager"]["time_us"], "PyTorch eager reference (eps read from memory)",
                               philox["repeats_us"], by["eager"]["repeats_us"], impl=impl, batch=batch))
-    steps = [] if ctx.quick else [(32, 512, (2, 2, 2)), (64, 256, (1, 2, 2, 2))]
+    # Batches that fit one 80 GB card with activations kept; the share barely depends on it.
+    steps = [] if ctx.quick else [(32, 256, (2, 2, 2)), (64, 64, (1, 2, 2, 2))]
     for res, batch, mult in steps:
-        share = gpu_check.step_share([impl], ctx.device, timed, quick=False, resolution=res, batch=batch,
-                                     channel_mult=mult)
+        name = f"kernels/DDPM++ {res}x{res} batch {batch} training step (U-Net + objective)"
+        try:
+            share = gpu_check.step_share([impl], ctx.device, timed, quick=False, resolution=res,
+                                         batch=batch, channel_mult=mult)
+        except Exception as e:  # e.g. out of memory: keep the kernel figures above
+            out.append(result(name, "ms/step", None, None, "same step, eager objective", impl=impl,
+                              error=repr(e)[:300]))
+            continue
         unet = share[0]["time_ms"]
         fused, eager = share[2], share[1]          # rows: U-Net, eager objective, fused objective
-        out.append(result(f"kernels/DDPM++ {res}x{res} batch {batch} training step (U-Net + objective)",
-                          "ms/step", unet + fused["time_ms"], unet + eager["time_ms"], "same step, eager objective",
+        out.append(result(name, "ms/step", unet + fused["time_ms"], unet + eager["time_ms"], "same step, eager objective",
                           impl=impl, unet_ms=unet, objective_share_fused=fused["share_of_step"],
                           objective_share_eager=eager["share_of_step"],
                           note="U-Net in bf16 autocast; latents: no SD U-Net here, not measured"))

@@ -17,7 +17,7 @@
            src and eps, write net_in; pass 2: read F, net_in, src, write dF); it is compared
            with a device copy measured in the same run, both of the same byte count and large.
 4. share   of a whole DDPM++ training step (U-Net forward + backward, bf16 autocast) that the
-           objective takes, at 32x32 batch 512, if ambient_dist.models is importable.
+           objective takes, at 32x32 batch 256, if ambient_dist.models is importable.
 
 Every section runs under try/except, so one failure costs only its own figures; all of it is
 printed as Markdown tables and written as JSON to --out (tables also beside it, .md). Sections
@@ -352,9 +352,9 @@ def time_shape(name, batch, shape, dtype, impls, device, measure, compile_ref, q
     return rows
 
 
-def step_share(impls, device, measure, quick, resolution=32, batch=512, channel_mult=(2, 2, 2)) -> list[dict]:
-    """Share of a DDPM++ training step (default: CIFAR-10's, 32x32 batch 512) taken by the
-    objective, per impl. 64x64: EDM's FFHQ-64 network, channel_mult (1, 2, 2, 2), batch 256."""
+def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_mult=(2, 2, 2)) -> list[dict]:
+    """Share of a DDPM++ training step (default: CIFAR-10's at 32x32) taken by the objective,
+    per impl. 64x64: EDM's FFHQ-64 network, channel_mult (1, 2, 2, 2)."""
     from ambient_dist.config import ExperimentConfig
     from ambient_dist.models import build_network
     cfg = ExperimentConfig()
