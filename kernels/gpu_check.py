@@ -211,8 +211,11 @@ def verify(impl, device, quick) -> list[dict]:
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16, torch.float16]
     cases = CASES_QUICK if quick else CASES
     for dtype in dtypes:
+        # Both reductions in float32; the 16-bit types with the default (atomics) only, since
+        # every extra kernel variant costs a JIT compile out of the time budget.
+        modes = (False, True) if dtype == torch.float32 else (False,)
         for i, (batch, shape, mix) in enumerate(cases):
-            for deterministic in (False, True):
+            for deterministic in modes:
                 rows.append(verify_case(impl, batch, shape, mix, dtype, device, seed=100 + i,
                                         deterministic=deterministic))
     weighted = lambda b, d: torch.linspace(-2.0, 3.0, b, device=d)  # noqa: E731
