@@ -32,7 +32,7 @@ def run(ctx: Context) -> list[dict]:
     from ambient_dist.sampling import SamplerSettings, edm_sample
     device = torch.device(ctx.device)
     cfg = network_config(ctx)
-    batch = ctx.size(quick=4, default=256 if ctx.on_gpu else 8, full=1024)
+    batch = ctx.size(quick=4, default=256, full=1024) if ctx.on_gpu else ctx.size(quick=4, default=8)
     warmup, repeats = (1, ctx.size(quick=2, default=3)) if ctx.on_gpu else (1, 2)
     torch.manual_seed(0)
     plain = build_network(cfg).to(device).eval().requires_grad_(False)

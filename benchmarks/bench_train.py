@@ -108,8 +108,9 @@ def _release() -> None:
 
 
 def time_ours(cfg, ctx: Context, run_dir: Path, warmup: int, repeats: int) -> list[float]:
+    from ambient_dist.engine.distributed import DistInfo
     from ambient_dist.engine.trainer import Trainer
-    trainer = Trainer(cfg, run_dir, device=torch.device(ctx.device))
+    trainer = Trainer(cfg, run_dir, dist_info=DistInfo(device=torch.device(ctx.device)))
     seconds = measure(trainer.train_step, repeats=repeats, warmup=warmup, device=ctx.device)
     del trainer
     _release()

@@ -174,7 +174,7 @@ def test_timeout_keeps_partial_results_and_budget_skips_the_rest(tmp_path):
     (bench / "bench_b_never.py").write_text("def run(ctx):\n    return []\n")
     out = tmp_path / "report.json"
     proc = _run_suite(["--quick", "--bench-dir", str(bench), "--out", str(out),
-                       "--results-dir", "", "--budget", "8"])
+                       "--results-dir", "", "--budget", "6"])
     assert proc.returncode == 1
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["slow/first"]     # kept
@@ -236,6 +236,40 @@ def test_plain_training_step_updates_weights_and_ema():
     assert sum(moved) > 0
     with pytest.raises(ValueError, match="precision"):
         PlainTrainingStep(net, 0.5, precision="fp16")
+
+
+# --------------------------------------------------------------------------------------
+# The benchmarks' own code paths, in process, at the smallest sizes (catches interface drift
+# in the trainer, loader and config that a GPU run would otherwise discover)
+# --------------------------------------------------------------------------------------
+
+def test_training_benchmark_variants_each_take_a_step(tmp_path):
+    from benchmarks import bench_train as bt
+    ctx = Context(quick=True)
+    case = bt.CASES[0]
+    shards = bt.make_shards(tmp_path, 4, case.resolution)
+    cfg = bt.experiment(ctx, case, shards, tmp_path / "runs", batch=2, count=4)
+    assert cfg.train.precision == "bf16" and cfg.train.channels_last and not cfg.train.compile
+    assert len(bt.time_ours(cfg, ctx, tmp_path / "run", warmup=0, repeats=1)) == 1
+    for precision in ("fp32", "bf16"):
+        assert len(bt.time_plain(cfg, ctx, precision, False, warmup=0, repeats=1)) == 1
+    assert bt.train_gflop(cfg) > 0
+
+
+def test_communication_volume_by_zero_stage():
+    from benchmarks.bench_distributed import GRAD_BYTES, WEIGHT_BYTES, comm_bytes, ddpmpp_load
+    P, N = 1000, 4
+    share = P * (N - 1) / N
+    assert sum(comm_bytes(P, N, 0).values()) == 2 * share * GRAD_BYTES
+    for stage in (1, 2):
+        assert comm_bytes(P, N, stage) == {"all_reduce": 0.0, "reduce_scatter": share * GRAD_BYTES,
+                                           "all_gather": share * WEIGHT_BYTES}
+    assert comm_bytes(P, N, 3)["all_gather"] == 2 * share * WEIGHT_BYTES
+    with pytest.raises(ValueError, match="stage"):
+        comm_bytes(P, N, 4)
+    # EDM's CIFAR-10 DDPM++ has 55.7M parameters; counted from the shipped config.
+    model = ddpmpp_load("c", "configs/cifar10-ddpmpp.yaml", 127.1, 3000.0)
+    assert 55.0e6 < model.params < 56.5e6
 
 
 # --------------------------------------------------------------------------------------
