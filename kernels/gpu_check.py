@@ -401,10 +401,21 @@ def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_
 # --------------------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, budget_s: float):
+    """Sections and errors so far; written out (JSON + Markdown) after every section, so a run
+    killed from outside still leaves everything finished before the kill."""
+
+    def __init__(self, budget_s: float, out: Path):
         self.start = time.monotonic()
         self.budget_s = budget_s
+        self.out = out
         self.data: dict = {"sections": {}, "errors": {}}
+
+    def save(self) -> str:
+        self.data["elapsed_s"] = time.monotonic() - self.start
+        md = markdown(self.data)
+        write_atomic(self.out, json.dumps(self.data, indent=1, default=str))
+        write_atomic(self.out.with_suffix(".md"), md)
+        return md
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.start)
@@ -425,6 +436,7 @@ class Report:
             return None
         finally:
             print(f"[gpu_check] {name}: {time.monotonic() - t0:.1f} s", flush=True)
+            self.save()
 
 
 def environment(device) -> dict:
@@ -565,7 +577,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip sections past this many seconds")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    report = Report(args.budget_s)
+    report = Report(args.budget_s, args.out)
     report.run("environment", environment, device)
     wanted = [i.strip() for i in args.impls.split(",") if i.strip()]
     if "cuda" in wanted and device.type != "cuda":
@@ -574,6 +586,7 @@ def main(argv=None) -> int:
     # The CUDA build (a minute of nvcc and g++) runs in a thread while Triton is checked.
     cuda_build = BackgroundBuild() if "cuda" in wanted else None
     impls, builds = [], []
+    report.data["sections"]["build"] = builds          # filled in as builds finish
     for impl in wanted:
         if impl == "cuda":
             report.run("wait for the cuda build", cuda_build.wait, report.left())
@@ -586,7 +599,6 @@ def main(argv=None) -> int:
         builds.append(b)
         report.run(f"verify {impl}", verify, impl, device, args.quick, need_s=10)
         report.run(f"verify noise {impl}", verify_noise, impl, device, args.quick, need_s=3)
-    report.data["sections"]["build"] = builds
     measure = timer(device)
     # Most important first: a cut budget loses the last rows, and torch.compile (~20 s a shape)
     # is dropped before the fused and eager timings are.
@@ -599,11 +611,7 @@ def main(argv=None) -> int:
                    torch.bfloat16, impls, device, measure, False, args.quick, need_s=8)
     if not args.no_share:
         report.run("share", step_share, impls, device, measure, args.quick, need_s=20)
-    report.data["elapsed_s"] = time.monotonic() - report.start
-    md = markdown(report.data)
-    print(md, flush=True)
-    write_atomic(args.out, json.dumps(report.data, indent=1, default=str))
-    write_atomic(args.out.with_suffix(".md"), md)
+    print(report.save(), flush=True)
     checks = [r for k, v in report.data["sections"].items() if k.startswith("verify") for r in (v or [])]
     return 0 if checks and all(r.get("ok") for r in checks) and not any(
         k.startswith(("verify", "build")) for k in report.data["errors"]) else 1
