@@ -256,6 +256,26 @@ def test_training_benchmark_variants_each_take_a_step(tmp_path):
     assert bt.train_gflop(cfg) > 0
 
 
+def test_training_rows_ratio_mfu_and_a_failed_baseline(tmp_path, monkeypatch):
+    from benchmarks import bench_train as bt
+
+    def fake_plain(cfg, ctx, precision, compile, warmup, repeats):
+        if precision == "bf16":
+            raise RuntimeError("no bf16 here")
+        return [0.5, 0.5]
+    monkeypatch.setattr(bt, "time_plain", fake_plain)
+    monkeypatch.setattr(bt, "time_ours", lambda *a, **k: [0.25, 0.25])
+    rows = bt.case_results(Context(quick=True), bt.CASES[0], ("fp32 matmul", 1.0), tmp_path)
+    by_name = {r["name"].rsplit("/", 1)[1]: r for r in rows}
+    fp32, bf16 = by_name["vs-fp32-eager"], by_name["vs-bf16-compile"]
+    batch = fp32["batch"]
+    assert fp32["ours"] == pytest.approx(batch / 0.25) and fp32["ratio"] == pytest.approx(2.0)
+    # MFU = img/s x FLOPs per image / ceiling (1 TFLOP/s here).
+    assert fp32["mfu_ours"] == pytest.approx(batch / 0.25 * fp32["gflop_per_img"] * 1e9 / 1e12)
+    assert bf16["baseline"] is None and bf16["ratio"] is None
+    assert "baseline failed: RuntimeError: no bf16 here" in bf16["note"]
+
+
 def test_communication_volume_by_zero_stage():
     from benchmarks.bench_distributed import GRAD_BYTES, WEIGHT_BYTES, comm_bytes, ddpmpp_load
     P, N = 1000, 4
