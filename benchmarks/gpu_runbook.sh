@@ -5,8 +5,9 @@
 # 1. Prepare, here, once (PyPI): the pure-Python wheels the machine's image lacks, into .whl/
 #    (git-ignored):
 #        bash benchmarks/gpu_runbook.sh --fetch-wheels
-# 2. Run, through the device tool, from the repository root:
-#        command: bash benchmarks/gpu_runbook.sh      carry: [".whl"]      timeout_s: 540
+# 2. Run, through the device tool, from the repository root (the copy there has no .git, so
+#    pass the revision: the output of `git rev-parse HEAD` here, pasted in):
+#        command: GIT_REVISION=<sha> bash benchmarks/gpu_runbook.sh   carry: [".whl"]   timeout_s: 540
 # 3. Files back (7, within the tool's 8): <date>-cuda-<gpu>.json and .md (the suite),
 #    gpu_check.json and .md (kernels/gpu_check.py), runbook.log, nvidia-smi.txt, pip.log.
 #    Copy the dated .json/.md into benchmarks/results/ and the table into
@@ -47,7 +48,7 @@ if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; 
 export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
 elapsed() { echo $(( $(date +%s) - START )); }
 
-echo "== $(date -u +%FT%TZ) $(hostname), repo $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "== $(date -u +%FT%TZ) $(hostname), revision $(git rev-parse HEAD 2>/dev/null || echo "${GIT_REVISION:-unknown}")"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (see nvidia-smi.txt)"
 head -15 "$OUT/nvidia-smi.txt"
 

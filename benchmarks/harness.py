@@ -21,12 +21,14 @@ them (the host returns long before the GPU finishes); on CPU it is `time.perf_co
 Figures reported are medians of the repeats; the raw repeats go into the JSON.
 
 torch is imported inside the functions that need it, so that run_all's parent process (and
-a benchmark that needs no torch) starts in well under a second and never touches CUDA.
+a benchmark that needs no torch) starts in well under a second; on a GPU run the parent
+touches CUDA only to check it is there and to read the card's name and memory.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -42,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def _torch():
     import torch
     return torch
+
 
 # Keys every result dict has (run_all.py checks them; tests/test_benchmarks.py too).
 RESULT_KEYS = ("name", "unit", "ours", "baseline", "baseline_name", "ratio",
@@ -89,7 +92,6 @@ class Context:
         --budget) or crashes, these are kept in the report beside the error. Optional."""
         if self.partial_path is None:
             return
-        import json
         tmp = self.partial_path.with_name(self.partial_path.name + ".tmp")
         tmp.write_text(json.dumps({"results": results, "partial": True}, default=str))
         os.replace(tmp, self.partial_path)
@@ -269,8 +271,9 @@ def machine_info(device: str) -> dict:
         "deepspeed": _version("deepspeed"),
         "webdataset": _version("webdataset"),
         "nvidia_dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120"),
-        "git_revision": _git("rev-parse", "HEAD"),
-        # Uncommitted changes make a revision irreproducible: say so.
+        # A copy of the tree without .git (the GPU machine's) is told its revision through
+        # $GIT_REVISION; uncommitted changes make a revision irreproducible: say so.
+        "git_revision": _git("rev-parse", "HEAD") or os.environ.get("GIT_REVISION"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     if device == "cuda":
