@@ -83,6 +83,12 @@ class DeepSpeedTrainer(Trainer):
             config=ds_config)
         self.net = self.engine.module
         self.zero3 = self.engine.zero_optimization_stage() == 3
+        # A user JSON may turn bf16 on by itself; the weights are then bf16 and the forward
+        # pass must run under bf16 autocast whatever train.precision says.
+        self.bf16 = self.engine.bfloat16_enabled()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _ema_live(self) -> dict[str, torch.Tensor]:
         if not self.zero3:

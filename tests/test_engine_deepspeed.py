@@ -1,0 +1,247 @@
+"""The DeepSpeed engine with two ranks on CPU (gloo, DS_ACCELERATOR=cpu, 127.0.0.1 only).
+
+Ranks are started the way a cluster starts them -- one process each, RANK / WORLD_SIZE /
+MASTER_ADDR in the environment -- so that a test can signal or kill one rank; the `torchrun`,
+`deepspeed` and `mpirun` launchers each get a smoke test of their own. Each launch costs tens
+of seconds on a 2-core machine (importing DeepSpeed dominates), hence the `slow` marks.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ambient_dist.config import load_config, to_dict
+from ambient_dist.engine.checkpoint import CheckpointManager
+from ambient_dist.engine.deepspeed_engine import deepspeed_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import shards, toy_overrides  # noqa: E402,F401  (the shard fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# A stand-in network for ZeRO-3: DeepSpeed's ZeRO-3 hooks rebuild list arguments of every
+# submodule call, which breaks U-Nets that pass a mutable skip list between their levels.
+# The engine's own ZeRO-3 logic (partitioned EMA, gather on export) is tested with this.
+ZERO3_WORKER = """
+import sys
+sys.path[:0] = [{root!r}, {root!r} + "/launchers"]
+import torch
+from ambient_dist.engine import trainer
+from ambient_dist.models.precond import EDMPrecond
+
+class TinyDenoiser(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(channels, 8, 3, padding=1)
+        self.emb = torch.nn.Linear(1, 8)
+        self.out = torch.nn.Conv2d(8, channels, 3, padding=1)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        h = self.inp(x) + self.emb(noise_labels[:, None].to(x.dtype))[:, :, None, None]
+        return self.out(torch.nn.functional.silu(h))
+
+trainer.build_network = lambda cfg: EDMPrecond(TinyDenoiser(cfg.data.channels), cfg.data.resolution,
+                                               cfg.data.channels, 0)
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def write_config(tmp: Path, shards_dir: Path, **extra) -> Path:
+    options = {"distributed.engine": "deepspeed", "train.batch_per_gpu": 2,
+               "train.total_kimg": 0.048, **extra}
+    cfg = load_config(None, toy_overrides(shards_dir, tmp / "runs", **options))
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def start_ranks(script: list[str], args: list[str], world: int = 2) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([PY, *script, *args], cwd=ROOT, env=rank_env(r, world, port),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for r in range(world)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+        out.append((p.returncode, text))
+    return out
+
+
+def train_ranks(args: list[str], script=None, world=2) -> list[tuple[int, str]]:
+    results = finish(start_ranks(script or ["launchers/train.py"], args, world))
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    return results
+
+
+def final_checkpoint(run: Path) -> Path:
+    return CheckpointManager(run, 3).latest()
+
+
+def rank_ema(ckpt: Path, rank: int) -> dict:
+    return {k: v for k, v in load_file(str(ckpt / f"rank{rank:05d}.safetensors")).items()
+            if k.startswith("ema.")}
+
+
+def test_deepspeed_config_follows_our_config_and_checks_user_json(tmp_path):
+    cfg = load_config(None, ["train.batch=64", "train.batch_per_gpu=8", "train.precision=bf16",
+                             "optimizer.grad_clip=1.0", "distributed.zero_stage=3"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"]) == (64, 8, 4)
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_clipping"] == 1.0 and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    cfg.distributed.deepspeed_config = str(user)
+    with pytest.raises(Exception, match="train_batch_size = 32"):
+        deepspeed_config(cfg, world_size=2)
+    user.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}))
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 64 and ds["zero_optimization"] == {"stage": 2}
+
+
+def test_shipped_deepspeed_json_files_are_valid_for_our_batch_keys():
+    cfg = load_config(None, ["train.batch=64"])
+    for path in sorted((ROOT / "configs" / "deepspeed").glob("*.json")):
+        cfg.distributed.deepspeed_config = str(path)
+        ds = deepspeed_config(cfg, world_size=2)
+        assert ds["train_micro_batch_size_per_gpu"] == 32, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_ranks_bf16_zero_stage_trains_and_ranks_agree(shards, tmp_path, stage):  # noqa: F811
+    config = write_config(tmp_path, shards, **{"train.precision": "bf16", "distributed.zero_stage": stage,
+                                               "train.total_kimg": 0.096, "optimizer.lr": 3e-3})
+    train_ranks(["--config", str(config), "name=zero"])
+    run = tmp_path / "runs" / "zero"
+    ckpt = final_checkpoint(run)
+    assert json.loads((ckpt / "meta.json").read_text())["images_seen"] == 96
+    ema0, ema1 = rank_ema(ckpt, 0), rank_ema(ckpt, 1)
+    assert all(torch.equal(ema0[k], ema1[k]) for k in ema0)  # both ranks hold the same model
+    losses = [e.value for e in EventAccumulator(str(run)).Reload().Scalars("loss/all")]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert (run / "samples.png").is_file() and (run / "memorization.json").is_file()
+    assert (ckpt / "deepspeed").is_dir()  # DeepSpeed's own checkpoint, for its tooling
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_every_rank_and_resume_equals_uninterrupted(shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.4})
+    train_ranks(["--config", str(config), "name=straight"])
+
+    procs = start_ranks(["launchers/train.py"], ["--config", str(config), "name=stopped"])
+    latest = tmp_path / "runs" / "stopped" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)  # a preemption reaches every rank
+    for code, text in finish(procs):
+        assert code == 0, text[-3000:]
+    stopped_at = json.loads((final_checkpoint(tmp_path / "runs" / "stopped") / "meta.json").read_text())
+    assert 24 <= stopped_at["images_seen"] < 400, "the signal came too late to test a resume"
+
+    train_ranks(["--config", str(config), "name=stopped", "--resume", "auto"])
+    a = final_checkpoint(tmp_path / "runs" / "straight")
+    b = final_checkpoint(tmp_path / "runs" / "stopped")
+    assert a.name == b.name == "ckpt-000000000400"
+    for rank in (0, 1):
+        ema_a, ema_b = rank_ema(a, rank), rank_ema(b, rank)
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert load_file(str(tmp_path / "runs" / "straight" / "ema.safetensors")).keys() == \
+        load_file(str(tmp_path / "runs" / "stopped" / "ema.safetensors")).keys()
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_ema_equals_zero2_full_ema(shards, tmp_path):  # noqa: F811
+    # fp32, two ranks: gradients summed in any order are bitwise equal, so ZeRO-2 and ZeRO-3
+    # take the same steps; the ZeRO-3 EMA lives in per-rank partitions and is gathered only
+    # for the export. Same export = the partition bookkeeping is right.
+    worker = tmp_path / "worker.py"
+    worker.write_text(ZERO3_WORKER.format(root=str(ROOT)))
+    for stage in (2, 3):
+        config = write_config(tmp_path, shards, **{"distributed.zero_stage": stage})
+        train_ranks(["--config", str(config), f"name=z{stage}"], script=[str(worker)])
+    z2 = load_file(str(tmp_path / "runs" / "z2" / "ema.safetensors"))
+    z3 = load_file(str(tmp_path / "runs" / "z3" / "ema.safetensors"))
+    assert z2.keys() == z3.keys()
+    for k in z2:
+        torch.testing.assert_close(z3[k], z2[k], rtol=1e-5, atol=1e-6)
+    part = rank_ema(final_checkpoint(tmp_path / "runs" / "z3"), 1)["ema.unet.inp.weight"]
+    assert part.numel() < z3["unet.inp.weight"].numel()  # rank 1 only holds its partition
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_instead_of_hanging(shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, shards, **{"train.total_kimg": 100, "distributed.timeout_s": 60})
+    procs = start_ranks(["launchers/train.py"], ["--config", str(config), "name=dead"])
+    run = tmp_path / "runs" / "dead"
+    deadline = time.time() + 300
+    while not list(run.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # well into the training loop
+    procs[1].kill()
+    killed_at = time.time()
+    code, text = finish(procs[:1], timeout=120)[0]
+    finish(procs[1:])
+    assert code != 0
+    assert time.time() - killed_at < 90
+
+
+@pytest.mark.slow
+def test_torchrun_deepspeed_and_mpirun_launchers(shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, shards, **{"train.total_kimg": 0.016, "distributed.zero_stage": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    launches = {
+        "torchrun": [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2",
+                     "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
+        "deepspeed": [str(Path(PY).parent / "deepspeed"), "--num_gpus", "2",
+                      "--master_addr", "127.0.0.1", "--master_port", str(free_port())],
+    }
+    if shutil.which("mpirun"):
+        launches["mpirun"] = ["mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root",
+                              "--mca", "btl_tcp_if_include", "lo", "-x", "OMP_NUM_THREADS",
+                              "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH", "-x", "MASTER_PORT", PY]
+    for name, prefix in launches.items():
+        env["MASTER_PORT"] = str(free_port())
+        result = subprocess.run([*prefix, "launchers/train.py", "--config", str(config), f"name={name}"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        meta = json.loads((final_checkpoint(tmp_path / "runs" / name) / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["images_seen"] == 16, name
