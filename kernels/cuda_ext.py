@@ -7,7 +7,8 @@
 ($AMBIENT_DIST_KERNEL_CACHE, else $XDG_CACHE_HOME/ambient_dist/kernels, else
 ~/.cache/ambient_dist/kernels). The module name carries a hash of the sources and of the
 PyTorch/CUDA versions, so an edited source or a new PyTorch builds afresh instead of loading a
-stale library; ranks that start together wait on PyTorch's build lock rather than race.
+stale library; ranks that start together wait on PyTorch's build lock rather than race (the
+ninja-free build gives each process a private directory and moves the library in atomically).
 Build ahead of time (e.g. at install, where nvcc is present): `python -m kernels.cuda_ext`.
 
 Without ninja (which torch's load() requires), `build_without_ninja` runs the same three
@@ -91,7 +92,8 @@ def load(verbose: bool = False):
     build_dir = cache_dir() / build_name()
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if shutil.which("ninja") or _has_ninja_module():
+        from torch.utils.cpp_extension import is_ninja_available
+        if is_ninja_available():
             from torch.utils.cpp_extension import load as cpp_load
             _module = cpp_load(name=build_dir.name, sources=[str(BINDINGS_SOURCE), str(KERNEL_SOURCE)],
                                extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
@@ -103,14 +105,6 @@ def load(verbose: bool = False):
         _build_error = f"impl 'cuda': building {KERNEL_SOURCE.name} in {build_dir} failed: {e}"
         raise RuntimeError(_build_error) from e
     return _module
-
-
-def _has_ninja_module() -> bool:
-    try:
-        import ninja  # noqa: F401  (the PyPI wheel puts the binary beside the module)
-    except ImportError:
-        return False
-    return True
 
 
 def arch_flags() -> list[str]:
