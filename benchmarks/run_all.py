@@ -1,7 +1,8 @@
 """Run the benchmark suite: every benchmarks/bench_*.py, one table, one JSON.
 
-    python benchmarks/run_all.py [--quick|--full] [--device cpu|cuda] [--only NAME]
-                                 [--out FILE] [--results-dir DIR] [--timeout S]
+    python benchmarks/run_all.py [--quick|--full] [--device cpu|cuda] [--only NAMES]
+                                 [--first NAMES] [--out FILE] [--results-dir DIR]
+                                 [--timeout S] [--budget S] [--threads N] [--in-process]
 
 (benchmarks/run.sh is the same with the project's virtual environment picked for you.)
 
@@ -17,7 +18,8 @@ goes (ctx.save_partial); if it is then killed or crashes, those are kept beside 
 
 Output: the Markdown table is printed LAST (so it is what a terminal or CI log ends with);
 the JSON (machine details, options, results, errors) goes to --out if given, and a dated copy
-of JSON and table to <results-dir>/<YYYY-MM-DD>-<device>[-quick].json/.md.
+of JSON and table to <results-dir>/<YYYY-MM-DD>-<device>[-quick|-full].json/.md (device:
+cpu, or cuda-<card> such as cuda-h200).
 Exit status 1 if any module failed, after everything is written.
 """
 from __future__ import annotations
@@ -68,8 +70,8 @@ def prioritise(modules: dict[str, Path], first: list[str]) -> dict[str, Path]:
 
 
 def select(modules: dict[str, Path], only: list[str]) -> dict[str, Path]:
-    """Filter by --only names ('train' or 'bench_train'; comma lists allowed), in the order
-    given, so that a time-boxed run (the GPU run book) can put what matters most first."""
+    """Filter by --only names ('train' or 'bench_train'; comma lists allowed), run in the
+    order given; a name that does not exist is an error (a typo must not pass silently)."""
     if not only:
         return modules
     wanted = _names(only)
@@ -114,18 +116,16 @@ def check_results(module: str, results: Any) -> list[dict]:
     return results
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_text(path: Path, text: str) -> None:
+    """Atomically: a reader never sees half a report, and a crash keeps the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    _write_text(path, json.dumps(_jsonable(payload), indent=2) + "\n")
 
 
 def run_module(name: str, path: Path, ctx: Context) -> dict:
