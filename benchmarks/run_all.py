@@ -296,8 +296,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _worker_main(args)
 
     # Fail on a bad --device before spending minutes on modules.
-    ctx = Context(device=args.device, quick=args.quick, full=args.full,
-                  out=Path(args.out) if args.out else None)
+    try:
+        ctx = Context(device=args.device, quick=args.quick, full=args.full,
+                      out=Path(args.out) if args.out else None)
+    except ValueError as e:
+        raise SystemExit(f"run_all: --device {args.device}: {e}") from None
     modules = prioritise(select(discover(Path(args.bench_dir)), args.only), args.first)
     report: dict[str, Any] = {
         "machine": machine_info(args.device),
