@@ -1,7 +1,8 @@
 """Sampling throughput at 35 network evaluations (EDM Heun, 18 steps), DDPM++ 32x32.
 
     ours       ambient_dist.sampling.edm_sample as the project runs it for a bf16 config: bf16
-               autocast, channels_last weights, the U-Net compiled with torch.compile (GPU),
+               autocast, channels_last weights, the U-Net compiled with torch.compile (GPU,
+               not with --quick),
                per-image seeded noise (so an image does not depend on the batch it is in)
     baseline   benchmarks/baselines.py plain_heun_sample: EDM's default sampler, fp32 eager
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.baselines import plain_heun_sample
-from benchmarks.bench_train import CASES
+from benchmarks.bench_train import CASES, compiles
 from benchmarks.harness import REPO_ROOT, Context, measure, median, per_second, result
 
 STEPS = 18   # 2 * 18 - 1 = 35 network evaluations
@@ -41,7 +42,7 @@ def run(ctx: Context) -> list[dict]:
     ours = build_network(cfg).to(device, memory_format=torch.channels_last)
     ours.load_state_dict(plain.state_dict())
     ours.eval().requires_grad_(False)
-    if ctx.on_gpu:
+    if compiles(ctx):
         ours.raw = torch.compile(ours.raw)   # as the trainer does: the U-Net call only
     settings = SamplerSettings(num_steps=STEPS)
     indices = list(range(batch))
@@ -60,6 +61,6 @@ def run(ctx: Context) -> list[dict]:
     ours_rate, base_rate = per_second(batch, ours_s), per_second(batch, base_s)
     return [result("sampling/ddpmpp32/35-evals", "img/s", median(ours_rate), median(base_rate),
                    "fp32 eager Heun (EDM default)", ours_rate, base_rate, batch=batch,
-                   network_evaluations=2 * STEPS - 1, compiled=ctx.on_gpu,
+                   network_evaluations=2 * STEPS - 1, compiled=compiles(ctx),
                    note=f"batch {batch}; 50k images in {50000 / median(ours_rate) / 60:.1f} min"
                         if ctx.on_gpu else f"batch {batch}, CPU: bf16 emulated")]

@@ -3,12 +3,12 @@
 Three ways to take the same optimizer step of the same network on the same data:
 
     ours           `ambient_dist.engine.trainer.Trainer.train_step`, the step users run:
-                   bf16 autocast, channels_last, torch.compile of the U-Net (GPU only),
+                   bf16 autocast, channels_last, torch.compile of the U-Net (GPU, not --quick),
                    the objective's fused two-branch loss kernels (objective.kernel=auto:
                    fused on GPU, reference on CPU), fused AdamW (GPU), the resident loader
     fp32 eager     benchmarks/baselines.py PlainTrainingStep: EDM's default step (fp32, TF32
                    off, eager, plain Adam, per-parameter nan_to_num and EMA)
-    bf16+compile   the same plain step under bf16 autocast with torch.compile (GPU): the
+    bf16+compile   the same plain step under bf16 autocast with torch.compile (as ours): the
                    reference's "bf16 + compile" figure, i.e. everything but our fusions
 
 On a GPU the networks are the shipped configs (configs/cifar10-ddpmpp.yaml: 56M parameters;
@@ -58,6 +58,12 @@ CASES = (
 )
 
 
+def compiles(ctx: Context) -> bool:
+    """torch.compile on a GPU at default and full sizes; --quick and CPU runs compile nothing
+    (a compile costs about a minute, and on CPU inductor's C++ build costs more)."""
+    return ctx.on_gpu and not ctx.quick
+
+
 def batch_size(ctx: Context, case: NetworkCase) -> int:
     # 64x64 images take 4x the activation memory: half the batch keeps the fp32 baseline
     # inside an H100's 80 GB.
@@ -85,7 +91,7 @@ def experiment(ctx: Context, case: NetworkCase, shards: Path, run_root: Path, ba
     from ambient_dist.config import load_config
     overrides = [f"data.shards={shards}", f"data.subset={count}", "data.loader=resident",
                  f"train.batch={batch}", "train.batch_per_gpu=0", "train.precision=bf16",
-                 "train.channels_last=true", f"train.compile={str(ctx.on_gpu).lower()}",
+                 "train.channels_last=true", f"train.compile={str(compiles(ctx)).lower()}",
                  f"train.run_root={run_root}", f"objective.sigma_tn={SIGMA_TN}",
                  f"objective.kernel={kernel}", "optimizer.name=adamw"]
     if not ctx.on_gpu:
@@ -153,13 +159,13 @@ def case_results(ctx: Context, case: NetworkCase, ceiling: tuple[str, float], tm
 
     # Every torch.compile costs about a minute on a GPU machine. To keep the default run
     # inside the run book's 8 minutes, the 64x64 network's bf16+compile baseline and the
-    # unfused-loss variant run only with --full (quick and CPU runs compile nothing).
+    # unfused-loss variant run only with --full (compiles() says who compiles).
     baselines = [("vs-fp32-eager", "fp32 eager (EDM default)",
                   lambda: time_plain(cfg, ctx, "fp32", False, warmup, repeats))]
-    if ctx.full or not ctx.on_gpu or case.resolution == 32:
+    if ctx.full or not compiles(ctx) or case.resolution == 32:
         baselines.append(("vs-bf16-compile",
-                          "bf16+compile, no fusions" if ctx.on_gpu else "bf16 eager, no fusions",
-                          lambda: time_plain(cfg, ctx, "bf16", ctx.on_gpu, warmup, repeats)))
+                          "bf16+compile, no fusions" if compiles(ctx) else "bf16 eager, no fusions",
+                          lambda: time_plain(cfg, ctx, "bf16", compiles(ctx), warmup, repeats)))
     if ctx.on_gpu and ctx.full and case.resolution == 32:
         ref_cfg = experiment(ctx, case, shards, tmp / "runs", batch, count, kernel="reference")
         baselines.append(("fused-loss-in-step", "ours with the reference (unfused) loss",
@@ -168,7 +174,7 @@ def case_results(ctx: Context, case: NetworkCase, ceiling: tuple[str, float], tm
     ceiling_name, ceiling_tflops = ceiling
     mfu = lambda rates: median(rates) * gflop * 1e9 / (ceiling_tflops * 1e12)  # noqa: E731
     common = dict(batch=batch, gflop_per_img=gflop, mfu_ceiling=ceiling_name,
-                  mfu_ceiling_tflops=ceiling_tflops, mfu_ours=mfu(ours), compiled=ctx.on_gpu,
+                  mfu_ceiling_tflops=ceiling_tflops, mfu_ours=mfu(ours), compiled=compiles(ctx),
                   params=sum(p.numel() for p in _meta_net(cfg).parameters()))
     out = []
     for suffix, baseline_name, timed in baselines:

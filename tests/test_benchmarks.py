@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import RESULT_KEYS, Context, measure, result  # noqa: E402
+from benchmarks.harness import RESULT_KEYS, Context, measure, median, result  # noqa: E402
 from benchmarks.run_all import check_results, markdown, prioritise, select  # noqa: E402
 
 
@@ -311,3 +311,30 @@ def test_quick_suite_end_to_end_on_cpu(tmp_path):
     assert row["ratio"] == pytest.approx(row["ours"] / row["baseline"])
     rows = _table_rows(proc.stdout)
     assert len(rows) == 3 and rows[2].startswith(f"| {row['name']} |")
+
+
+# --------------------------------------------------------------------------------------
+# On a GPU machine (deselected elsewhere; their CPU twins are the tests above)
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_measure_times_gpu_work_with_cuda_events():
+    import torch
+    x = torch.randn(2048, 2048, device="cuda")
+    one = median(measure(lambda: x @ x, repeats=5, warmup=2, device="cuda"))
+    four = median(measure(lambda: x @ x, repeats=5, warmup=2, device="cuda", inner=4))
+    # Events time the GPU's work, not the launch: a product of 2048^3 takes microseconds
+    # at least, and per-call time with inner=4 is the same order as one call.
+    assert 1e-6 < one < 1.0 and 0.2 < four / one < 5
+
+
+@pytest.mark.gpu
+def test_quick_suite_end_to_end_on_gpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = _run_suite(["--quick", "--device", "cuda", "--only", "matmul,train", "--out", str(out),
+                       "--results-dir", ""])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["gpu"] and report["errors"] == []
+    names = {r["name"] for r in report["results"]}
+    assert {"train/ddpmpp32/vs-fp32-eager", "train/ddpmpp64/vs-fp32-eager"} <= names
