@@ -182,6 +182,13 @@ def test_timeout_keeps_partial_results_and_budget_skips_the_rest(tmp_path):
     assert "timed out" in errors["a_slow"] and "skipped" in errors["b_never"]
 
 
+def test_shell_entry_points_parse():
+    for script in ("run.sh", "gpu_runbook.sh"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+
+
 def test_markdown_shows_every_result_and_error():
     report = {"machine": {"date": "2026-01-01T00:00:00+00:00", "cpu": "X", "torch": "2",
                           "git_revision": "abc"},
