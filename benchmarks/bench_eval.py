@@ -84,7 +84,8 @@ def bench_fid(ctx: Context) -> dict:
     def base():
         x = a.numpy().astype(np.float64)
         mu, sigma = x.mean(0), np.cov(x, rowvar=False)
-        covmean, _ = scipy.linalg.sqrtm(sigma @ ref_sigma, disp=False)
+        # scipy's sqrtm(A) returns the matrix alone (its `disp` flag is gone in newer scipy)
+        covmean = scipy.linalg.sqrtm(sigma @ ref_sigma)
         diff = mu - ref_mu
         return float(diff @ diff + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.trace(covmean.real))
 
@@ -109,4 +110,7 @@ def inception_rate(ctx: Context) -> float | None:
 
 
 def run(ctx: Context) -> list[dict]:
-    return [bench_nn(ctx, inception_rate(ctx)), bench_fid(ctx)]
+    out = [bench_nn(ctx, inception_rate(ctx))]
+    ctx.save_partial(out)  # the NN figure survives if the FID one fails or is cut short
+    out.append(bench_fid(ctx))
+    return out

@@ -166,3 +166,34 @@ def test_figures_directly():
         h = rep.similarity_histogram({"a": sims, "b": [0.2, 0.3]}, [0.9, 0.95], Path(d) / "h.png")
         check_png(h)
         assert not list(Path(d).glob(".*tmp*"))  # written via temp file + rename
+
+
+def _evaluate_as_rank(rank, world, port, argv):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    module = load_launcher("evaluate")
+    assert module.main(argv) == 0
+
+
+def test_two_rank_evaluation_equals_one_rank(setup, evaluated, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    root, runs = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+            "--features", "pixels", "--inception-path", str(root / "standin.pt"),
+            "--cache-dir", str(tmp_path / "cache"), "--batch", "2", "--quiet", "--device", "cpu"]
+    mp.spawn(_evaluate_as_rank, args=(2, port, argv + ["--out", str(tmp_path / "two")]), nprocs=2, join=True)
+    assert evaluate_launcher.main(argv + ["--out", str(tmp_path / "one"), "--cache-dir",
+                                          str(tmp_path / "cache1")]) == 0
+    two, one = rep.read_report(tmp_path / "two"), rep.read_report(tmp_path / "one")
+    for key in ("max_similarity", "nearest_index"):
+        assert two["memorization"]["generated"][key] == pytest.approx(one["memorization"]["generated"][key], abs=1e-6)
+        assert two["memorization"]["heldout"][key] == pytest.approx(one["memorization"]["heldout"][key], abs=1e-6)
+    assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-6, abs=1e-6)
+    assert two["fid"]["reference_count"] == one["fid"]["reference_count"] == 24
