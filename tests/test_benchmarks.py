@@ -146,6 +146,22 @@ def test_failing_and_crashing_modules_are_recorded_and_the_rest_is_kept(tmp_path
     assert len(dated) == 2 and dated[0].endswith("-cpu-quick.json") and dated[1].endswith(".md")
 
 
+def test_in_process_mode_records_results_and_errors_too(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_good.py").write_text(
+        "from benchmarks.harness import result\n"
+        "def run(ctx):\n    return [result('good', 'ms', 1.0, 3.0, 'b')]\n")
+    (bench / "bench_raises.py").write_text("def run(ctx):\n    raise KeyError('gone')\n")
+    out = tmp_path / "r.json"
+    proc = _run_suite(["--quick", "--in-process", "--bench-dir", str(bench), "--out", str(out),
+                       "--results-dir", ""])
+    assert proc.returncode == 1
+    report = json.loads(out.read_text())
+    assert [r["ratio"] for r in report["results"]] == [3.0]
+    assert report["errors"][0]["module"] == "raises" and "gone" in report["errors"][0]["error"]
+
+
 def test_only_filters_and_unknown_name_fails_clearly(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
