@@ -237,3 +237,19 @@ def test_feature_cache_embeds_a_set_once():
     cache.get(ex, images + 2, batch_size=4)
     cache.get(ex, images, batch_size=4)  # evicted (oldest of 2): embedded again
     assert sum(calls) == 40
+
+
+def test_non_finite_images_or_features_are_errors_not_zero_similarity(tmp_path):
+    ex = feats.PixelFeatures(torch.zeros(1, 2, 2))
+    bad = torch.zeros(2, 1, 2, 2)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(feats.FeatureError, match="images contain NaN"):
+        ex(bad)
+
+    class Exploding(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)) * float("inf")
+
+    torch.jit.script(Exploding()).save(str(tmp_path / "inf.pt"))
+    with pytest.raises(feats.FeatureError, match="network produced NaN or inf"):
+        feats.build_extractor("inception", str(tmp_path / "inf.pt"))(torch.ones(1, 3, 4, 4))

@@ -56,6 +56,17 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def check_finite(features: torch.Tensor, name: str, images: torch.Tensor) -> torch.Tensor:
+    """NaN / inf features would turn into similarity 0 and a meaningless FID without any
+    error; say instead whether the images or the network are at fault."""
+    if not torch.isfinite(features).all():
+        if images.is_floating_point() and not torch.isfinite(images).all():
+            raise FeatureError(f"{name}: the images contain NaN or inf (a diverged model?)")
+        raise FeatureError(f"{name}: the network produced NaN or inf features from finite images "
+                           "(a broken or wrong weights file?)")
+    return features
+
+
 class FeatureExtractor:
     """Base class: `name` (recorded in every report), `dim`, and `embed` on one batch."""
 
@@ -80,7 +91,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = as_rgb(as_model_units(images.to(self.device)))
-        return self.embed(x).float()
+        return check_finite(self.embed(x).float(), self.name, images)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ class PixelFeatures(FeatureExtractor):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # Pixels keep their own channel count (no RGB expansion: it would only scale them).
         x = as_model_units(images.to(self.device))
-        return (x - self.mean_image.to(x.device)).flatten(1)
+        return check_finite((x - self.mean_image.to(x.device)).flatten(1), self.name, images)
 
 
 # --------------------------------------------------------------------------------------
