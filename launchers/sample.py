@@ -69,37 +69,23 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
     try:
         net, cfg, weights = S.load_denoiser(args.run_dir, args.checkpoint, args.config, device)
-        if args.fixed_class is not None and not 0 <= args.fixed_class < max(net.label_dim, 1):
-            raise S.SampleStoreError(f"--class {args.fixed_class}: the network has {net.label_dim} classes")
         settings = sampling.SamplerSettings.from_config(
             cfg.sampling, solver=args.solver, S_churn=args.churn, S_min=args.s_min,
             S_max=args.s_max, S_noise=args.s_noise)
         if args.steps:
             settings.num_steps = args.steps
-        settings.check()
-        seed = cfg.sampling.seed if args.seed is None else args.seed
         out = Path(args.out) if args.out else Path(args.run_dir or ".") / "samples"
-        store = S.SampleStore(out, args.format, args.shard_size)
-        labels = ("none" if not net.label_dim else
-                  f"class={args.fixed_class}" if args.fixed_class is not None else "cycle")
-        sampler = {k: (str(v) if isinstance(v, float) and v == float("inf") else v)
-                   for k, v in vars(settings).items()}
-        sampler["guidance"] = args.guidance
-        store.check_meta(S.SampleMeta(
-            num=args.num, seed=seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
-            weights_sha=S.file_digest(weights), sampler=sampler, layout=args.format,
-            shard_size=args.shard_size, labels=labels))
+        if args.compile:
+            net = torch.compile(net)
+        made = S.sample_run(
+            net, weights, out, args.num, cfg.sampling.seed if args.seed is None else args.seed,
+            settings, batch=args.batch, layout=args.format, shard_size=args.shard_size,
+            fixed_class=args.fixed_class, guidance_scale=args.guidance,
+            autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+            rank=rank, world=world, device=device, progress=not args.quiet)
     except (ConfigError, S.SampleStoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    if args.compile:
-        net = torch.compile(net)
-    guidance = sampling.classifier_free_guidance(args.guidance) if args.guidance else None
-    made = S.generate(net, store, args.num, args.batch, seed, settings, rank, world,
-                      fixed_class=args.fixed_class,
-                      autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                      guidance=guidance, device=device, progress=not args.quiet)
     if rank == 0 or made:
         print(f"rank {rank}/{world}: wrote {made} images to {out}")
     return 0

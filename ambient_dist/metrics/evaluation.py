@@ -90,17 +90,9 @@ def _generate_for_run(opts: EvalOptions, path: Path) -> None:
     from ambient_dist import sampling
     rank, world, _ = mdist.env_rank_world()
     net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
-    num = opts.num or 50000
-    store = S.SampleStore(path)
-    settings = sampling.SamplerSettings.from_config(cfg.sampling)
-    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items()}
-    sampler["guidance"] = None
-    store.check_meta(S.SampleMeta(
-        num=num, seed=cfg.sampling.seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
-        weights_sha=S.file_digest(weights), sampler=sampler, layout="png", shard_size=1000,
-        labels="cycle" if net.label_dim else "none"))
-    S.generate(net, store, num, opts.batch, cfg.sampling.seed, settings, rank, world,
-               device=opts.device, progress=opts.progress)
+    S.sample_run(net, weights, path, opts.num or 50000, cfg.sampling.seed,
+                 sampling.SamplerSettings.from_config(cfg.sampling), batch=opts.batch,
+                 rank=rank, world=world, device=opts.device, progress=opts.progress)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

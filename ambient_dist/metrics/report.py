@@ -86,8 +86,9 @@ def similarity_histogram(curves: dict[str, Sequence[float]], thresholds: Sequenc
         if len(v):
             ax.hist(np.asarray(v, dtype=float), bins=bins, density=True, histtype="step",
                     linewidth=1.6, label=f"{label} (n={len(v)})")
-    for t in thresholds:
-        ax.axvline(t, color="grey", linestyle="--", linewidth=0.8)
+    for i, t in enumerate(thresholds):
+        ax.axvline(t, color="grey", linestyle="--", linewidth=0.8,
+                   label="thresholds" if i == 0 else None)
     ax.set_xlabel(f"max cosine similarity to the training set ({feature_space})")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)

@@ -15,6 +15,7 @@ is around it for launchers/sample.py and launchers/evaluate.py:
                              written via temp file + rename and a shard only when complete,
                              so an interrupted run resumes by skipping what exists.
     generate(...)            the loop: this rank's pending images, batch by batch, with tqdm
+    sample_run(...)          samples.json check + generate (what both launchers call)
     read_samples(path)       images back as uint8 [N, C, H, W] (either layout)
 """
 from __future__ import annotations
@@ -226,6 +227,31 @@ def generate(net, store: SampleStore, num: int, batch: int, seed: int,
             bar.update(len(indices))
     bar.close()
     return total
+
+
+def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
+               settings: sampling.SamplerSettings, batch: int = 256, layout: str = "png",
+               shard_size: int = 1000, fixed_class: Optional[int] = None,
+               guidance_scale: Optional[float] = None, autocast_dtype=None,
+               rank: int = 0, world: int = 1, device="cpu", progress: bool = True) -> int:
+    """Check (or record) samples.json for this sample set, then make this rank's missing
+    images; returns how many it made. What launchers/sample.py and evaluate.py both run."""
+    settings.check()
+    if fixed_class is not None and not 0 <= fixed_class < max(net.label_dim, 1):
+        raise SampleStoreError(f"--class {fixed_class}: the network has {net.label_dim} classes")
+    store = SampleStore(out, layout, shard_size)
+    labels = ("none" if not net.label_dim else
+              f"class={fixed_class}" if fixed_class is not None else "cycle")
+    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items()}
+    sampler["guidance"] = guidance_scale
+    store.check_meta(SampleMeta(
+        num=num, seed=seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
+        weights_sha=file_digest(weights), sampler=sampler, layout=layout, shard_size=shard_size,
+        labels=labels))
+    guidance = sampling.classifier_free_guidance(guidance_scale) if guidance_scale else None
+    return generate(net, store, num, batch, seed, settings, rank, world, fixed_class=fixed_class,
+                    autocast_dtype=autocast_dtype, guidance=guidance, device=device,
+                    progress=progress)
 
 
 # --------------------------------------------------------------------------------------
