@@ -204,3 +204,15 @@ def test_make_shards_latent_cli(tiny_model, laion, tmp_path, capsys):
 
 
 
+
+
+def test_training_refuses_latents_of_another_vae(shards, tiny_model, tmp_path):
+    from ambient_dist.text.latents import check_latent_model
+    out, _, _ = shards
+    manifest = json.loads((out / "manifest.json").read_text())
+    check_latent_model(manifest, load_components(tiny_model, ("vae",)), "here")  # same VAE: fine
+    other = tmp_path / "other-vae"
+    shutil.copytree(tiny_model, other)
+    tiny_components(seed=1).vae.save_pretrained(other / "vae")  # same config, other weights
+    with pytest.raises(ConfigError, match=r"here: the latents were made with another VAE.*weights"):
+        check_latent_model(manifest, load_components(other, ("vae",)), "here")

@@ -182,6 +182,9 @@ def test_training_steps_write_checkpoints_and_report(trained_run, tiny_model):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((run / "checkpoints" / latest / "meta.json").read_text())
     assert meta["images_seen"] == 12 and meta["steps"] == 3 and meta["bad_steps"] == 0
+    filtered = json.loads((run / "text_filter.json").read_text())
+    assert filtered["samples"] == 12 and filtered["dropped"] == 0  # threshold 1e6 keeps all
+    assert 0 < filtered["magnitude_percentiles"]["p50"] <= filtered["magnitude_percentiles"]["p99"]
     summary = json.loads((run / "memorization.json").read_text())
     assert summary["generated"]["count"] == 2 and summary["heldout"]["count"] == 2
     from safetensors.torch import load_file

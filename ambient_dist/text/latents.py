@@ -52,7 +52,7 @@ from ambient_dist.data.shards import (
     ShardSet, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy, encode_png,
     read_index, read_manifest, scan_tar, sha256_file, write_index, write_json)
 from ambient_dist.data.sources import FIT_MODES, Source, choose_subset
-from ambient_dist.noise import check_image_range, keyed_normal, make_noisy_copy
+from ambient_dist.noise import check_image_range, ddpm_alpha_sigma, keyed_normal, make_noisy_copy
 
 from .sd_models import SDComponents
 
@@ -136,10 +136,17 @@ def _check_options(opts: LatentShardOptions) -> None:
         bad("--samples-per-shard/--batch", "must be >= 1")
 
 
+def _vae_weights_digest(components: SDComponents) -> str | None:
+    """sha256 of the VAE's weight file(s) on disk (None for in-memory components)."""
+    files = sorted(Path(components.path, "vae").glob("*.safetensors")) if components.path else []
+    return "-".join(sha256_file(f)[:16] for f in files) or None
+
+
 def _model_description(components: SDComponents) -> dict:
     """What identifies the encoders: a different VAE gives different latents."""
     vae = dict(components.vae.config)
-    desc = {"path": components.path, "vae_config": {k: v for k, v in vae.items() if not k.startswith("_")}}
+    desc = {"path": components.path, "vae_config": {k: v for k, v in vae.items() if not k.startswith("_")},
+            "vae_weights": _vae_weights_digest(components)}
     if components.text_encoder is not None:
         desc["text_encoder"] = components.text_encoder.config.name_or_path or "in-memory"
     return desc
@@ -257,11 +264,15 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
     write_json(part_path, part)
 
     vae_factor = components.vae_scale_factor
+    alpha_tn, s_tn = ddpm_alpha_sigma(opts.t_n)
     latent_shape = [int(components.vae.config.latent_channels), opts.resolution // vae_factor,
                     opts.resolution // vae_factor]
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, "plan": plan,
-        "sigma_tn": None, "form": "latent_v", "t_n": opts.t_n, "noise_seed": opts.noise_seed,
+        # The copies' noise level in VE units of the latents, s_tn / alpha_tn (for reading
+        # only: latent training is configured by objective.t_n).
+        "sigma_tn": float(s_tn / alpha_tn), "form": "latent_v", "t_n": opts.t_n,
+        "noise_seed": opts.noise_seed,
         "subset_seed": opts.subset_seed, "resolution": opts.resolution, "channels": 3,
         "num_classes": source.num_classes, "class_names": list(source.class_names), "fit": opts.fit,
         "selection": {"count": opts.count, "per_class": opts.per_class, "heldout": opts.heldout},
@@ -346,6 +357,20 @@ def check_latent_manifest(manifest: dict, cfg: ExperimentConfig) -> None:
                         f"{manifest['counts']['train']} images")
     if problems:
         raise ConfigError(f"{where} do not match the config: " + "; ".join(problems))
+
+
+def check_latent_model(manifest: dict, components: SDComponents, where: str) -> None:
+    """Refuse to train on latents another VAE made: they would decode to other images."""
+    made = manifest["source"].get("model", {})
+    have = json.loads(json.dumps(_model_description(components)))
+    diff = sorted(k for k in set(made.get("vae_config", {})) | set(have["vae_config"])
+                  if made.get("vae_config", {}).get(k) != have["vae_config"].get(k))
+    if None not in (made.get("vae_weights"), have["vae_weights"]) and made["vae_weights"] != have["vae_weights"]:
+        diff.append("weights")
+    if diff:
+        raise ConfigError(f"{where}: the latents were made with another VAE ({made.get('path')}) than "
+                          f"text.model_path's ({components.path}): differs in {', '.join(diff[:5])}; "
+                          "remake the shards with this model")
 
 
 class LatentShardSet(ShardSet):
@@ -492,5 +517,5 @@ def read_latent_manifest(shards_dir: str | os.PathLike) -> dict:
 
 
 __all__ = ["encode_latents", "encode_text", "tokenize", "LatentShardOptions", "make_latent_shards",
-           "check_latent_manifest", "LatentShardSet", "LatentLoader", "TextBatch",
+           "check_latent_manifest", "check_latent_model", "LatentShardSet", "LatentLoader", "TextBatch",
            "read_latent_manifest", "training_captions"]

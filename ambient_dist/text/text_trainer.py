@@ -29,18 +29,19 @@ import torch
 
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.data.loader import Batch
-from ambient_dist.data.shards import ShardError
+from ambient_dist.data.shards import ShardError, write_json
 from ambient_dist.engine.trainer import Trainer, run_training
 from ambient_dist.noise import ddpm_alpha_sigma
 from ambient_dist.objective import LatentVAmbientLoss, LossOutput, StepCoefficients
 
 from .export import export_pipeline
-from .latents import LatentLoader, encode_text, read_latent_manifest
+from .latents import LatentLoader, check_latent_model, encode_text, read_latent_manifest
 from .mitigations import CaptionDropout, PredictionMagnitudeFilter, TextEmbeddingNoise
 from .sampling import TextSamplerSettings, prompts_for, sample_images
 from .sd_models import SCHEDULER_PREDICTION, ModelError, SDComponents, load_components
 
 EXPORT_DIR = "diffusers"
+FILTER_REPORT = "text_filter.json"
 
 
 # --------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ class TextAmbientLoss:
         self.text_noise = TextEmbeddingNoise(cfg.text.text_noise_std)
         self.filter = PredictionMagnitudeFilter(cfg.text.drop_threshold, cfg.text.prediction)
         self.samples = self.dropped = 0   # counts for the log: samples seen, removed by the filter
+        self.magnitudes: list[torch.Tensor] = []  # the filter's per-sample magnitudes (device)
 
     def __call__(self, unet, clean: torch.Tensor, noisy: Optional[torch.Tensor],
                  cond: torch.Tensor, generator: Optional[torch.Generator] = None) -> LossOutput:
@@ -101,11 +103,25 @@ class TextAmbientLoss:
         self.samples += clean.shape[0]
         if "keep" not in record:
             return out
+        self.magnitudes.append(record["magnitude"].detach())
         keep = record["keep"].to(out.per_sample.dtype)
         self.dropped = self.dropped + (clean.shape[0] - keep.sum().detach())  # no host sync
         # Mean over the samples that stay: dropping must not shrink the step of the others.
         loss = (out.per_sample * keep).sum() / keep.sum().clamp(min=1)
         return LossOutput(loss, out.per_sample * keep, out.ambient, out.sigma)
+
+
+    def filter_summary(self) -> Optional[dict]:
+        """Magnitude percentiles of this process's samples (to calibrate text.drop_threshold:
+        train briefly with a huge threshold, then pick a high percentile)."""
+        if not self.magnitudes:
+            return None
+        m = torch.cat(self.magnitudes).float().cpu()
+        q = torch.tensor([0.5, 0.9, 0.95, 0.99])
+        return {"threshold": self.filter.threshold, "samples": self.samples,
+                "dropped": int(self.dropped),
+                "magnitude_percentiles": dict(zip(["p50", "p90", "p95", "p99"],
+                                                  torch.quantile(m, q).tolist()))}
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +186,7 @@ class TextTraining:
     def _build_loader(self) -> ConditionedLoader:
         latents = LatentLoader(self.cfg, self.rank, self.world_size, self.device,
                                start_sample=self.images_seen, vae=self.components.vae)
-        self.shards = latents.shards
+        check_latent_model(latents.shards.manifest, self.components, f"data.shards ({self.cfg.data.shards})")
         return ConditionedLoader(latents, self.components)
 
     # -- sampling and export -----------------------------------------------------------
@@ -204,10 +220,12 @@ class TextTraining:
         summary = super().finish()
         path = self.export_diffusers()
         if self.rank == 0:
-            loss = self.loss_fn
-            if loss.filter.enabled:
-                print(f"prediction-magnitude filter (text.drop_threshold {loss.filter.threshold}) "
-                      f"dropped {int(loss.dropped)} of {loss.samples} samples this session")
+            filtered = self.loss_fn.filter_summary()
+            if filtered is not None:
+                write_json(self.run_dir / FILTER_REPORT, filtered)
+                print(f"prediction-magnitude filter (rank 0, this session): dropped "
+                      f"{filtered['dropped']} of {filtered['samples']} samples; magnitudes "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in filtered["magnitude_percentiles"].items()))
             print(f"diffusers model: {path} (StableDiffusionPipeline.from_pretrained loads it; "
                   "launchers/sample_text.py samples it)")
         return summary
