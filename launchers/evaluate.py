@@ -30,15 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="training shards (default: data.shards of the run's config)")
     p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
     p.add_argument("--num", type=int, default=0, help="use (or generate) this many samples; 0 = all")
-    p.add_argument("--features", choices=("inception", "dinov2", "pixels"),
+    p.add_argument("--features", choices=("inception", "dinov2", "sscd", "pixels"),
                    help="memorization feature space (default: evaluation.memorization_features)")
     p.add_argument("--inception-path", default="", help="TorchScript Inception-2015-12-05 file")
     p.add_argument("--dinov2-path", default="", help="local Hugging Face DINOv2 directory")
+    p.add_argument("--sscd-path", default="", help="local TorchScript SSCD file (copy detection)")
     p.add_argument("--thresholds", type=float, nargs="+",
                    help="similarity thresholds (CIFAR-10/ImageNet 0.90 0.925 0.95; FFHQ 0.85 0.875 0.90)")
     p.add_argument("--no-fid", action="store_true", help="skip FID")
-    p.add_argument("--fid-reference", help="FID reference: a shard directory (all its training images) "
-                                           "or an image folder (default: all images of --shards)")
+    p.add_argument("--fid-reference", help="FID reference: a shard directory (all its training images), "
+                                           "an image folder, or a statistics .npz (mu, sigma, count) "
+                                           "(default: all images of --shards)")
     p.add_argument("--cache-dir", help="where reference FID statistics are cached "
                                        "(default ~/.cache/ambient_dist/fid)")
     p.add_argument("--prompts", help="text file, one prompt per sample (CLIP score)")
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
     opts = ev.EvalOptions(
         samples=args.samples, run_dir=args.run_dir, shards=args.shards, out=args.out, num=args.num,
         features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
-        thresholds=args.thresholds, fid=not args.no_fid, fid_reference=args.fid_reference,
-        cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
+        sscd_path=args.sscd_path, thresholds=args.thresholds, fid=not args.no_fid,
+        fid_reference=args.fid_reference, cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
         baseline=args.baseline, compare=args.compare, batch=args.batch, device=device,
         progress=not args.quiet)
     try:

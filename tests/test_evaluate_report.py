@@ -144,6 +144,20 @@ def test_compare_only_and_samples_folder_mode(setup, evaluated, tmp_path):
     assert "pixels-minus-mean" in report["memorization"]["note"]
 
 
+def test_sscd_space_and_precomputed_fid_statistics(setup, evaluated, tmp_path):
+    root, runs = setup
+    stats = sorted((root / "cache").glob("fidstats-*.npz"))[0]  # written by the first evaluation
+    first = rep.read_report(runs["ambient"] / "eval")
+    assert evaluate_launcher.main([str(runs["ambient"]), "--features", "sscd", "--sscd-path",
+                                   str(root / "standin.pt"), "--inception-path", str(root / "standin.pt"),
+                                   "--fid-reference", str(stats), "--out", str(tmp_path / "s"),
+                                   "--quiet"]) == 0
+    report = rep.read_report(tmp_path / "s")
+    assert report["memorization"]["feature_space"] == "sscd/standin"
+    assert report["fid"]["reference"] == str(stats) and report["fid"]["reference_count"] == 24
+    assert report["fid"]["value"] == pytest.approx(first["fid"]["value"], rel=1e-9)
+
+
 def test_clear_errors(setup, tmp_path, capsys):
     root, _ = setup
     assert evaluate_launcher.main([]) == 2

@@ -42,9 +42,10 @@ class EvalOptions:
     features: Optional[str] = None         # memorization space (default: config's)
     inception_path: str = ""
     dinov2_path: str = ""
+    sscd_path: str = ""
     thresholds: Optional[list[float]] = None
     fid: bool = True
-    fid_reference: Optional[str] = None    # shard dir (train split, all images) or sample folder
+    fid_reference: Optional[str] = None    # shard dir (all its images), image folder, or stats .npz
     cache_dir: Optional[str] = None
     prompts: Optional[str] = None          # text file, one prompt per sample index
     clip_path: Optional[str] = None
@@ -118,13 +119,31 @@ def _batches(images: torch.Tensor, batch: int):
 
 
 def _fid(opts: EvalOptions, eval_cfg: EvaluationConfig, generated: torch.Tensor,
-         reference: torch.Tensor, reference_name: str) -> dict:
+         reference, reference_name: str) -> dict:
+    """reference: uint8 images, or (mu, sigma, count) statistics already computed."""
     ex = build_extractor("inception", eval_cfg.inception_path, device=opts.device)
-    cache = opts.cache_dir or default_cache_dir()
-    ref = fidlib.reference_statistics(ex, _batches(reference, opts.batch), images_digest(reference), cache)
-    value = fidlib.fid_against(ex, _batches(generated, opts.batch), ref)
+    if isinstance(reference, torch.Tensor):
+        cache = opts.cache_dir or default_cache_dir()
+        reference = fidlib.reference_statistics(ex, _batches(reference, opts.batch),
+                                                images_digest(reference), cache)
+    value = fidlib.fid_against(ex, _batches(generated, opts.batch), reference)
     return {"value": value, "extractor": ex.name, "reference": reference_name,
-            "reference_count": int(ref[2]), "num_samples": int(len(generated))}
+            "reference_count": int(reference[2]), "num_samples": int(len(generated))}
+
+
+def _fid_reference(opts: EvalOptions, full_train: torch.Tensor, shards: str):
+    """(images or statistics, description) of the FID reference set."""
+    ref = opts.fid_reference
+    if not ref:
+        return full_train, f"all training-shard images of {shards}"
+    if ref.endswith(".npz"):
+        if not Path(ref).is_file():
+            raise FileNotFoundError(f"--fid-reference {ref}: no such statistics file")
+        return fidlib.load_statistics(Path(ref)), ref
+    if (Path(ref) / "manifest.json").is_file():
+        from ambient_dist import data
+        return _as_tensor(data.load_images(ref, "train")[1]), ref
+    return S.read_samples(ref)[1], ref
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -133,6 +152,7 @@ def evaluate(opts: EvalOptions) -> dict:
     changes = {k: v for k, v in (("memorization_features", opts.features),
                                  ("inception_path", opts.inception_path),
                                  ("dinov2_path", opts.dinov2_path),
+                                 ("sscd_path", opts.sscd_path),
                                  ("thresholds", opts.thresholds)) if v}
     eval_cfg = replace(eval_cfg, **changes)
     shards = opts.shards or (cfg.data.shards if cfg else "")
@@ -150,15 +170,8 @@ def evaluate(opts: EvalOptions) -> dict:
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None}
     if opts.fid:
-        if opts.fid_reference and Path(opts.fid_reference).is_dir() and \
-                (Path(opts.fid_reference) / "manifest.json").is_file():
-            from ambient_dist import data
-            ref, ref_name = _as_tensor(data.load_images(opts.fid_reference, "train")[1]), opts.fid_reference
-        elif opts.fid_reference:
-            ref, ref_name = S.read_samples(opts.fid_reference)[1], opts.fid_reference
-        else:
-            ref, ref_name = full_train, f"all training-shard images of {shards}"
-        report["fid"] = _fid(opts, eval_cfg, generated, ref, ref_name)
+        reference, ref_name = _fid_reference(opts, full_train, shards)
+        report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
     if opts.prompts and opts.clip_path:
         from ambient_dist.metrics.clip_score import clip_score
         texts = Path(opts.prompts).read_text().splitlines()[: len(generated)]

@@ -142,7 +142,8 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
     each threshold, Carlini fraction, the full per-image distribution and nearest indices).
     """
     kind = eval_cfg.memorization_features
-    path = {"inception": eval_cfg.inception_path, "dinov2": eval_cfg.dinov2_path}.get(kind, "")
+    path = {"inception": eval_cfg.inception_path, "dinov2": eval_cfg.dinov2_path,
+            "sscd": getattr(eval_cfg, "sscd_path", "")}.get(kind, "")
     extractor = build_extractor(kind, path, reference=train_images, device=device)
     opts = dict(batch_size=batch_size, progress=progress)
     if train_features is None:
