@@ -226,6 +226,7 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging(shards, tmp_path):  # noq
     finish(procs[1:])
     assert code != 0
     assert time.time() - killed_at < 90
+    assert "rank 0 of 2 failed" in text
 
 
 @pytest.mark.slow

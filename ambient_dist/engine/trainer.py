@@ -510,5 +510,14 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
                 print(f"run directory: {run_dir} (config.yaml, checkpoints/, ema.safetensors, "
                       "samples.png, memorization.json, TensorBoard events)")
         return run_dir
+    except Exception as e:
+        if info.distributed:
+            # Name the rank: with several ranks the first line a user sees is often another
+            # rank's "connection closed", caused by this one.
+            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {e}\n"
+                  f"(a rank that dies or stops answering ends every other rank at its next "
+                  f"collective, after at most distributed.timeout_s = {cfg.distributed.timeout_s:g} s)",
+                  file=sys.stderr, flush=True)
+        raise
     finally:
         shutdown(info)
