@@ -160,6 +160,9 @@ class TextTraining:
         if not cfg.text.model_path:
             raise ConfigError("text.model_path: set it to a local diffusers-format Stable Diffusion "
                               "2.x directory")
+        if cfg.train.compile:
+            raise ConfigError("train.compile: not supported for text-conditional training yet "
+                              "(set train.compile=false)")
         device = (dist_info.device if dist_info is not None
                   else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         try:
@@ -245,6 +248,22 @@ def text_trainer_classes(cfg: ExperimentConfig) -> dict:
     class TextDeepSpeedTrainer(TextTraining, DeepSpeedTrainer):
         """Text-conditional training under DeepSpeed (ZeRO 1/2/3, bf16)."""
     return {"deepspeed": TextDeepSpeedTrainer}
+
+
+def describe_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML and the U-Net's parameter count (built on the meta device
+    from the checkpoint's unet/config.json: no weights are read)."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    from ambient_dist.config import to_dict
+    unet_dir = Path(cfg.text.model_path) / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise ConfigError(f"text.model_path: {unet_dir / 'config.json'} not found")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    params = sum(p.numel() for p in unet.parameters())
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False) + f"U-Net parameters (trained): {params}"
 
 
 def run_text_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
