@@ -89,8 +89,15 @@ def test_reference_statistics_are_cached_by_extractor_and_dataset(tmp_path):
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert again[2] == 10
+    # reference files of EDM / StyleGAN hold mu and sigma only
+    np.savez(tmp_path / "edm-ref.npz", mu=first[0], sigma=first[1])
+    mu, sigma, count = fid.load_statistics(tmp_path / "edm-ref.npz")
+    assert np.array_equal(mu, first[0]) and np.array_equal(sigma, first[1]) and count == 0
+    np.savez(tmp_path / "bad.npz", mean=first[0])
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        fid.load_statistics(tmp_path / "bad.npz")
     other = fid.reference_statistics(ex, (images + 1).split(5), "other", cache_dir=tmp_path)
-    assert not np.allclose(other[0], first[0]) and len(list(tmp_path.glob("*.npz"))) == 2
+    assert not np.allclose(other[0], first[0]) and len(list(tmp_path.glob("fidstats-*.npz"))) == 2
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
 from ambient_dist.metrics import distributed as mdist
@@ -110,11 +111,12 @@ def _reference_images(shards: str, cfg: Optional[ExperimentConfig], heldout_limi
     return _as_tensor(train_all), train, heldout
 
 
-def _batches(images: torch.Tensor, batch: int):
+def _batches(images: torch.Tensor, batch: int, desc: str = "", progress: bool = False):
     """This rank's share of `images`, in batches (for the streamed FID statistics)."""
     rank, world = mdist.rank_and_world()
     lo, hi = mdist.slice_bounds(len(images), rank, world)
-    for start in range(lo, hi, batch):
+    starts = range(lo, hi, batch)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
         yield images[start:min(start + batch, hi)]
 
 
@@ -124,9 +126,10 @@ def _fid(opts: EvalOptions, eval_cfg: EvaluationConfig, generated: torch.Tensor,
     ex = build_extractor("inception", eval_cfg.inception_path, device=opts.device)
     if isinstance(reference, torch.Tensor):
         cache = opts.cache_dir or default_cache_dir()
-        reference = fidlib.reference_statistics(ex, _batches(reference, opts.batch),
-                                                images_digest(reference), cache)
-    value = fidlib.fid_against(ex, _batches(generated, opts.batch), reference)
+        reference = fidlib.reference_statistics(
+            ex, _batches(reference, opts.batch, "FID reference", opts.progress),
+            images_digest(reference), cache)
+    value = fidlib.fid_against(ex, _batches(generated, opts.batch, "FID samples", opts.progress), reference)
     return {"value": value, "extractor": ex.name, "reference": reference_name,
             "reference_count": int(reference[2]), "num_samples": int(len(generated))}
 

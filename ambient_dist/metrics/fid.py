@@ -108,8 +108,12 @@ def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -
 
 
 def load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, count) from our cache files, or from EDM / StyleGAN reference files
+    (same `mu` and `sigma` keys, no count: reported as 0)."""
     with np.load(path, allow_pickle=False) as f:
-        return f["mu"], f["sigma"], int(f["count"])
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {sorted(f.files)}")
+        return f["mu"], f["sigma"], int(f["count"]) if "count" in f else 0
 
 
 def streamed_statistics(extractor, batches: Iterable[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, int]:
