@@ -253,3 +253,15 @@ def test_non_finite_images_or_features_are_errors_not_zero_similarity(tmp_path):
     torch.jit.script(Exploding()).save(str(tmp_path / "inf.pt"))
     with pytest.raises(feats.FeatureError, match="network produced NaN or inf"):
         feats.build_extractor("inception", str(tmp_path / "inf.pt"))(torch.ones(1, 3, 4, 4))
+
+
+def test_tf_resize_equals_grid_sample_on_the_legacy_grid():
+    # Independent statement of TF1's resize_bilinear (no half-pixel centres): output pixel j
+    # samples input position j * in / out, through grid_sample with border padding.
+    x = torch.rand(2, 3, 32, 32) * 255
+    out = 299
+    src = torch.arange(out, dtype=torch.float64) * 32 / out
+    norm = ((2 * src + 1) / 32 - 1).float()  # align_corners=False normalisation
+    grid = torch.stack(torch.meshgrid(norm, norm, indexing="xy"), -1)[None].expand(2, -1, -1, -1)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(feats.tf_bilinear_resize(x, out), ref, atol=2e-3, rtol=1e-5)
