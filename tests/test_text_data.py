@@ -188,6 +188,15 @@ def test_online_shards_encode_the_same_latents(tiny_model, laion, shards, tmp_pa
     assert b_online.keys == b_stored.keys and b_online.text is None
     torch.testing.assert_close(b_online.clean, b_stored.clean, atol=3e-3, rtol=3e-3)
     torch.testing.assert_close(b_online.noisy, b_stored.noisy, atol=0, rtol=0)
+    # DALI decodes the same PNGs (CPU backend here, the GPU one on a GPU): the same batches.
+    dali = LatentLoader(latent_config(online, tiny_model, "data.loader=dali", "data.workers=1"),
+                        0, 1, "cpu", vae=components.vae)
+    pil = LatentLoader(latent_config(online, tiny_model), 0, 1, "cpu", vae=components.vae)
+    assert dali.pipe is not None and pil.pipe is None
+    for _ in range(2):
+        b_dali, b_pil = next(dali), next(pil)
+        assert b_dali.keys == b_pil.keys
+        assert torch.equal(b_dali.clean, b_pil.clean) and torch.equal(b_dali.noisy, b_pil.noisy)
 
 
 def test_make_shards_latent_cli(tiny_model, laion, tmp_path, capsys):

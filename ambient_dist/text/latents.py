@@ -444,9 +444,10 @@ class LatentLoader:
     (data.order: a global permutation per epoch, rank r taking its slice of each step).
 
     Reads members straight from the memory-mapped tars (a few KB per sample). Online shards
-    have no clean latent: the image is decoded and VAE-encoded here, on `device`, with the
-    same keyed posterior draw the shard writer used. No flips: a flipped latent is not the
-    latent of the flipped image, and captions can say "left".
+    have no clean latent: the image is decoded -- by the DALI pipeline of data.dali_loader
+    (on the GPU when there is one) with data.loader "dali", else by PIL -- and VAE-encoded
+    here, on `device`, with the same keyed posterior draw the shard writer used. No flips: a
+    flipped latent is not the latent of the flipped image, and captions can say "left".
     """
 
     def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int, device,
@@ -465,6 +466,12 @@ class LatentLoader:
         self.order = SampleOrder(self.num_samples, cfg.data.seed, xflip=False)
         self.plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
         self.steps_done = 0
+        self.pipe = None
+        if self.shards.online and cfg.data.loader == "dali":
+            from ambient_dist.data.dali_loader import _BatchFeeder, build_pipeline
+            # DALI's iteration n is this rank's step n, as in the pixel DALI loader.
+            self.pipe = build_pipeline(_BatchFeeder(self.shards, self.order, self.plan),
+                                       self.plan.micro_batch, 3, self.device, cfg.data.workers)
 
     @property
     def samples_seen(self) -> int:
@@ -485,10 +492,15 @@ class LatentLoader:
     def batch(self, indices) -> TextBatch:
         s = self.shards
         keys = [s.keys[i] for i in indices]
-        noisy = torch.from_numpy(np.stack([s.noisy(i) for i in indices])).float()
+        if self.pipe is not None:
+            from ambient_dist.data.dali_loader import _to_torch
+            images, noisy = (_to_torch(t, self.device) for t in self.pipe.run())
+        else:
+            noisy = torch.from_numpy(np.stack([s.noisy(i) for i in indices])).float()
+            if s.online:
+                images = to_model_units(torch.from_numpy(np.stack([s.image(i) for i in indices])))
         if s.online:
-            images = torch.from_numpy(np.stack([s.image(i) for i in indices]))
-            clean = encode_latents(self.vae, to_model_units(images).to(self.device), keys,
+            clean = encode_latents(self.vae, images.to(self.device), keys,
                                    s.manifest["noise_seed"], s.manifest["scaling_factor"])
         else:
             clean = torch.from_numpy(np.stack([s.latent(i) for i in indices])).float()
@@ -499,7 +511,7 @@ class LatentLoader:
                          None if text is None else text.to(self.device))
 
     def close(self) -> None:
-        """Nothing runs in the background."""
+        self.pipe = None
 
 
 def training_captions(shards_dir: str | os.PathLike, count: int) -> list[str]:
