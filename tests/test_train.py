@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from ambient_dist.config import ConfigError, load_config, to_dict
 from ambient_dist.data import ShardOptions, make_shards, open_source
 from ambient_dist.engine import trainer as trainer_mod
+from ambient_dist.engine.run import check_output_dir, find_resume_point
 from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.trainer import Trainer, check_output_dir, find_resume_point
+from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,6 +16,10 @@ A save goes to a hidden temporary directory first, which is renamed into place o
 every file is written and flushed; `latest` is replaced (temp file + os.replace) after that,
 and old checkpoints are pruned last. A crash mid-save therefore leaves at worst a stray
 `.tmp-*` directory, which the next save removes, and `latest` still names a complete one.
+With several ranks, one process stages, all write, and one publishes (`stage`/`publish`).
+
+`check_resume_compatible` refuses to continue a checkpoint under options that would change
+its trajectory (anything but the run length, intervals and reporting options).
 """
 from __future__ import annotations
 
@@ -30,7 +34,16 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
+
 CHECKPOINT_DIR = "checkpoints"
+
+# Options that may differ between a checkpoint and the config resuming it: they change how
+# long the run goes or what it reports, never the trajectory of the weights.
+RESUMABLE_CHANGES = ("name", "description", "train.total_kimg", "train.log_every_kimg",
+                     "train.checkpoint_every_kimg", "train.sample_every_kimg",
+                     "train.keep_checkpoints", "train.run_root", "data.shards", "data.loader",
+                     "data.workers", "sampling.", "evaluation.", "distributed.timeout_s")
 _NAME = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -168,3 +181,24 @@ class CheckpointManager:
             state=torch.load(path / "state.pt", map_location=device, weights_only=True),
             meta=json.loads((path / "meta.json").read_text()),
         )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: dict, cfg: ExperimentConfig, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint under options that would change its trajectory."""
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"checkpoint {checkpoint} was trained with different options ({details}); "
+                          "resume with the run's own config.yaml or start a new run directory")

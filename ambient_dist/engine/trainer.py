@@ -6,8 +6,8 @@ one network call per micro-batch, clips, steps the optimizer at the ramped learn
 updates the EMA. Progress is counted in images, so schedules, intervals and resume points do
 not depend on the batch size.
 
-A run directory holds config.yaml, run.json, TensorBoard events, checkpoints/ and, at the
-end, ema.safetensors (what sampling and evaluation load with the config.yaml beside it),
+A run directory (prepared by run.py) holds config.yaml, run.json, TensorBoard events,
+checkpoints/ and, at the end, ema.safetensors (what sampling and evaluation load with the config.yaml beside it),
 samples.png and memorization.json.
 
 Resume is exact: model, EMA, optimizer, RNG states and the loader position are restored, so
@@ -17,133 +17,27 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from ambient_dist import data, metrics, sampling
-from ambient_dist.config import (ConfigError, ExperimentConfig, save_config, to_dict,
-                                 validate_world)
+from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
 from ambient_dist.data.augment import to_model_units
-from ambient_dist.engine.checkpoint import Checkpoint, CheckpointManager, export_safetensors_atomic
-from ambient_dist.engine.distributed import DistInfo, any_rank_true, init_distributed, shutdown
+from ambient_dist.engine.checkpoint import (Checkpoint, CheckpointManager, check_resume_compatible,
+                                            export_safetensors_atomic)
+from ambient_dist.engine.distributed import DistInfo, any_rank_true
 from ambient_dist.engine.ema import EMA, ema_beta
 from ambient_dist.engine.logging import RunLogger, TrainingStats, save_image_grid
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
 from ambient_dist.models import build_network
-from ambient_dist.models.flops import train_gflop_per_image
 from ambient_dist.objective import build_loss
 
 # A run stops (with a message) after this many optimizer steps in a row were skipped for a
 # non-finite loss or gradient: one bad batch is noise, a long streak is a diverged run.
 MAX_BAD_STEPS_IN_A_ROW = 50
-
-# Options that may differ between a checkpoint and the config resuming it: they change how
-# long the run goes or what it reports, never the trajectory of the weights.
-RESUMABLE_CHANGES = ("name", "description", "train.total_kimg", "train.log_every_kimg",
-                     "train.checkpoint_every_kimg", "train.sample_every_kimg",
-                     "train.keep_checkpoints", "train.run_root", "data.shards", "data.loader",
-                     "data.workers", "sampling.", "evaluation.", "distributed.timeout_s")
-
-
-# ----------------------------------------------------------------------------------------
-# Run directory, resume point, description.
-# ----------------------------------------------------------------------------------------
-
-def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
-    return Path(run_dir) if run_dir else Path(cfg.train.run_root) / cfg.name
-
-
-def find_resume_point(run_dir: Path, resume: Optional[str], keep: int = 1) -> Optional[Path]:
-    """The checkpoint to continue from, or None for a fresh start.
-
-    resume=None refuses to overwrite a run directory that already holds checkpoints;
-    "auto" continues from its latest checkpoint if there is one; any other value is a run
-    directory (or a checkpoint directory inside one) to continue from.
-    """
-    if resume is None:
-        existing = CheckpointManager(run_dir, keep).latest()
-        if existing is not None:
-            raise ConfigError(f"run directory {run_dir} already holds checkpoint {existing.name}: "
-                              "pass --resume auto to continue it, or --run-dir for a new run")
-        return None
-    if resume == "auto":
-        return CheckpointManager(run_dir, keep).latest()
-    path = Path(resume)
-    if (path / "meta.json").is_file():
-        return path
-    latest = CheckpointManager(path, keep).latest()
-    if latest is None:
-        raise ConfigError(f"--resume {resume}: no checkpoint found there")
-    return latest
-
-
-def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
-    """Fail before training, not at the first checkpoint, if the output cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run directory {run_dir}: not writable ({e.strerror})") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise ConfigError(f"run directory {run_dir}: {free / 2**30:.2f} GiB free, but keeping the "
-                          f"checkpoints needs about {needed_bytes / 2**30:.2f} GiB")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_compatible(saved: dict, cfg: ExperimentConfig, checkpoint: Path) -> None:
-    """Refuse to continue a checkpoint under options that would change its trajectory."""
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
-    changed = [k for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise ConfigError(f"checkpoint {checkpoint} was trained with different options ({details}); "
-                          "resume with the run's own config.yaml or start a new run directory")
-
-
-def describe(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML, the parameter count and the training cost per image."""
-    net = build_network(cfg)
-    params = sum(p.numel() for p in net.parameters())
-    gflop = train_gflop_per_image(net, cfg.data.resolution, cfg.data.channels, net.label_dim)
-    return (yaml.safe_dump(to_dict(cfg), sort_keys=False)
-            + f"parameters: {params}\ntrain GFLOP/image: {gflop:.2f}")
-
-
-def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
-    """run.json: what produced this run (config, versions, world size, git revision)."""
-    def git_revision() -> Optional[str]:
-        try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                  capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    info = {"config": to_dict(cfg), "fingerprint": cfg.fingerprint(), "world_size": world_size,
-            "git_revision": git_revision(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "host": platform.node(), "argv": sys.argv}
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_dir / "run.json")
 
 
 class StopFlag:
@@ -458,66 +352,3 @@ class Trainer:
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         os.replace(tmp, self.run_dir / "memorization.json")
         return summary
-
-
-def format_memorization(summary: dict) -> str:
-    """A few readable lines of the memorization summary (the JSON file has everything)."""
-    lines = [f"memorization: nearest of {summary.get('num_train')} training images by "
-             f"{summary.get('similarity', 'cosine similarity')} in {summary.get('feature_space')} space"]
-    for name in ("generated", "heldout"):
-        stats = summary.get(name)
-        if not stats:
-            lines.append(f"  {name:9s}: none (no held-out images in the shards: no calibration)")
-            continue
-        above = ", ".join(f"> {t}: {100 * f:.1f}%" for t, f in stats["fraction_above"].items())
-        lines.append(f"  {name:9s} ({stats['count']}): mean {stats['mean']:.3f}, "
-                     f"p95 {stats['p95']:.3f}, {above}, Carlini {100 * stats['carlini_fraction']:.1f}%")
-    if summary.get("note"):
-        lines.append(f"  note: {summary['note']}")
-    return "\n".join(lines)
-
-
-def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
-                 resume: Optional[str] = None, trainer_classes: Optional[dict] = None) -> Path:
-    """The whole job on this rank: join the process group, prepare the run directory, train
-    (or continue), then report. Works the same as a plain process or under a launcher."""
-    info = init_distributed(cfg)
-    try:
-        validate_world(cfg, info.world_size)
-        if info.distributed and cfg.distributed.engine != "deepspeed":
-            raise ConfigError(f"distributed.engine: {info.world_size} ranks need "
-                              "distributed.engine=deepspeed (the plain engine is single-process)")
-        run_dir = resolve_run_dir(cfg, run_dir)
-        resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
-        if trainer_classes:  # {"none": class, "deepspeed": class}, e.g. the text trainers
-            trainer_class = trainer_classes[cfg.distributed.engine]
-        elif cfg.distributed.engine == "deepspeed":
-            from ambient_dist.engine.deepspeed_engine import DeepSpeedTrainer as trainer_class
-        else:
-            trainer_class = Trainer
-        trainer = trainer_class(cfg, run_dir, dist_info=info, resume_from=resume_from)
-        # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
-        check_output_dir(run_dir, trainer.num_parameters * 4 * 4 * (cfg.train.keep_checkpoints + 1))
-        if info.is_main:
-            save_config(cfg, run_dir)
-            write_run_info(run_dir, cfg, info.world_size)
-            if resume_from is not None:
-                print(f"resuming from {resume_from} at {trainer.images_seen} images")
-        if trainer.train():
-            summary = trainer.finish()
-            if summary is not None:
-                print(format_memorization(summary))
-                print(f"run directory: {run_dir} (config.yaml, checkpoints/, ema.safetensors, "
-                      "samples.png, memorization.json, TensorBoard events)")
-        return run_dir
-    except Exception as e:
-        if info.distributed:
-            # Name the rank: with several ranks the first line a user sees is often another
-            # rank's "connection closed", caused by this one.
-            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {e}\n"
-                  f"(a rank that dies or stops answering ends every other rank at its next "
-                  f"collective, after at most distributed.timeout_s = {cfg.distributed.timeout_s:g} s)",
-                  file=sys.stderr, flush=True)
-        raise
-    finally:
-        shutdown(info)
