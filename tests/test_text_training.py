@@ -206,6 +206,22 @@ def test_export_loads_in_diffusers_pipeline_and_generates(trained_run):
     assert image.shape == (1, RES, RES, 3) and float(image.std()) > 0
 
 
+def test_sample_text_launcher_writes_what_evaluate_reads_and_resumes(trained_run, tmp_path, capsys):
+    import sample_text
+    from ambient_dist.metrics.samples import read_samples
+    run, _ = trained_run
+    out = tmp_path / "samples"
+    argv = [str(run), "--num", "3", "--steps", "1", "--batch", "2", "--out", str(out), "--quiet"]
+    assert sample_text.main(argv) == 0 and "3 images written" in capsys.readouterr().out
+    _, images, _ = read_samples(out)
+    assert images.shape == (3, 3, RES, RES) and images.dtype == torch.uint8
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 3 and all(p.startswith("caption ") for p in prompts)
+    assert sample_text.main(argv) == 0 and "0 images written" in capsys.readouterr().out
+    assert sample_text.main([*argv[:-1], "--guidance", "2", "--quiet"]) == 2  # other settings: refused
+    assert "made differently" in capsys.readouterr().err
+
+
 def test_guided_sampling_is_per_image_and_sampler_dependent(tiny_model):
     c = load_components(tiny_model)
     prompts = ["the cat", "a dog", "caption 3"]

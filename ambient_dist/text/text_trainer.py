@@ -30,7 +30,7 @@ import torch
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.data.loader import Batch
 from ambient_dist.data.shards import ShardError, write_json
-from ambient_dist.engine.trainer import Trainer, run_training
+from ambient_dist.engine.trainer import Trainer
 from ambient_dist.noise import ddpm_alpha_sigma
 from ambient_dist.objective import LatentVAmbientLoss, LossOutput, StepCoefficients
 
@@ -109,7 +109,6 @@ class TextAmbientLoss:
         # Mean over the samples that stay: dropping must not shrink the step of the others.
         loss = (out.per_sample * keep).sum() / keep.sum().clamp(min=1)
         return LossOutput(loss, out.per_sample * keep, out.ambient, out.sigma)
-
 
     def filter_summary(self) -> Optional[dict]:
         """Magnitude percentiles of this process's samples (to calibrate text.drop_threshold:
@@ -274,4 +273,8 @@ def run_text_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike
         read_latent_manifest(cfg.data.shards)
     except ShardError as e:
         raise ConfigError(f"data.shards: {e}") from None
+    try:  # the job runner moved from engine.trainer to engine.run; accept either
+        from ambient_dist.engine.run import run_training
+    except ImportError:
+        from ambient_dist.engine.trainer import run_training
     return run_training(cfg, run_dir, resume, trainer_classes=text_trainer_classes(cfg))
