@@ -141,7 +141,8 @@ def make_latent(args, cfg, pick) -> int:
         per_class=args.per_class, subset_seed=args.subset_seed,
         heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
         samples_per_shard=args.samples_per_shard, text_embeddings=args.text_embeddings,
-        online=args.online, batch_size=args.batch, workers=max(args.workers, 1))
+        online=args.online, batch_size=args.batch, workers=max(args.workers, 1),
+        skip_bad=args.skip_bad)
     env_rank, env_world, local_rank = env_rank_world()  # torchrun / deepspeed / mpirun
     rank = args.rank if args.rank is not None else env_rank
     world = args.world_size if args.world_size is not None else env_world
@@ -159,6 +160,8 @@ def make_latent(args, cfg, pick) -> int:
     print(f"{args.out}: {manifest['counts']['train']} latent samples in {len(manifest['shards'])} "
           f"shards, {manifest['counts']['heldout']} held out, latents {manifest['latent_shape']}, "
           f"noisy at t_n {manifest['t_n']}{' (online)' if manifest['online'] else ''}")
+    for s in manifest["skipped"]:
+        print(f"  skipped {s['where']}: {s['error']}")
     return 0
 
 

@@ -225,3 +225,22 @@ def test_training_refuses_latents_of_another_vae(shards, tiny_model, tmp_path):
     tiny_components(seed=1).vae.save_pretrained(other / "vae")  # same config, other weights
     with pytest.raises(ConfigError, match=r"here: the latents were made with another VAE.*weights"):
         check_latent_model(manifest, load_components(other, ("vae",)), "here")
+
+
+def test_undecodable_images_stop_or_are_skipped_and_listed(tiny_model, laion, tmp_path):
+    import webdataset as wds
+    from ambient_dist.data.sources import SourceError
+    src_dir = tmp_path / "with-bad"
+    shutil.copytree(laion, src_dir)
+    with wds.TarWriter(str(src_dir / "99999.tar")) as sink:
+        sink.write({"__key__": "broken", "jpg": b"not a jpeg", "txt": "a broken image"})
+    components = load_components(tiny_model, ("vae",))
+    opts = LatentShardOptions(resolution=RES, samples_per_shard=20)
+    with pytest.raises(SourceError, match="99999.tar"):
+        make_latent_shards(open_source(str(src_dir), "webdataset"), tmp_path / "a", opts, components,
+                           progress=False)
+    opts.skip_bad = True
+    manifest = make_latent_shards(open_source(str(src_dir), "webdataset"), tmp_path / "b", opts,
+                                  components, progress=False)
+    assert manifest["counts"]["train"] == 12 and manifest["counts"]["skipped"] == 1
+    assert manifest["skipped"][0]["key"] == "broken"

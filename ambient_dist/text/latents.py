@@ -51,7 +51,7 @@ from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
     ShardSet, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy, encode_png,
     read_index, read_manifest, scan_tar, sha256_file, write_index, write_json)
-from ambient_dist.data.sources import FIT_MODES, Source, choose_subset
+from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
 from ambient_dist.noise import check_image_range, ddpm_alpha_sigma, keyed_normal, make_noisy_copy
 
 from .sd_models import SDComponents
@@ -115,10 +115,11 @@ class LatentShardOptions:
     # Not part of the content:
     batch_size: int = 32
     workers: int = 4                  # image decoding threads
+    skip_bad: bool = False            # skip (and list) undecodable images instead of stopping
 
     def content(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers"):
+        for k in ("batch_size", "workers", "skip_bad"):
             d.pop(k)
         return d
 
@@ -161,16 +162,31 @@ class _LatentWriter:
         self.device = torch.device(device)
         self.pool = futures.ThreadPoolExecutor(max(opts.workers, 1))
 
-    def _load(self, indices: list[int]) -> list[tuple]:
-        return list(self.pool.map(lambda i: _prepare(self.source, i, self.opts, 3), indices))
+    def _load_one(self, i: int):
+        try:
+            return _prepare(self.source, i, self.opts, 3)
+        except SourceError as e:
+            if not self.opts.skip_bad:
+                raise
+            return {"key": self.source.key(i), "where": self.source.where(i), "error": str(e)}
+
+    def _load(self, indices: list[int]) -> tuple[list[tuple], list[dict]]:
+        """(decoded records, skipped-image reports) of `indices`, decoded in threads."""
+        loaded = list(self.pool.map(self._load_one, indices))
+        return [r for r in loaded if isinstance(r, tuple)], [r for r in loaded if isinstance(r, dict)]
 
     def write(self, name: str, indices: list[int], bar: tqdm) -> dict:
         final = self.out_dir / name
         tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
         o, c = self.opts, self.c
+        skipped = []
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for start in range(0, len(indices), o.batch_size):
-                records = self._load(indices[start: start + o.batch_size])
+                records, bad = self._load(indices[start: start + o.batch_size])
+                skipped += bad
+                bar.update(len(bad))
+                if not records:
+                    continue
                 keys = [r[0] for r in records]
                 pixels = np.stack([r[1] for r in records])
                 clean = to_model_units(torch.from_numpy(pixels).permute(0, 3, 1, 2))
@@ -200,7 +216,7 @@ class _LatentWriter:
         index = final.with_suffix(".idx")
         write_index(samples, index)
         return {"name": name, "index": index.name, "samples": len(samples),
-                "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": []}
+                "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": skipped}
 
 
 @dataclass
@@ -326,8 +342,9 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
         raise ShardError(f"{out_dir}: the ranks finished but shards {missing[:3]} are missing")
     manifest["shards"] = [entries[n] for n in names]
     manifest["heldout"] = held
+    manifest["skipped"] = [s for e in manifest["shards"] for s in e.get("skipped", [])]
     manifest["counts"] = {"train": sum(e["samples"] for e in manifest["shards"]),
-                          "heldout": heldout, "skipped": 0}
+                          "heldout": heldout, "skipped": len(manifest["skipped"])}
     manifest["complete"] = True
     write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
