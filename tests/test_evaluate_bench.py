@@ -14,7 +14,7 @@ from benchmarks.harness import RESULT_KEYS, Context  # noqa: E402
 def test_quick_eval_benchmark_records_and_agreement(monkeypatch):
     # The real Inception throughput takes seconds per image on a small CPU: measured by the
     # suite, not by CI. Here a fixed rate checks that the 50k estimate is assembled from it.
-    monkeypatch.setattr(bench_eval, "inception_rate", lambda ctx: 100.0)
+    monkeypatch.setattr(bench_eval, "inception_rate", lambda ctx: (100.0, "fixed"))
     results = bench_eval.run(Context(device="cpu", quick=True))
     names = [r["name"] for r in results]
     assert names == ["nearest_neighbours_top50", "fid_statistics"]
@@ -23,6 +23,7 @@ def test_quick_eval_benchmark_records_and_agreement(monkeypatch):
     nn, fid = results
     assert nn["top1_agreement"] == 1.0            # chunked top-k == one-at-a-time brute force
     assert nn["evaluate_50k_s"] == 50000 / 100.0 + nn["nn_50k_s_estimate"]
+    assert nn["inception_timed"] == "fixed"
     assert fid["abs_diff"] < 1e-6 * max(1.0, abs(fid["ours"]))  # same FID from both methods
 
 
