@@ -26,8 +26,9 @@ from ambient_dist.config import ConfigError  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="training run directory")
+    p.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same as the positional RUN_DIR")
     p.add_argument("--samples", help="sample folder or WebDataset shards (launchers/sample.py output)")
-    p.add_argument("--shards", help="training shards (default: data.shards of the run's config)")
+    p.add_argument("--shards", "--train", dest="shards", help="training shards (default: data.shards of the run's config)")
     p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
     p.add_argument("--num", type=int, default=0, help="use (or generate) this many samples; 0 = all")
     p.add_argument("--features", choices=("inception", "dinov2", "sscd", "pixels"),
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run_dir = args.run_dir or args.run_flag
     from ambient_dist.metrics import evaluation as ev
     from ambient_dist.metrics.features import FeatureError
     from ambient_dist.metrics.samples import SampleStoreError

@@ -22,6 +22,7 @@ from ambient_dist.config import ConfigError  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="training run directory (config.yaml + ema.safetensors)")
+    p.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same as the positional RUN_DIR")
     p.add_argument("--config", help="experiment YAML (default: RUN_DIR/config.yaml)")
     p.add_argument("--checkpoint", help="EMA .safetensors file or checkpoints/ckpt-* directory")
     p.add_argument("--out", help="output directory (default: RUN_DIR/samples)")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.run_dir = args.run_dir or args.run_flag
     if not args.run_dir and not (args.config and args.checkpoint):
         print("error: give a run directory, or both --config and --checkpoint", file=sys.stderr)
         return 2

@@ -100,7 +100,7 @@ def evaluated(setup):
     assert evaluate_launcher.main([str(runs["edm"]), *common]) == 0
     base_dir = runs["edm"] / "eval"
     # the ambient run: sample.py first (the documented two commands), then evaluate
-    assert sample_launcher.main([str(runs["ambient"]), "--num", "6", "--quiet"]) == 0
+    assert sample_launcher.main(["--run", str(runs["ambient"]), "--num", "6", "--quiet"]) == 0
     assert evaluate_launcher.main([str(runs["ambient"]), *common, "--baseline", str(base_dir),
                                    "--compare", str(base_dir)]) == 0
     return base_dir, runs["ambient"] / "eval"
@@ -136,7 +136,7 @@ def test_compare_only_and_samples_folder_mode(setup, evaluated, tmp_path):
                                    "--out", str(tmp_path / "sweep")]) == 0
     check_png(tmp_path / "sweep" / "figures" / "fid_vs_memorization.png")
     # --samples + --shards, no run directory, no FID; DINOv2-free so the note must name the space
-    assert evaluate_launcher.main(["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+    assert evaluate_launcher.main(["--samples", str(runs["edm"] / "samples"), "--train", str(root / "shards"),
                                    "--features", "pixels", "--no-fid", "--out", str(tmp_path / "e"),
                                    "--quiet"]) == 0
     report = rep.read_report(tmp_path / "e")
