@@ -243,3 +243,13 @@ def test_launcher_reports_config_errors_by_key(capsys, tmp_path):
             "objective.sigma_tn=-1"]
     assert train_launcher.main(argv) == 2
     assert "objective.sigma_tn" in capsys.readouterr().err
+
+
+def test_resume_at_another_world_size_stops_with_a_clear_message(shards, tmp_path):
+    from ambient_dist.engine.distributed import DistInfo
+    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
+    Trainer(cfg, tmp_path / "r").train()
+    two_ranks = DistInfo(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="written by 1 ranks; this run has 2"):
+        Trainer(cfg, tmp_path / "r", dist_info=two_ranks,
+                resume_from=find_resume_point(tmp_path / "r", "auto"))
