@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             return 2
         try:
             path = ev.compare_only(args.compare, args.out or ".")
-        except (FileNotFoundError, KeyError) as e:
+        except (FileNotFoundError, KeyError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"wrote {path}")

@@ -154,6 +154,9 @@ def test_sscd_space_and_precomputed_fid_statistics(setup, evaluated, tmp_path):
                                    "--quiet"]) == 0
     report = rep.read_report(tmp_path / "s")
     assert report["memorization"]["feature_space"] == "sscd/standin"
+    # similarities of another feature space are never overlaid or plotted together
+    assert evaluate_launcher.main(["--compare", str(tmp_path / "s"), str(runs["edm"] / "eval"),
+                                   "--out", str(tmp_path / "mixed")]) == 2
     assert report["fid"]["reference"] == str(stats) and report["fid"]["reference_count"] == 24
     assert report["fid"]["value"] == pytest.approx(first["fid"]["value"], rel=1e-9)
 

@@ -178,18 +178,26 @@ def evaluate(opts: EvalOptions) -> dict:
     if opts.prompts and opts.clip_path:
         from ambient_dist.metrics.clip_score import clip_score
         texts = Path(opts.prompts).read_text().splitlines()[: len(generated)]
-        report["clip_score"] = {k: v for k, v in clip_score(generated[: len(texts)], texts, opts.clip_path,
-                                                            opts.device, opts.batch).items()}
+        report["clip_score"] = clip_score(generated[: len(texts)], texts, opts.clip_path,
+                                          opts.device, opts.batch)
     if opts.baseline:
         base = rep.read_report(opts.baseline)
+        same_space(mem, base["memorization"], f"--baseline {opts.baseline}")
         report["baseline"] = {"name": base.get("run", opts.baseline), "report": str(opts.baseline),
-                              **{k: v for k, v in base["memorization"]["generated"].items()}}
+                              **base["memorization"]["generated"]}
     if rank == 0:
-        write_figures(opts, report, generated, train)
+        write_outputs(opts, report, generated, train)
     return report
 
 
-def write_figures(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
+def same_space(ours: dict, theirs: dict, what: str) -> None:
+    """Similarities from different feature spaces are not comparable: refuse to overlay them."""
+    if ours["feature_space"] != theirs["feature_space"]:
+        raise ValueError(f"{what} was evaluated in {theirs['feature_space']} space, this run in "
+                         f"{ours['feature_space']}: re-evaluate it with the same --features")
+
+
+def write_outputs(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
     out = Path(opts.out or (Path(opts.run_dir) / "eval" if opts.run_dir else Path(report["samples"]).parent / "eval"))
     figs = out / "figures"
     mem = report["memorization"]
@@ -206,7 +214,10 @@ def write_figures(opts: EvalOptions, report: dict, generated: torch.Tensor, trai
     report["figures"] = {"grid": "figures/samples.png", "pairs": "figures/nearest_pairs.png",
                          "histogram": "figures/similarity_hist.png"}
     if opts.compare:
-        points = [rep.tradeoff_point(report)] + [rep.tradeoff_point(rep.read_report(c)) for c in opts.compare]
+        others = {c: rep.read_report(c) for c in opts.compare}
+        for c, other in others.items():
+            same_space(mem, other["memorization"], f"--compare {c}")
+        points = [rep.tradeoff_point(report)] + [rep.tradeoff_point(o) for o in others.values()]
         rep.fid_vs_memorization_figure(points, figs / "fid_vs_memorization.png", points[0]["threshold"])
         report["figures"]["tradeoff"] = "figures/fid_vs_memorization.png"
         report["compare"] = points
@@ -216,7 +227,11 @@ def write_figures(opts: EvalOptions, report: dict, generated: torch.Tensor, trai
 
 def compare_only(reports: list[str], out: str) -> Path:
     """The FID-vs-memorization figure (+ a small report.md) from existing reports alone."""
-    points = [rep.tradeoff_point(rep.read_report(r)) for r in reports]
+    loaded = {r: rep.read_report(r) for r in reports}
+    first = next(iter(loaded.values()))
+    for r, other in loaded.items():
+        same_space(first["memorization"], other["memorization"], f"--compare {r}")
+    points = [rep.tradeoff_point(o) for o in loaded.values()]
     path = rep.fid_vs_memorization_figure(points, Path(out) / "figures" / "fid_vs_memorization.png",
                                           points[0]["threshold"])
     rep.write_report(out, {"run": "comparison", "compare": points,
