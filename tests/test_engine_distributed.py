@@ -14,6 +14,15 @@ def test_open_mpi_variables_are_mapped_to_torch_names_with_loopback_defaults():
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
+def test_slurm_tasks_are_mapped_when_no_other_launcher_set_ranks():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node001"}
+    assert launcher_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                         "MASTER_ADDR": "node001", "MASTER_PORT": "29500"}
+    # mpirun inside a SLURM allocation: Open MPI's view of the ranks wins.
+    env.update(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="2")
+    assert launcher_environment(env)["WORLD_SIZE"] == "2"
+
+
 def test_variables_set_by_the_launcher_win_over_open_mpi_and_defaults():
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.7",
            "MASTER_PORT": "1234", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}

@@ -8,6 +8,8 @@ initialised torch.distributed process group:
     deepspeed / torchrun                RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set
     mpirun (Open MPI)                   OMPI_COMM_WORLD_RANK/_SIZE/_LOCAL_RANK, mapped here
                                         to RANK/WORLD_SIZE/LOCAL_RANK before initialising
+    srun (SLURM, one task per GPU)      SLURM_PROCID/_NTASKS/_LOCALID, mapped the same way
+                                        (the batch script exports MASTER_ADDR: the first host)
 
 MASTER_ADDR defaults to 127.0.0.1 (single-node runs and tests never leave the machine) and
 MASTER_PORT to 29500. The backend is NCCL with CUDA and gloo on CPU; `distributed.timeout_s`
@@ -26,10 +28,13 @@ import torch.distributed as dist
 
 from ambient_dist.config import ExperimentConfig
 
-# Open MPI's names for what torch.distributed expects.
-_OMPI_TO_TORCH = {"OMPI_COMM_WORLD_RANK": "RANK", "OMPI_COMM_WORLD_SIZE": "WORLD_SIZE",
-                  "OMPI_COMM_WORLD_LOCAL_RANK": "LOCAL_RANK",
-                  "OMPI_COMM_WORLD_LOCAL_SIZE": "LOCAL_WORLD_SIZE"}
+# Open MPI's and SLURM's names for what torch.distributed expects (Open MPI first: mpirun
+# inside a SLURM allocation describes its own ranks, not the allocation's tasks).
+_LAUNCHER_TO_TORCH = (
+    {"OMPI_COMM_WORLD_RANK": "RANK", "OMPI_COMM_WORLD_SIZE": "WORLD_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK": "LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE": "LOCAL_WORLD_SIZE"},
+    {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"},
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,16 @@ class DistInfo:
 def launcher_environment(env: dict | None = None) -> dict[str, str]:
     """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables this process should run with.
 
-    Variables the launcher already set win; Open MPI's are mapped when torch's are missing.
+    Variables the launcher already set win; Open MPI's (else SLURM's) are mapped when
+    torch's are missing.
     """
     env = dict(os.environ if env is None else env)
     out: dict[str, str] = {}
-    for ompi, name in _OMPI_TO_TORCH.items():
-        if name not in env and ompi in env:
-            out[name] = env[ompi]
+    if "RANK" not in env:
+        for mapping in _LAUNCHER_TO_TORCH:
+            if all(k in env for k in list(mapping)[:2]):
+                out = {name: env[k] for k, name in mapping.items() if k in env}
+                break
     if int(env.get("WORLD_SIZE", out.get("WORLD_SIZE", "1"))) > 1:
         out.setdefault("MASTER_ADDR", env.get("MASTER_ADDR", "127.0.0.1"))
         out.setdefault("MASTER_PORT", env.get("MASTER_PORT", "29500"))
