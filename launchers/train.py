@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         config_path = str(Path(args.resume) / "config.yaml")
         run_dir = run_dir or args.resume
     try:
-        cfg = load_config(config_path, args.overrides)
+        # --describe needs no data on disk, so it skips the existence checks of paths.
+        cfg = load_config(config_path, args.overrides, check_paths=not args.describe)
         # Imported after the config is known good: this pulls in torch and the networks.
         from ambient_dist.engine.run import describe, run_training
         if cfg.text.model_path:  # Stable Diffusion fine-tuning (ambient_dist.text, docs/text.md)
