@@ -74,6 +74,19 @@ def test_fid_pipeline_equals_torchmetrics_fid_with_the_same_extractor(tmp_path):
     assert ours == pytest.approx(tm.compute().item(), abs=1e-3)
 
 
+def test_stats_cache_tells_apart_two_files_of_the_same_network_name(tmp_path):
+    torch.manual_seed(0)
+    torch.jit.script(StandIn().eval()).save(str(tmp_path / "a.pt"))
+    torch.jit.script(StandIn().eval()).save(str(tmp_path / "b.pt"))  # other random weights
+    a = feats.build_extractor("inception", str(tmp_path / "a.pt"))
+    b = feats.build_extractor("inception", str(tmp_path / "b.pt"))
+    assert a.name == b.name and a.cache_key != b.cache_key
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    sa = fid.reference_statistics(a, images.split(3), "same-data", cache_dir=tmp_path / "c")
+    sb = fid.reference_statistics(b, images.split(3), "same-data", cache_dir=tmp_path / "c")
+    assert not np.allclose(sa[0], sb[0]) and len(list((tmp_path / "c").glob("*.npz"))) == 2
+
+
 def test_reference_statistics_are_cached_by_extractor_and_dataset(tmp_path):
     ex = feats.PixelFeatures(torch.zeros(1, 2, 2))
     images = torch.rand(10, 1, 2, 2)

@@ -67,6 +67,24 @@ def check_finite(features: torch.Tensor, name: str, images: torch.Tensor) -> tor
     return features
 
 
+def weights_digest(path: Path, edge: int = 8 << 20) -> str:
+    """Short digest of a weights file, or of a model directory's weight files: size plus the
+    first and last 8 MiB of each (hashing a 4.5 GB ViT-g at every call would cost seconds;
+    two different weight files agree on all of that only by design)."""
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(size - edge)
+                h.update(fh.read(edge))
+    return h.hexdigest()[:12]
+
+
 class FeatureExtractor:
     """Base class: `name` (recorded in every report), `dim`, and `embed` on one batch."""
 
@@ -80,10 +98,14 @@ class FeatureExtractor:
         self.device = torch.device(device)
         return self
 
+    # Digest of the weights: two files may carry the same network name (a fine-tuned or a
+    # stand-in Inception), and cached features or FID statistics must never mix them.
+    weights_digest: str = ""
+
     @property
     def cache_key(self) -> str:
-        """What, besides the images, determines the features (see FeatureCache)."""
-        return self.name
+        """What, besides the images, determines the features (FeatureCache, FID stats cache)."""
+        return f"{self.name}@{self.weights_digest}" if self.weights_digest else self.name
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -150,6 +172,7 @@ class InceptionFeatures(FeatureExtractor):
         except RuntimeError as e:
             raise FeatureError(f"evaluation.inception_path {path}: not a TorchScript file ({e})") from None
         self.path = path
+        self.weights_digest = weights_digest(path)
 
     def to(self, device) -> "InceptionFeatures":
         super().to(device)
@@ -192,6 +215,7 @@ class DinoV2Features(FeatureExtractor):
         self.patch = int(self.net.config.patch_size)
         self.dim = int(self.net.config.hidden_size)
         self.name = f"dinov2/{Path(path).name}/cls"
+        self.weights_digest = weights_digest(Path(path))
 
     def to(self, device) -> "DinoV2Features":
         super().to(device)
@@ -222,6 +246,7 @@ class SSCDFeatures(FeatureExtractor):
         except RuntimeError as e:
             raise FeatureError(f"SSCD file {path}: not a TorchScript file ({e})") from None
         self.name = f"sscd/{Path(path).stem}"
+        self.weights_digest = weights_digest(Path(path))
 
     def to(self, device) -> "SSCDFeatures":
         super().to(device)

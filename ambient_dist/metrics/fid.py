@@ -96,8 +96,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def stats_cache_path(cache_dir: str | os.PathLike, extractor_name: str, dataset_hash: str) -> Path:
-    return Path(cache_dir) / f"fidstats-{_slug(extractor_name)}-{dataset_hash[:16]}.npz"
+def stats_cache_path(cache_dir: str | os.PathLike, extractor_key: str, dataset_hash: str) -> Path:
+    """extractor_key: the extractor's cache_key (its name and weights digest)."""
+    return Path(cache_dir) / f"fidstats-{_slug(extractor_key)}-{dataset_hash[:16]}.npz"
 
 
 def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
@@ -136,7 +137,7 @@ def reference_statistics(extractor, batches: Iterable[torch.Tensor], dataset_has
 
     `batches` yields this rank's image batches (only consumed on a cache miss); rank 0
     writes the cache file. Every rank must see the same cache state (a shared directory)."""
-    path = stats_cache_path(cache_dir, extractor.name, dataset_hash) if cache_dir else None
+    path = stats_cache_path(cache_dir, extractor.cache_key, dataset_hash) if cache_dir else None
     if path is not None and path.is_file():
         return load_statistics(path)
     mu, sigma, count = streamed_statistics(extractor, batches)
