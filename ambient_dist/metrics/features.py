@@ -81,7 +81,7 @@ def weights_digest(path: Path, edge: int = 8 << 20) -> str:
             h.update(fh.read(edge))
             if size > 2 * edge:
                 fh.seek(size - edge)
-                h.update(fh.read(edge))
+            h.update(fh.read(edge))  # the last part (the rest, for a smaller file)
     return h.hexdigest()[:12]
 
 
