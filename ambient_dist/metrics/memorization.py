@@ -36,6 +36,14 @@ CARLINI_RATIO = 1.0 / 3.0
 CALIBRATED_SPACE = "dinov2"
 
 
+def _fits_on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` can live on a CUDA device with room to spare (half its free memory)."""
+    if device.type != "cuda" or t.device == device:
+        return t.device == device
+    free, _ = torch.cuda.mem_get_info(device)
+    return t.numel() * t.element_size() < free // 2
+
+
 @torch.no_grad()
 def local_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, offset: int = 0,
                query_chunk: int = 4096, key_chunk: int = 16384, device="cpu"
@@ -47,6 +55,8 @@ def local_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, offset: int = 
     memory is O(query_chunk * (key_chunk + k)) whatever the number of keys."""
     device = torch.device(device)
     k = min(k, len(keys))
+    if _fits_on_device(keys, device):
+        keys = keys.to(device)  # once, instead of once per query chunk
     out_v = torch.empty(len(queries), k)
     out_i = torch.empty(len(queries), k, dtype=torch.long)
     for q0 in range(0, len(queries), query_chunk):
