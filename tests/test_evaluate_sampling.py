@@ -152,3 +152,30 @@ def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys
     (tmp_path / "empty").mkdir()
     with pytest.raises(S.SampleStoreError, match="no PNG files"):
         S.read_samples(tmp_path / "empty")
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_images(run, tmp_path, monkeypatch, capsys):
+    from ambient_dist import sampling
+    assert sample(run, tmp_path / "ref", "--batch", "2", "--format", "wds", "--shard-size", "4",
+                  monkeypatch=monkeypatch) == 0
+    real = sampling.edm_sample
+    calls = []
+
+    def dies_on_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C or a pre-empted job looks like
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "edm_sample", dies_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        sample(run, tmp_path / "cut", "--batch", "2", "--format", "wds", "--shard-size", "4",
+               monkeypatch=monkeypatch)
+    # the first shard (images 0-3, two calls) was complete and is on disk; the second is not
+    assert [p.name for p in sorted((tmp_path / "cut").glob("*.tar"))] == ["samples-000000.tar"]
+    monkeypatch.setattr(sampling, "edm_sample", real)
+    capsys.readouterr()
+    assert sample(run, tmp_path / "cut", "--batch", "2", "--format", "wds", "--shard-size", "4",
+                  monkeypatch=monkeypatch) == 0
+    assert "wrote 3 images" in capsys.readouterr().out
+    assert torch.equal(S.read_samples(tmp_path / "cut")[1], S.read_samples(tmp_path / "ref")[1])
