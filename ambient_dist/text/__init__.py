@@ -9,6 +9,7 @@
     text_trainer  the U-Net adapter for the ambient latent loss and the training loop
     sampling      classifier-free guided DDIM / Euler sampling from captions or a prompt file
     export        the fine-tuned U-Net as a diffusers directory StableDiffusionPipeline loads
+    throughput    img/s of latent shards and training with random-weight models (tiny or SD 2.x size)
 
 The submodules import diffusers / transformers, so import them where used.
 """

@@ -11,7 +11,8 @@ assumes (ambient_dist.noise.ddpm_alphas_cumprod): a different schedule would put
 noisy latents at the wrong noise level without any error.
 
 `tiny_components()` builds randomly initialised stand-ins with the same classes and the same
-8x VAE downsampling as SD 2.x, small enough for CPU tests; `save_components` writes them (or
+8x VAE downsampling as SD 2.x, small enough for CPU tests (`sd2_shaped_components()`: random
+weights at SD 2.x's full size, for throughput measurements); `save_components` writes them (or
 any components) as a directory that `load_components` and diffusers' StableDiffusionPipeline
 both read. The tiny tokenizer is a byte-level BPE vocabulary with a handful of merges,
 built in code: no package here ships a real CLIP vocabulary offline.
@@ -177,15 +178,50 @@ def tiny_components(seed: int = 0, prediction: str = "v", cross_attention_dim: i
         block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True)
-    scheduler_config = {
-        "_class_name": "DDIMScheduler", "num_train_timesteps": DDPM_STEPS,
-        "beta_start": DDPM_BETA_START, "beta_end": DDPM_BETA_END, "beta_schedule": "scaled_linear",
-        "prediction_type": SCHEDULER_PREDICTION[prediction], "clip_sample": False,
-        "set_alpha_to_one": False, "steps_offset": 1}
     for m in (vae, text_encoder):
         m.eval().requires_grad_(False)
     return SDComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                        scheduler_config=scheduler_config)
+                        scheduler_config=_scheduler_config(prediction))
+
+
+def _scheduler_config(prediction: str) -> dict:
+    """SD 2.x's DDIM scheduler configuration (the DDPM training schedule of ambient_dist.noise)."""
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": DDPM_STEPS,
+            "beta_start": DDPM_BETA_START, "beta_end": DDPM_BETA_END, "beta_schedule": "scaled_linear",
+            "prediction_type": SCHEDULER_PREDICTION[prediction], "clip_sample": False,
+            "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def sd2_shaped_components(seed: int = 0, prediction: str = "v", tokenizer=None) -> SDComponents:
+    """Random-weight components with Stable Diffusion 2.x's architecture (U-Net ~865M,
+    OpenCLIP-H text encoder ~340M, VAE ~84M parameters): the real model's cost, for
+    throughput measurements where the weights cannot be downloaded. The tokenizer is the
+    tiny one (token ids only need to lie inside the vocabulary)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer or tiny_tokenizer()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        norm_num_groups=32, sample_size=768, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, projection_dim=1024, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    for m in (vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return SDComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                        scheduler_config=_scheduler_config(prediction))
 
 
 def build_scheduler(scheduler_config: dict, kind: str = "ddim", prediction: Optional[str] = None):
