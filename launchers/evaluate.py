@@ -4,8 +4,10 @@
     # a run: its samples/ (made first if missing: --num images, default 50000), its shards
     python launchers/evaluate.py runs/cifar10-300
     # any samples against any training shards, DINOv2 space, overlaying a baseline run
-    python launchers/evaluate.py --samples out/samples --shards data/cifar10-300 \
+    python launchers/evaluate.py --samples out/samples --shards data/cifar10-300 \\
         --features dinov2 --dinov2-path models/dinov2-vitg14 --baseline runs/edm-300/eval
+    # the paper's FID: against the FULL dataset (its shards, or EDM's cifar10-32x32.npz)
+    python launchers/evaluate.py runs/cifar10-300 --fid-reference data/cifar10-full
     # the sigma_tn sweep: FID against memorization across evaluated runs
     python launchers/evaluate.py runs/tn-0.5 --compare runs/tn-1/eval runs/tn-2/eval runs/edm/eval
     python launchers/evaluate.py --compare runs/*/eval --out sweep
