@@ -1,4 +1,4 @@
-"""Text-conditional training on two ranks under DeepSpeed ZeRO-2 (CPU, gloo, 127.0.0.1 only).
+"""Text-conditional training on two ranks under DeepSpeed ZeRO-2 with bf16 (CPU, gloo, 127.0.0.1 only).
 
 Each rank is its own process with RANK / WORLD_SIZE / MASTER_ADDR in the environment, as a
 cluster launcher starts them; the engine's DeepSpeedTrainer runs with TextTraining mixed in.
@@ -33,7 +33,7 @@ def test_two_ranks_zero2_train_and_export(shards, tiny_model, tmp_path):  # noqa
             f"data.shards={out}", "data.subset=0", f"data.resolution={RES}",
             f"text.model_path={tiny_model}", "train.batch=4", "train.batch_per_gpu=2",
             "train.total_kimg=0.008", "train.log_every_kimg=0.004", "train.checkpoint_every_kimg=0.008",
-            "train.sample_every_kimg=100", "train.precision=fp32", "sampling.num_images=2",
+            "train.sample_every_kimg=100", "train.precision=bf16", "sampling.num_images=2",
             "text.sample_steps=2", "text.text_noise_std=0.1", "evaluation.memorization_features=pixels",
             "distributed.engine=deepspeed", "distributed.zero_stage=2"]
     port = free_port()
