@@ -273,8 +273,5 @@ def run_text_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike
         read_latent_manifest(cfg.data.shards)
     except ShardError as e:
         raise ConfigError(f"data.shards: {e}") from None
-    try:  # the job runner moved from engine.trainer to engine.run; accept either
-        from ambient_dist.engine.run import run_training
-    except ImportError:
-        from ambient_dist.engine.trainer import run_training
+    from ambient_dist.engine.run import run_training
     return run_training(cfg, run_dir, resume, trainer_classes=text_trainer_classes(cfg))
