@@ -123,3 +123,10 @@ def test_save_and_reload_is_identical(tmp_path):
     assert again.fingerprint() == c.fingerprint()
     assert yaml.safe_load(path.read_text())["objective"]["sigma_tn"] == 2.0
     assert load_config(path, ["objective.sigma_tn=1"], check_paths=False).fingerprint() != c.fingerprint()
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads 1e9 as a string; the config accepts it as the number it means.
+    c = load_config(None, ["train.total_kimg=1e3", "optimizer.lr=5e-6", "objective.sigma_tn=2E-1"])
+    assert c.train.total_kimg == 1000.0 and c.optimizer.lr == 5e-6 and c.objective.sigma_tn == 0.2
+    assert _err(["optimizer.lr=1e"]).startswith("optimizer.lr: expected a number")
