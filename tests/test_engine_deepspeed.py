@@ -59,6 +59,29 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+# Poisons one micro-batch loss on rank 0 (its third call) with NaN.
+NAN_WORKER = """
+import os, sys
+sys.path[:0] = [{root!r}, {root!r} + "/launchers"]
+from ambient_dist.engine import trainer
+real_build_loss = trainer.build_loss
+
+def poisoned_build_loss(cfg):
+    loss_fn, calls = real_build_loss(cfg), [0]
+    def poisoned(*args, **kwargs):
+        out = loss_fn(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3 and os.environ["RANK"] == "0":
+            out.loss = out.loss * float("nan")
+        return out
+    return poisoned
+
+trainer.build_loss = poisoned_build_loss
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,6 +232,20 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
         assert torch.equal(exported[name], weight.float()), name
     part = rank_ema(ckpt, 1)["ema.unet.inp.weight"]
     assert part.numel() < exported["unet.inp.weight"].numel()  # rank 1 holds only its share
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(shards, tmp_path):  # noqa: F811
+    worker = tmp_path / "worker.py"
+    worker.write_text(NAN_WORKER.format(root=str(ROOT)))
+    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.precision": "bf16"})
+    train_ranks(["--config", str(config), "name=nan"], script=[str(worker)])
+    ckpt = final_checkpoint(tmp_path / "runs" / "nan")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["bad_steps"] == 1 and meta["images_seen"] == 48
+    ema0, ema1 = rank_ema(ckpt, 0), rank_ema(ckpt, 1)
+    assert all(torch.isfinite(v).all() for v in ema0.values())
+    assert all(torch.equal(ema0[k], ema1[k]) for k in ema0)  # both ranks skipped the same step
 
 
 @pytest.mark.slow
