@@ -5,12 +5,12 @@
         --count 300 --heldout 300 --sigma-tn 0.5
     python launchers/make_shards.py --source ~/cifar-10-batches-py --out data/cifar10 --workers 8
     python launchers/make_shards.py --source ~/ffhq-png --out data/ffhq64 --resolution 64 --fit crop
-    python launchers/make_shards.py --config configs/fashion-mnist-300.yaml --source fashion-mnist \
+    python launchers/make_shards.py --config configs/fashion-mnist-300.yaml --source fashion-mnist \\
         --out data/fashion-mnist-300
     python launchers/make_shards.py --source cifar10 --path ~/cifar-10-batches-py --subset 1000 ...
 
 Latent shards for Stable Diffusion fine-tuning (ambient_dist.text.latents, docs/text.md):
-    python launchers/make_shards.py --latent --model ~/sd2-base --source img2dataset \
+    python launchers/make_shards.py --latent --model ~/sd2-base --source img2dataset \\
         --path ~/laion-10k --out data/laion-10k-latents --resolution 256 --t-n 50
 
 Sources: an image folder (--class-from-folder for labels), CIFAR-10/100 python batches,
