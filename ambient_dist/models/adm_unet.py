@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (Conv2d, DecoderLevel, EncoderLevel, Init, Linear, PositionalEmbedding,
-                     UNetBlock, drop_labels, group_norm)
+                     SkipStack, UNetBlock, drop_labels, group_norm)
 
 _INIT = Init("kaiming_uniform", weight_gain=math.sqrt(1 / 3), bias_gain=math.sqrt(1 / 3))
 _INIT_ZERO = Init("kaiming_uniform", weight_gain=0.0, bias_gain=0.0)
@@ -95,7 +95,7 @@ class DhariwalUNet(nn.Module):
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.embed(noise_labels, class_labels, augment_labels)
-        skips: list = []
+        skips = SkipStack()
         for level in self.encoder:
             x, _ = level(x, emb, None, skips)
         for level in self.decoder:

@@ -310,6 +310,27 @@ class FourierEmbedding(nn.Module):
 # U-Net levels: one resolution of the encoder or decoder
 # --------------------------------------------------------------------------------------
 
+class SkipStack:
+    """Encoder outputs waiting for their decoder block (last in, first out).
+
+    Deliberately not a list: DeepSpeed ZeRO-3 wraps every submodule's forward and hands it
+    copies of list and tuple arguments, so features appended to a plain list inside an
+    encoder level would never reach the decoder. An opaque object is passed through as is.
+    """
+
+    def __init__(self):
+        self._items: list = []
+
+    def append(self, x: torch.Tensor) -> None:
+        self._items.append(x)
+
+    def pop(self) -> torch.Tensor:
+        return self._items.pop()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class EncoderLevel(nn.Module):
     """One encoder resolution: an entry (input conv at the top level, a downsampling block
     below it), an optional `aux` input path (NCSN++), then `blocks`. Every output (the entry's
@@ -325,7 +346,7 @@ class EncoderLevel(nn.Module):
         self.aux = aux
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x, emb, aux_state, skips: list):
+    def forward(self, x, emb, aux_state, skips: SkipStack):
         x = self.entry(x, emb) if isinstance(self.entry, UNetBlock) else self.entry(x)
         if self.aux is not None:
             x, aux_state = self.aux(x, aux_state)
@@ -350,7 +371,7 @@ class DecoderLevel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.out = out
 
-    def forward(self, x, emb, skips: list, out_state):
+    def forward(self, x, emb, skips: SkipStack, out_state):
         for block in self.entry:
             x = block(x, emb)
         for block in self.blocks:

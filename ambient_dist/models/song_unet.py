@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (Conv2d, DecoderLevel, EncoderLevel, FourierEmbedding, Init, Linear,
-                     PositionalEmbedding, Resample, UNetBlock, drop_labels, group_norm)
+                     PositionalEmbedding, Resample, SkipStack, UNetBlock, drop_labels, group_norm)
 
 _INIT = Init("xavier_uniform")
 _INIT_ZERO = Init("xavier_uniform", weight_gain=1e-5)      # near-zero: blocks start as identity
@@ -168,7 +168,7 @@ class SongUNet(nn.Module):
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.embed(noise_labels, class_labels, augment_labels)
-        skips: list = []
+        skips = SkipStack()
         aux = x
         for level in self.encoder:
             x, aux = level(x, emb, aux, skips)
