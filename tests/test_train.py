@@ -104,6 +104,8 @@ def test_tensorboard_has_the_promised_scalars(shards, tmp_path):
                 "train/lr", "perf/images_per_s", "train/grad_norm"):
         assert tag in tags, tag
     assert "objective/log_sigma" in events.Tags()["histograms"]
+    memory = "perf/peak_memory_gib" if torch.cuda.is_available() else "perf/peak_rss_gib"
+    assert events.Scalars(memory)[-1].value > 0
     steps = [e.step for e in events.Scalars("loss/all")]
     assert steps == [16, 32, 48]  # x axis: images seen
 

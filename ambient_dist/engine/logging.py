@@ -7,6 +7,7 @@ images/s and the ETA. Only rank 0 writes anything; on other ranks every call is 
 """
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 from typing import Optional
@@ -125,6 +126,8 @@ class RunLogger:
             scalars["train/lr"] = lr
         if torch.cuda.is_available():
             scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:  # CPU runs: the process's peak resident memory (Linux reports KiB)
+            scalars["perf/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, images_seen)
         if sigmas is not None and sigmas.numel():
