@@ -18,15 +18,7 @@ from benchmarks.harness import RESULT_KEYS, Context, measure, median, result  # 
 from benchmarks.run_all import check_results, markdown, prioritise, select  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Toy tensors gain nothing from a second thread, and on a busy 2-core machine spinning
-    # OpenMP threads make each step many times slower. Restored after this file.
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ path); memorization uses pixel features. Figures are checked to be real, decodab
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,31 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from ambient_dist.config import load_config, save_config
+from ambient_dist.config import load_config
 from ambient_dist.data import ShardOptions, make_shards, open_source
 from ambient_dist.metrics import report as rep
-from ambient_dist.models import build_network
+from helpers import load_launcher, write_toy_run
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Toy networks gain nothing from a second thread; on a busy small machine spinning
-    # OpenMP threads make them many times slower. Restored after this file.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_launcher(name):
-    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 evaluate_launcher = load_launcher("evaluate")
@@ -68,15 +49,7 @@ def setup(tmp_path_factory):
                                  "network.num_blocks=1", "network.attn_resolutions=[]", "sampling.steps=2",
                                  f"objective.sigma_tn={sigma_tn}", f"name={name}",
                                  "evaluation.memorization_features=pixels", "evaluation.heldout_images=6"])
-        run = root / name
-        save_config(cfg, run)
-        torch.manual_seed(len(name))
-        net = build_network(cfg)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run / "ema.safetensors"))
-        runs[name] = run
+        runs[name] = write_toy_run(cfg, root / name, seed=len(name))
     torch.jit.script(StandIn().eval()).save(str(root / "standin.pt"))
     return root, runs
 

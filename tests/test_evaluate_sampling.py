@@ -1,36 +1,17 @@
 """launchers/sample.py: output independent of batch size and rank count, resume, both layouts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from ambient_dist.config import load_config, save_config
+from ambient_dist.config import load_config
 from ambient_dist.metrics import samples as S
-from ambient_dist.models import build_network
+from helpers import load_launcher, write_toy_run
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Toy networks gain nothing from a second thread; on a busy small machine spinning
-    # OpenMP threads make them many times slower. Restored after this file.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_launcher(name):
-    spec = importlib.util.spec_from_file_location(f"launcher_{name}", ROOT / "launchers" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 sample_launcher = load_launcher("sample")
@@ -43,16 +24,7 @@ TINY = {"data.resolution": 8, "data.channels": 1, "network.model_channels": 8,
 def make_run(root: Path, **extra) -> Path:
     options = {**TINY, **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in options.items()])
-    run = root / "run"
-    save_config(cfg, run)
-    torch.manual_seed(0)
-    net = build_network(cfg)
-    # non-trivial output: EDM initialises the last layer to zero, which would make D = c_skip x
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run / "ema.safetensors"))
-    return run
+    return write_toy_run(cfg, root / "run", seed=0)
 
 
 @pytest.fixture(scope="module")

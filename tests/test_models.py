@@ -12,6 +12,7 @@ from ambient_dist.config import from_dict
 from ambient_dist.models import build_network, build_unet
 from ambient_dist.models.flops import forward_gflop_per_image, train_gflop_per_image
 from ambient_dist.models.layers import Resample, drop_labels, group_norm
+from helpers import perturb
 
 CIFAR = {}  # the config defaults are EDM's DDPM++ CIFAR-10 network
 FFHQ = {"data": {"resolution": 64}, "network": {"channel_mult": [1, 2, 2, 2], "dropout": 0.05}}
@@ -36,12 +37,6 @@ def _tiny(arch="ddpmpp", num_classes=0, **network):
     return from_dict({"data": {"resolution": 8, "num_classes": num_classes}, "network": net})
 
 
-def _perturb(net, scale=0.05):
-    """Give zero/near-zero-initialised layers real weights, so F is not ~0 at init."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return net
 
 
 # Expected numbers: parameter counts of the EDM reference networks (NVlabs/edm,
@@ -98,7 +93,7 @@ def test_flops_count_attention_on_cpu():
 def test_forward_is_preconditioned_raw_network(arch, precond):
     torch.manual_seed(0)
     cfg = _tiny(arch, num_classes=3, precond=precond)
-    net = _perturb(build_network(cfg)).eval()
+    net = perturb(build_network(cfg)).eval()
     x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.05, 20.0])
     labels = torch.tensor([0, 2])
     D = net(x, sigma, labels)
@@ -148,7 +143,7 @@ def test_vp_and_ve_scalings():
 @pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp", "adm"])
 def test_bf16_autocast_and_channels_last(arch):
     torch.manual_seed(0)
-    net = _perturb(build_network(_tiny(arch, num_classes=2))).eval()
+    net = perturb(build_network(_tiny(arch, num_classes=2))).eval()
     x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 3.0]), torch.tensor([1, 0])
     ref = net(x, sigma, labels)
     net = net.to(memory_format=torch.channels_last)
@@ -191,7 +186,7 @@ def test_labels_are_validated():
     x, s = torch.randn(2, 3, 8, 8), torch.ones(2)
     with pytest.raises(ValueError, match="unconditional"):
         uncond(x, s, torch.tensor([0, 1]))
-    cond = _perturb(build_network(_tiny(num_classes=3))).eval()
+    cond = perturb(build_network(_tiny(num_classes=3))).eval()
     onehot = torch.tensor([[0.0, 1, 0], [0, 0, 1]])
     torch.testing.assert_close(cond(x, s, torch.tensor([1, 2])), cond(x, s, onehot))
     with pytest.raises(ValueError, match=r"\[2, 3\]"):

@@ -29,14 +29,7 @@ sys.path.insert(0, str(ROOT / "launchers"))
 import train as train_launcher  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Toy tensors gain nothing from a second thread, and on a busy 2-core machine spinning
-    # OpenMP threads make each step ten times slower. Restored after this file.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
