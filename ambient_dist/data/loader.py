@@ -1,5 +1,8 @@
 """What every training loader shares: the `Batch` it yields, the resume state, and the factory.
 
+`PlannedLoader` (order, rank plan, resume counter) is also the base of the latent loader in
+`text.latents`; `TrainLoader` adds what the pixel loaders share.
+
 `build_loader(cfg, rank, world_size, device, start_sample=0)` opens the shard directory named
 by `cfg.data.shards`, verifies it and checks its manifest against the config, and returns the
 loader chosen by `cfg.data.loader`. Each loader is an endless iterator of this rank's
@@ -29,9 +32,48 @@ class Batch:
     labels: Optional[torch.Tensor]   # float32 one-hot [B, num_classes], or None
 
 
-class TrainLoader:
-    """Base class: the order, this rank's plan and the resume counter. Subclasses implement
-    `_next_batch(step)` returning this rank's batch of `step` (counted from the start)."""
+class PlannedLoader:
+    """What every shard loader (pixel or latent) shares: the order, this rank's plan and the
+    resume counter. Subclasses implement `_next_batch(step)` returning this rank's batch of
+    `step` (counted from the start)."""
+
+    def __init__(self, cfg: ExperimentConfig, shards, num_samples: int, order: SampleOrder,
+                 plan: RankPlan):
+        self.cfg, self.shards = cfg, shards
+        self.num_samples, self.order, self.plan = num_samples, order, plan
+        self.steps_done = 0
+
+    def step_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, flip bits) of this rank's micro-batch at `step`."""
+        return self.order.positions(self.plan.step_start(step), self.plan.micro_batch)
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples consumed by all ranks together after the batches yielded so far."""
+        return self.plan.samples_seen(self.steps_done)
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
+                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self._next_batch(self.steps_done)
+        self.steps_done += 1
+        return batch
+
+    def _next_batch(self, step: int):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop background workers (if any)."""
+
+
+class TrainLoader(PlannedLoader):
+    """Base class of the pixel loaders: opens and checks the shards, one-hot labels. Subclasses
+    implement `_next_batch(step)` returning this rank's `Batch` of `step`."""
 
     name = "base"
 
@@ -41,19 +83,13 @@ class TrainLoader:
         self.device = torch.device(device)
         if shards is None:
             shards = ShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
-        self.shards = shards
-        check_manifest(self.shards.manifest, cfg)
+        check_manifest(shards.manifest, cfg)
         # data.subset takes a prefix of the stored order, which make_shards wrote shuffled.
-        self.num_samples = cfg.data.subset or len(self.shards)
-        self.order = SampleOrder(self.num_samples, cfg.data.seed, cfg.data.xflip)
-        self.plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
+        num_samples = cfg.data.subset or len(shards)
+        order = SampleOrder(num_samples, cfg.data.seed, cfg.data.xflip)
+        plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
+        super().__init__(cfg, shards, num_samples, order, plan)
         self.num_classes = cfg.data.num_classes
-        self.steps_done = 0
-
-    # -- the order ------------------------------------------------------------------------
-    def step_samples(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sample indices, flip bits) of this rank's micro-batch at `step`."""
-        return self.order.positions(self.plan.step_start(step), self.plan.micro_batch)
 
     def one_hot(self, labels, keys: list[str]) -> Optional[torch.Tensor]:
         if not self.num_classes:
@@ -67,29 +103,8 @@ class TrainLoader:
         eye = torch.eye(self.num_classes, dtype=torch.float32)
         return eye[torch.from_numpy(labels)].to(self.device)
 
-    # -- iteration and resume --------------------------------------------------------------
-    @property
-    def samples_seen(self) -> int:
-        """Samples consumed by all ranks together after the batches yielded so far."""
-        return self.plan.samples_seen(self.steps_done)
-
-    def state_dict(self) -> dict:
-        return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
-                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        batch = self._next_batch(self.steps_done)
-        self.steps_done += 1
-        return batch
-
     def _next_batch(self, step: int) -> Batch:
         raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop background workers (if any)."""
 
 
 def build_loader(cfg: ExperimentConfig, rank: int, world_size: int, device,

@@ -44,7 +44,7 @@ from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.noise import check_image_range, make_noisy_copy
 
 from .augment import to_model_units
-from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image
+from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
 
 FORMAT_NAME = "ambient_dist.shards"
 FORMAT_VERSION = 1
@@ -110,15 +110,7 @@ def scan_tar(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, in
     samples: list = []
     try:
         with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                if base.startswith(".") or "." not in base:
-                    continue
-                # The key is the path up to the first dot of the file name (WebDataset's rule).
-                key = m.name[: m.name.rfind("/") + 1 + base.index(".")]
-                ext = base.split(".", 1)[1]
+            for key, ext, m in webdataset_members(tar):
                 if not samples or samples[-1][0] != key:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (m.offset_data, m.size)
@@ -248,13 +240,19 @@ def _write_shard(source: Source, job: _ShardJob, out_dir: Path, opts: ShardOptio
     if cleans:
         # Self-check of our own conversion: a units slip here would halve sigma silently.
         check_image_range(torch.stack(cleans), f"{final} (clean images)")
+    return _finish_shard(tmp, final, skipped)
+
+
+def _finish_shard(tmp: Path, final: Path, skipped: list) -> dict:
+    """Publish a fully written temp tar under its final name, write its index, and return
+    its manifest entry. Shared by the pixel and the latent shard writers."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
     samples = scan_tar(final)
     index = final.with_suffix(".idx")
     write_index(samples, index)
-    return {"name": job.name, "index": index.name, "samples": len(samples),
+    return {"name": final.name, "index": index.name, "samples": len(samples),
             "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": skipped}
 
 

@@ -24,7 +24,7 @@ import struct
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -361,6 +361,22 @@ class FolderSource(Source):
 # img2dataset-style WebDataset shards
 # ----------------------------------------------------------------------------------------
 
+def webdataset_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, ext, member) for each sample file of an open WebDataset tar, in stored order.
+
+    The key is the path up to the first dot of the file name (WebDataset's rule), the ext
+    what follows that dot; directories, hidden files and names without a dot are no sample's.
+    """
+    for m in tar:
+        if not m.isfile():
+            continue
+        base = m.name.rsplit("/", 1)[-1]
+        if base.startswith(".") or "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        yield m.name[: len(m.name) - len(base)] + stem, ext, m
+
+
 class WebDatasetSource(Source):
     """Tar shards as img2dataset writes them: `<key>.jpg|png|webp`, `<key>.txt` (caption),
     `<key>.json` (metadata). The tars are scanned once for member offsets so that any sample
@@ -392,15 +408,8 @@ class WebDatasetSource(Source):
         groups: dict[str, dict] = {}
         try:
             with tarfile.open(tar_path) as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    if base.startswith(".") or "." not in base:
-                        continue
-                    prefix = m.name[: len(m.name) - len(base)]
-                    stem, ext = base.split(".", 1)
-                    groups.setdefault(prefix + stem, {})[ext.lower()] = (m.offset_data, m.size)
+                for key, ext, m in webdataset_members(tar):
+                    groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise SourceError(f"{tar_path}: corrupt or truncated tar ({e})") from None
         out = []

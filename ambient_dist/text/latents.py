@@ -46,11 +46,12 @@ from tqdm import tqdm
 
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.data.augment import to_model_units
+from ambient_dist.data.loader import PlannedLoader
 from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
-    ShardSet, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy, encode_png,
-    read_index, read_manifest, scan_tar, sha256_file, write_index, write_json)
+    ShardSet, _finish_shard, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy,
+    encode_png, read_index, read_manifest, scan_tar, sha256_file, write_json)
 from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
 from ambient_dist.noise import check_image_range, ddpm_alpha_sigma, keyed_normal, make_noisy_copy
 
@@ -209,14 +210,7 @@ class _LatentWriter:
                     if text is not None:
                         _tar_member(tar, f"{key}.{TEXT_EXT}", encode_npy(text[j].numpy()))
                 bar.update(len(records))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        samples = scan_tar(final)
-        index = final.with_suffix(".idx")
-        write_index(samples, index)
-        return {"name": name, "index": index.name, "samples": len(samples),
-                "bytes": final.stat().st_size, "sha256": sha256_file(final), "skipped": skipped}
+        return _finish_shard(tmp, final, skipped)
 
 
 @dataclass
@@ -456,7 +450,7 @@ class TextBatch:
     text: Optional[torch.Tensor]     # float32 [B, L, D] stored text-encoder output, or None
 
 
-class LatentLoader:
+class LatentLoader(PlannedLoader):
     """This rank's micro-batches of latent shards, endlessly, in the project's data order
     (data.order: a global permutation per epoch, rank r taking its slice of each step).
 
@@ -472,17 +466,17 @@ class LatentLoader:
         if not cfg.data.shards:
             raise ShardError("data.shards: no shard directory set (make one with "
                              "launchers/make_shards.py --latent)")
-        self.cfg, self.device = cfg, torch.device(device)
-        self.shards = LatentShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
-        check_latent_manifest(self.shards.manifest, cfg)
-        if self.shards.online and vae is None:
+        self.device = torch.device(device)
+        shards = LatentShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
+        check_latent_manifest(shards.manifest, cfg)
+        if shards.online and vae is None:
             raise ShardError(f"{cfg.data.shards}: online shards hold no clean latents; the loader "
                              "needs the VAE to encode the images")
         self.vae = vae
-        self.num_samples = cfg.data.subset or len(self.shards)
-        self.order = SampleOrder(self.num_samples, cfg.data.seed, xflip=False)
-        self.plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
-        self.steps_done = 0
+        num_samples = cfg.data.subset or len(shards)
+        order = SampleOrder(num_samples, cfg.data.seed, xflip=False)
+        plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
+        super().__init__(cfg, shards, num_samples, order, plan)
         self.pipe = None
         if self.shards.online and cfg.data.loader == "dali":
             from ambient_dist.data.dali_loader import _BatchFeeder, build_pipeline
@@ -490,19 +484,9 @@ class LatentLoader:
             self.pipe = build_pipeline(_BatchFeeder(self.shards, self.order, self.plan),
                                        self.plan.micro_batch, 3, self.device, cfg.data.workers)
 
-    @property
-    def samples_seen(self) -> int:
-        return self.plan.samples_seen(self.steps_done)
-
-    def state_dict(self) -> dict:
-        return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
-                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
-
-    def __iter__(self):
-        return self
-
     def __next__(self) -> TextBatch:
-        indices, _ = self.order.positions(self.plan.step_start(self.steps_done), self.plan.micro_batch)
+        # Counted before the batch is read, as this loader always has (PlannedLoader counts after).
+        indices, _ = self.step_samples(self.steps_done)
         self.steps_done += 1
         return self.batch(indices)
 
