@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
+from ambient_dist.data.shards import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -66,12 +67,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path,
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def export_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
