@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from ambient_dist.config import save_config
+from ambient_dist.data import make_shards, open_source
 from ambient_dist.models import build_network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +46,12 @@ def write_toy_run(cfg, run: Path, seed: int) -> Path:
     net = perturb(build_network(cfg))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(run / "ema.safetensors"))
     return run
+
+
+def random_grey_shards(root: Path, count: int, side: int, opts) -> Path:
+    """`count` random side x side grey images (seed 0) saved as root/source.npz and made into
+    shards under root/shards with the ShardOptions `opts`; returns the shard directory."""
+    images = (np.random.default_rng(0).random((count, side, side)) * 255).astype(np.uint8)
+    np.savez(root / "source.npz", images=images)
+    make_shards(open_source(str(root / "source.npz")), root / "shards", opts, progress=False)
+    return root / "shards"

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from ambient_dist.config import load_config
-from ambient_dist.data import ShardOptions, make_shards, open_source
+from ambient_dist.data import ShardOptions
 from ambient_dist.metrics import report as rep
-from helpers import load_launcher, write_toy_run
+from helpers import load_launcher, random_grey_shards, write_toy_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -37,11 +37,8 @@ class StandIn(torch.nn.Module):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    images = (np.random.default_rng(0).random((30, 8, 8)) * 255).astype(np.uint8)
-    np.savez(root / "source.npz", images=images)
-    make_shards(open_source(str(root / "source.npz")), root / "shards",
-                ShardOptions(resolution=8, channels=1, sigma_tn=0.5, count=24, heldout=6,
-                             samples_per_shard=12), progress=False)
+    random_grey_shards(root, 30, 8, ShardOptions(resolution=8, channels=1, sigma_tn=0.5, count=24,
+                                                 heldout=6, samples_per_shard=12))
     runs = {}
     for name, sigma_tn in (("edm", 0.0), ("ambient", 1.0)):
         cfg = load_config(None, [f"data.shards={root / 'shards'}", "data.resolution=8", "data.channels=1",

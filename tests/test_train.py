@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,12 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ambient_dist.config import ConfigError, load_config, to_dict
-from ambient_dist.data import ShardOptions, make_shards, open_source
+from ambient_dist.data import ShardOptions
 from ambient_dist.engine import trainer as trainer_mod
 from ambient_dist.engine.run import check_output_dir, find_resume_point
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
+from helpers import random_grey_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launchers"))
@@ -35,13 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """32 training + 8 held-out random 16x16 grey images, with their fixed noisy copies."""
-    root = tmp_path_factory.mktemp("data")
-    images = (np.random.default_rng(0).random((40, 16, 16)) * 255).astype(np.uint8)
-    np.savez(root / "source.npz", images=images)
-    make_shards(open_source(str(root / "source.npz")), root / "shards",
-                ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=32, heldout=8,
-                             samples_per_shard=16), progress=False)
-    return root / "shards"
+    return random_grey_shards(tmp_path_factory.mktemp("data"), 40, 16,
+                              ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=32, heldout=8,
+                                           samples_per_shard=16))
 
 
 def toy_overrides(shards: Path, run_root: Path, **extra) -> list[str]:
