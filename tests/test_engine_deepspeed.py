@@ -240,7 +240,7 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging(shards, tmp_path):  # noq
 
 
 @pytest.mark.slow
-def test_torchrun_deepspeed_and_mpirun_launchers(shards, tmp_path):  # noqa: F811
+def test_torchrun_deepspeed_mpirun_and_openmpi_hostfile_launchers(shards, tmp_path):  # noqa: F811
     config = write_config(tmp_path, shards, **{"train.total_kimg": 0.016, "distributed.zero_stage": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     launches = {
@@ -253,6 +253,16 @@ def test_torchrun_deepspeed_and_mpirun_launchers(shards, tmp_path):  # noqa: F81
         launches["mpirun"] = ["mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root",
                               "--mca", "btl_tcp_if_include", "lo", "-x", "OMP_NUM_THREADS",
                               "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH", "-x", "MASTER_PORT", PY]
+        # DeepSpeed's multi-node code path (its Open MPI runner reading a hostfile), forced on
+        # a hostfile of localhost slots. The ssh check is skipped: there is no sshd here, and
+        # Open MPI starts local ranks without one.
+        hosts = tmp_path / "hostfile"
+        hosts.write_text("localhost slots=2\n")
+        launches["deepspeed-openmpi"] = [
+            str(Path(PY).parent / "deepspeed"), "--force_multi", "--launcher", "openmpi",
+            "--hostfile", str(hosts), "--no_ssh_check", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "--launcher_args",
+            "--allow-run-as-root --oversubscribe --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo"]
     for name, prefix in launches.items():
         env["MASTER_PORT"] = str(free_port())
         result = subprocess.run([*prefix, "launchers/train.py", "--config", str(config), f"name={name}"],
