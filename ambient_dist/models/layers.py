@@ -327,9 +327,6 @@ class SkipStack:
     def pop(self) -> torch.Tensor:
         return self._items.pop()
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 class EncoderLevel(nn.Module):
     """One encoder resolution: an entry (input conv at the top level, a downsampling block
