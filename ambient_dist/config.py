@@ -62,6 +62,32 @@ class DataConfig:
     workers: int = 2
 
 
+# Width of the augmentation label vector the network is conditioned on (layout in
+# ambient_dist/data/augment.py); network.augment_dim must equal it when augment.p > 0.
+AUGMENT_LABEL_DIM = 8
+# Transforms that move whole pixels (a permutation): they keep the stored noise white.
+EXACT_AUGMENTATIONS = ("yflip", "rotate90", "translate")
+# Transforms that resample the image: applied to clean-branch samples only (augment.py).
+INTERPOLATING_AUGMENTATIONS = ("scale", "rotate", "aniso")
+
+
+@dataclass
+class AugmentConfig:
+    """Geometric augmentation beyond data.xflip (EDM's augmentation pipe, made exact for the
+    ambient branch); the network sees what was done through its augmentation labels and
+    samples with zero labels, so augmented images do not leak into samples."""
+    # Probability that each listed transform is applied to a sample; 0 = off (the reference
+    # experiments use 0.15, with network.augment_dim = 8).
+    p: float = 0.0
+    transforms: list[str] = field(
+        default_factory=lambda: list(EXACT_AUGMENTATIONS + INTERPOLATING_AUGMENTATIONS))
+    # Spread of the random draws: translation std as a fraction of the image size, std of
+    # log2 of the isotropic and anisotropic scale factors.
+    translate_std: float = 0.125
+    scale_std: float = 0.2
+    aniso_std: float = 0.2
+
+
 @dataclass
 class ObjectiveConfig:
     # "edm": variance-exploding EDM form (section 2); "vp": variance-preserving (section 3);
@@ -212,6 +238,7 @@ class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -418,6 +445,25 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     if d.shards and check_paths:
         c(Path(d.shards).exists(), "data.shards", f"directory {d.shards} does not exist "
           "(make it with launchers/make_shards.py)")
+    a = cfg.augment
+    c(0 <= a.p <= 1, "augment.p", f"must be a probability in [0, 1] (0 = off), got {a.p}")
+    known = EXACT_AUGMENTATIONS + INTERPOLATING_AUGMENTATIONS
+    for name in a.transforms:
+        c(name in known, "augment.transforms", f"unknown transform {name!r}; choose from "
+          f"{', '.join(known)}")
+    c(len(set(a.transforms)) == len(a.transforms), "augment.transforms",
+      f"lists a transform twice: {a.transforms}")
+    for k in ("translate_std", "scale_std", "aniso_std"):
+        c(getattr(a, k) >= 0, f"augment.{k}", f"must be >= 0, got {getattr(a, k)}")
+    if a.p > 0:
+        c(len(a.transforms) > 0, "augment.transforms", "is empty while augment.p > 0")
+        c(n.augment_dim == AUGMENT_LABEL_DIM, "network.augment_dim",
+          f"must be {AUGMENT_LABEL_DIM} when augment.p > 0 (the network is conditioned on the "
+          f"augmentation labels, so that sampling with zero labels gives unaugmented images), "
+          f"got {n.augment_dim}")
+        c(o.form != "latent_v" and not cfg.text.model_path, "augment.p",
+          "geometric augmentation of VAE latents is not the augmentation of the image; "
+          "set augment.p=0 for text-conditional latent training")
     c(n.model_channels > 0, "network.model_channels", f"must be > 0, got {n.model_channels}")
     c(len(n.channel_mult) > 0 and all(m > 0 for m in n.channel_mult), "network.channel_mult",
       f"must be a non-empty list of positive integers, got {n.channel_mult}")

@@ -25,6 +25,7 @@ literal formulas the tests compare against.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,11 +46,11 @@ def _draw(fn: Callable, shape, generator: Optional[torch.Generator], device) -> 
     return fn(tuple(shape), generator=generator, device=where).to(device)
 
 
-def _randn(shape, generator, device) -> torch.Tensor:
+def draw_normal(shape, generator, device) -> torch.Tensor:
     return _draw(torch.randn, shape, generator, device)
 
 
-def _rand(shape, generator, device) -> torch.Tensor:
+def draw_uniform(shape, generator, device) -> torch.Tensor:
     return _draw(torch.rand, shape, generator, device)
 
 
@@ -70,13 +71,13 @@ def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: fl
     whatever the rule, so the objective is the plain one given the same random draws.
     """
     if sigma_tn <= 0 or rule == "threshold":
-        sigma = (_randn([batch], generator, device) * P_std + P_mean).exp()
+        sigma = (draw_normal([batch], generator, device) * P_std + P_mean).exp()
         ambient = sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
         return sigma, ambient
     if rule != "uniform":
         raise ValueError(f"objective.branch_rule: unknown rule {rule!r} (threshold, uniform)")
-    ambient = _rand([batch], generator, device) < 0.5
-    u = _rand([batch], generator, device).double()
+    ambient = draw_uniform([batch], generator, device) < 0.5
+    u = draw_uniform([batch], generator, device).double()
     # float64: the inverse CDF is evaluated near 0 and 1, where float32 runs out of digits.
     p_tn = float(_normal_cdf(torch.tensor((math.log(sigma_tn) - P_mean) / P_std, dtype=torch.float64)))
     p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
@@ -333,15 +334,24 @@ class _AmbientLoss:
         drawn only when not given)."""
         level, ambient = self.draw_levels(clean.shape[0], clean.device, generator)
         if eps is None:
-            eps = _randn(clean.shape, generator, clean.device)
+            eps = draw_normal(clean.shape, generator, clean.device)
         return level, ambient, eps
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
-                 generator: Optional[torch.Generator] = None, eps=None) -> LossOutput:
+                 generator: Optional[torch.Generator] = None, eps=None,
+                 augment: Optional[Callable] = None) -> LossOutput:
         """eps: optional noise to use instead of drawing it -- a tensor shaped like clean, or
         a kernels.PhiloxNoise, which the fused input pass draws in-kernel (no eps tensor is
-        written or read) and which is the same per sample however the batch is split."""
+        written or read) and which is the same per sample however the batch is split.
+
+        augment: optional data.augment.GeometricAugment. It runs once the branches are drawn
+        (it needs them: resampling transforms go to clean-branch samples only) and its labels
+        condition the network."""
         level, ambient, eps = self.draw_noise(clean, generator, eps)
+        network = self.network(net)
+        if augment is not None:
+            clean, noisy, augment_labels = augment(clean, noisy, ambient, generator)
+            network = functools.partial(network, augment_labels=augment_labels)
         if noisy is None:
             if bool(ambient.any()):
                 raise ValueError(f"objective.sigma_tn={self.cfg.sigma_tn}: ambient samples need "
@@ -354,7 +364,7 @@ class _AmbientLoss:
         device = str(clean.device)
         if device not in self._impl:
             self._impl[device] = select_kernel_impl(self.cfg.kernel, clean.device)
-        per_sample = two_branch_loss(self.network(net), coefs, clean, noisy, eps, labels,
+        per_sample = two_branch_loss(network, coefs, clean, noisy, eps, labels,
                                      self._impl[device])
         return LossOutput(per_sample.mean(), per_sample, coefs.ambient, coefs.sigma)
 
@@ -399,13 +409,13 @@ class VPAmbientLoss(_AmbientLoss):
     def draw_levels(self, batch, device, generator=None):
         c = self.cfg
         if c.sigma_tn > 0 and c.branch_rule == "uniform":
-            ambient = _rand([batch], generator, device) < 0.5
+            ambient = draw_uniform([batch], generator, device) < 0.5
             lo = torch.where(ambient, self.t_n, c.vp_epsilon_t)
             hi = torch.where(ambient, 1.0, self.t_n)
-            sigma = vp_sigma(lo + _rand([batch], generator, device) * (hi - lo), c.vp_beta_d, c.vp_beta_min)
+            sigma = vp_sigma(lo + draw_uniform([batch], generator, device) * (hi - lo), c.vp_beta_d, c.vp_beta_min)
             # Rounding can put sigma a hair over the boundary; pin it to its side.
             return _pin_to_side(sigma, ambient, c.sigma_tn), ambient
-        t = 1 + _rand([batch], generator, device) * (c.vp_epsilon_t - 1)
+        t = 1 + draw_uniform([batch], generator, device) * (c.vp_epsilon_t - 1)
         sigma = vp_sigma(t, c.vp_beta_d, c.vp_beta_min)
         return sigma, (sigma >= c.sigma_tn) & (c.sigma_tn > 0)
 
@@ -434,8 +444,8 @@ class LatentVAmbientLoss(_AmbientLoss):
     def draw_levels(self, batch, device, generator=None):
         c = self.cfg
         if c.sigma_tn > 0 and c.branch_rule == "uniform":
-            ambient = _rand([batch], generator, device) < 0.5
-            u = _rand([batch], generator, device).double()
+            ambient = draw_uniform([batch], generator, device) < 0.5
+            u = draw_uniform([batch], generator, device).double()
             clean_t = (u * (c.t_n + 1)).floor()
             ambient_t = c.t_n + 1 + (u * (DDPM_STEPS - 1 - c.t_n)).floor()
             t = torch.where(ambient, ambient_t, clean_t).long().clamp(0, DDPM_STEPS - 1)

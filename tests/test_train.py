@@ -104,10 +104,12 @@ def _state(trainer: Trainer) -> dict:
             **{f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()}}
 
 
-def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path):
+@pytest.mark.parametrize("augmentation", [{}, {"augment.p": 0.5, "network.augment_dim": 8}],
+                         ids=["xflip", "geometric-augment"])
+def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path, augmentation):
     # Dropout and x-flips are on, so the global RNG, the noise generator and the loader
-    # position all have to be restored for this to hold.
-    cfg = toy_config(shards, tmp_path)
+    # position all have to be restored for this to hold (and the augmentation draws too).
+    cfg = toy_config(shards, tmp_path, **augmentation)
     straight = Trainer(cfg, tmp_path / "a")
     losses_straight = [straight.train_step().item() for _ in range(6)]
 

@@ -6,14 +6,32 @@
   the last bit for half of the 256 values. The table (the CPU's float32 `x / 127.5 - 1`) is
   also what the DALI pipeline looks its pixels up in, so every loader on every device yields
   identical tensors.
-- `flip_rows`: the one geometric augmentation, a horizontal flip of the selected samples. It is
-  applied to the clean image and to its stored noisy copy alike: flipping the clean image and
-  then adding the stored noise would leak flip(x0) - x0 without noise (objective.md section 1).
+- `flip_rows`: the loaders' random horizontal flip (data.xflip). It is applied to the clean
+  image and to its stored noisy copy alike: flipping the clean image and then adding the stored
+  noise would leak flip(x0) - x0 without noise (objective.md section 1).
+- `GeometricAugment`: the rest of the geometric augmentation (config section `augment`), done on
+  the device inside the loss once the branch of every sample is known. Two kinds of transform:
+  * exact ones move whole pixels (yflip, rotate90, and translate, which wraps around the
+    border). They are applied to the clean image and its noisy copy alike and turn the
+    stored noise into a permutation of itself, so it stays white noise of std sigma_tn and
+    the ambient loss stays unbiased;
+  * interpolating ones (scale, rotate, aniso) resample the image, which would blur the stored
+    noise (its covariance would no longer be sigma_tn^2 I and the ambient target would be
+    biased). They go to clean-branch samples only, whose noisy copies the loss never reads.
+  The network is conditioned on what was done (`AUGMENT_LABEL_DIM` labels, layout below) and
+  samples with zero labels, as in EDM, so augmented geometry does not leak into samples.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from ambient_dist.config import AUGMENT_LABEL_DIM, AugmentConfig
+from ambient_dist.objective import draw_normal, draw_uniform
 
 
 # float32 value of each uint8 pixel in model units, computed once on the CPU.
@@ -43,3 +61,112 @@ def flip_rows_numpy(x: np.ndarray, flips: np.ndarray) -> np.ndarray:
     out = x.copy()
     out[flips] = x[flips][..., ::-1]
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Geometric augmentation with labels.
+# ----------------------------------------------------------------------------------------
+
+# Order of the per-transform "is it applied" draws (fixed, whatever is enabled, so that
+# enabling one transform does not change the draws of the others).
+_TRANSFORMS = ("yflip", "rotate90", "translate", "scale", "rotate", "aniso")
+
+# Layout of the augmentation labels (zero = not augmented):
+#   0     yflip (1 = flipped upside down)
+#   1, 2  cos(theta) - 1, sin(theta): total rotation, rotate90 quarter turns plus `rotate`
+#   3, 4  translation along width and height, in fractions of the image size
+#   5     log2 of the isotropic scale
+#   6, 7  log2 of the anisotropic stretch a, times cos(2 phi) and sin(2 phi) (phi: its axis)
+assert AUGMENT_LABEL_DIM == 8
+
+
+def rotation_matrices(theta: torch.Tensor) -> torch.Tensor:
+    """[B] angles -> [B, 2, 2] rotations in (width, height) image coordinates, turning the same
+    way as torch.rot90(x, 1, dims=(-2, -1)) for theta = pi/2."""
+    c, s = theta.cos(), theta.sin()
+    return torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
+
+
+def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Apply [B, 2, 2] linear maps about the image centre (bilinear, reflected border)."""
+    inverse = torch.linalg.inv(matrices.double()).float()
+    theta = torch.cat([inverse, inverse.new_zeros(len(images), 2, 1)], dim=2)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False).to(images.dtype)
+
+
+def _roll_rows(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Per-sample torch.roll by (dy, dx) pixels along (height, width): a pixel permutation."""
+    B, _, H, W = x.shape
+    rows = (torch.arange(H, device=x.device) - dy[:, None]) % H           # [B, H]
+    cols = (torch.arange(W, device=x.device) - dx[:, None]) % W           # [B, W]
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class GeometricAugment:
+    """augment(clean, noisy, ambient, generator) -> (clean, noisy, labels [B, 8]).
+
+    Every sample draws the same random numbers from `generator` (a fixed count per batch), so
+    a resumed run replays the augmentation exactly."""
+
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
+        self.enabled = torch.tensor([name in cfg.transforms for name in _TRANSFORMS])
+
+    def __call__(self, clean: torch.Tensor, noisy: Optional[torch.Tensor], ambient: torch.Tensor,
+                 generator: Optional[torch.Generator] = None):
+        B, _, H, W = clean.shape
+        if H != W:
+            raise ValueError(f"augment: rotate90 and the label layout need square images, got {H}x{W}")
+        dev, c = clean.device, self.cfg
+        apply = (draw_uniform([B, len(_TRANSFORMS)], generator, dev) < c.p) & self.enabled.to(dev)
+        normal = draw_normal([B, 4], generator, dev)
+        uniform = draw_uniform([B, 3], generator, dev)
+        interpolate = apply & ~ambient.to(dev)[:, None]   # resampling: clean-branch samples only
+
+        yflip = apply[:, 0]
+        quarter_turns = torch.where(apply[:, 1], 1 + (uniform[:, 0] * 3).long().clamp(max=2), 0)
+        shift = torch.where(apply[:, 2, None], (normal[:, :2] * c.translate_std * W).round(), 0.0)
+        log2_scale = torch.where(interpolate[:, 3], normal[:, 2] * c.scale_std, 0.0)
+        angle = torch.where(interpolate[:, 4], (2 * uniform[:, 1] - 1) * math.pi, 0.0)
+        log2_aniso = torch.where(interpolate[:, 5], normal[:, 3] * c.aniso_std, 0.0)
+        aniso_axis = uniform[:, 2] * math.pi
+
+        channels_last = clean.is_contiguous(memory_format=torch.channels_last) and clean.dim() == 4
+        clean, noisy = (self._exact(x, yflip, quarter_turns, shift) for x in (clean, noisy))
+        needs_warp = (log2_scale != 0) | (angle != 0) | (log2_aniso != 0)
+        if bool(needs_warp.any()):
+            axis = rotation_matrices(aniso_axis)
+            stretch = torch.diag_embed(torch.stack([2 ** log2_aniso, 2 ** -log2_aniso], -1))
+            matrices = (rotation_matrices(angle) * (2 ** log2_scale)[:, None, None]
+                        @ axis @ stretch @ axis.transpose(1, 2))
+            with torch.autocast(dev.type, enabled=False):
+                idx = needs_warp.nonzero().squeeze(1)
+                clean = clean.index_copy(0, idx, warp(clean[idx], matrices[idx]))
+        if channels_last:
+            clean = clean.contiguous(memory_format=torch.channels_last)
+            noisy = None if noisy is None else noisy.contiguous(memory_format=torch.channels_last)
+
+        theta = quarter_turns * (math.pi / 2) + angle
+        labels = torch.stack([
+            yflip.float(), theta.cos() - 1, theta.sin(), shift[:, 0] / W, shift[:, 1] / H,
+            log2_scale, log2_aniso * (2 * aniso_axis).cos(), log2_aniso * (2 * aniso_axis).sin(),
+        ], dim=1)
+        return clean, noisy, labels
+
+    @staticmethod
+    def _exact(x: Optional[torch.Tensor], yflip, quarter_turns, shift) -> Optional[torch.Tensor]:
+        """The pixel-permuting transforms, applied identically to clean images and noisy copies."""
+        if x is None:
+            return None
+        if bool(yflip.any()):
+            x = torch.where(yflip[:, None, None, None], x.flip(-2), x)
+        for k in (1, 2, 3):
+            selected = quarter_turns == k
+            if bool(selected.any()):
+                x = torch.where(selected[:, None, None, None], torch.rot90(x, k, dims=(-2, -1)), x)
+        if bool((shift != 0).any()):
+            x = _roll_rows(x, shift[:, 1].long(), shift[:, 0].long())
+        return x

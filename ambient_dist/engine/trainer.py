@@ -25,7 +25,7 @@ import torch
 
 from ambient_dist import data, metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.data.augment import to_model_units
+from ambient_dist.data.augment import GeometricAugment, to_model_units
 from ambient_dist.engine.checkpoint import (Checkpoint, CheckpointManager, check_resume_compatible,
                                             export_safetensors_atomic)
 from ambient_dist.engine.distributed import DistInfo, any_rank_true
@@ -100,6 +100,7 @@ class Trainer:
             net.raw = torch.compile(net.raw)
         self.num_parameters = sum(p.numel() for p in net.parameters())
         self.loss_fn = self._build_loss()
+        self.augment = GeometricAugment(cfg.augment) if cfg.augment.p > 0 else None
         self._setup_model(net)
         self.ema = EMA(self._ema_live())
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
@@ -165,7 +166,8 @@ class Trainer:
             noisy = batch.noisy.to(self.device, memory_format=self.memory_format)
             labels = None if batch.labels is None else batch.labels.to(self.device)
             with self._autocast():
-                out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator)
+                out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator,
+                                   augment=self.augment)
             self._backward(out.loss)
             step_loss += out.loss.detach() / self.accumulation
             self.stats.add_batch(out.per_sample, out.ambient, out.sigma)

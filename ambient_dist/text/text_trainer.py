@@ -93,7 +93,10 @@ class TextAmbientLoss:
         self.magnitudes: list[torch.Tensor] = []  # the filter's per-sample magnitudes (device)
 
     def __call__(self, unet, clean: torch.Tensor, noisy: Optional[torch.Tensor],
-                 cond: torch.Tensor, generator: Optional[torch.Generator] = None) -> LossOutput:
+                 cond: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 augment=None) -> LossOutput:
+        if augment is not None:  # config validation refuses augment.p > 0 for latents
+            raise ValueError("TextAmbientLoss: latents take no geometric augmentation")
         if cond is None:
             raise ValueError("TextAmbientLoss: every sample needs a text embedding")
         cond, _ = self.dropout(cond, self.empty, generator)
