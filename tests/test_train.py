@@ -129,6 +129,18 @@ def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path, augmentation)
         assert torch.equal(opt_a["state"][p]["exp_avg_sq"], opt_b["state"][p]["exp_avg_sq"])
 
 
+def test_augmented_run_pictures_what_the_loss_read(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = toy_config(shards, tmp_path, **{"augment.p": 1.0, "network.augment_dim": 8,
+                                          "train.total_kimg": 0.016})
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train()
+    picture = Image.open(tmp_path / "run" / "augmentation.png")
+    assert picture.size == (3 * 16, 3 * 16)  # the 8 images of the first micro-batch, 3x3 grid
+    assert "augmentation" in EventAccumulator(str(tmp_path / "run")).Reload().Tags()["images"]
+    assert trainer.augment.recorded is None and not trainer.augment.record  # once only
+
+
 def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
     short = toy_config(shards, tmp_path, **{"train.total_kimg": 0.024})
     long = toy_config(shards, tmp_path, **{"train.total_kimg": 0.048})

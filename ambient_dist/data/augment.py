@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ambient_dist.config import AUGMENT_LABEL_DIM, AugmentConfig
+from ambient_dist.config import (AUGMENT_LABEL_DIM, EXACT_AUGMENTATIONS,
+                                 INTERPOLATING_AUGMENTATIONS, AugmentConfig)
 from ambient_dist.objective import draw_normal, draw_uniform
 
 
@@ -69,7 +70,7 @@ def flip_rows_numpy(x: np.ndarray, flips: np.ndarray) -> np.ndarray:
 
 # Order of the per-transform "is it applied" draws (fixed, whatever is enabled, so that
 # enabling one transform does not change the draws of the others).
-_TRANSFORMS = ("yflip", "rotate90", "translate", "scale", "rotate", "aniso")
+_TRANSFORMS = EXACT_AUGMENTATIONS + INTERPOLATING_AUGMENTATIONS
 
 # Layout of the augmentation labels (zero = not augmented):
 #   0     yflip (1 = flipped upside down)
@@ -89,7 +90,11 @@ def rotation_matrices(theta: torch.Tensor) -> torch.Tensor:
 
 def warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     """Apply [B, 2, 2] linear maps about the image centre (bilinear, reflected border)."""
-    inverse = torch.linalg.inv(matrices.double()).float()
+    # The sampling grid maps output pixels back to input pixels: the inverse map, written out
+    # for 2x2 (torch.linalg.inv would wait for the GPU to check for singular matrices).
+    (a, b), (c, d) = matrices[:, 0].unbind(-1), matrices[:, 1].unbind(-1)
+    inverse = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)
+    inverse = inverse / (a * d - b * c)[:, None, None]
     theta = torch.cat([inverse, inverse.new_zeros(len(images), 2, 1)], dim=2)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection",
@@ -114,6 +119,10 @@ class GeometricAugment:
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
         self.enabled = torch.tensor([name in cfg.transforms for name in _TRANSFORMS])
+        self.resamples = any(name in cfg.transforms for name in INTERPOLATING_AUGMENTATIONS)
+        # Set `record` to keep (a copy of) what the next call hands the loss, for a picture:
+        # per sample the image its branch reads, the clean image or the noisy copy.
+        self.record, self.recorded = False, None
 
     def __call__(self, clean: torch.Tensor, noisy: Optional[torch.Tensor], ambient: torch.Tensor,
                  generator: Optional[torch.Generator] = None):
@@ -136,15 +145,16 @@ class GeometricAugment:
 
         channels_last = clean.is_contiguous(memory_format=torch.channels_last) and clean.dim() == 4
         clean, noisy = (self._exact(x, yflip, quarter_turns, shift) for x in (clean, noisy))
-        needs_warp = (log2_scale != 0) | (angle != 0) | (log2_aniso != 0)
-        if bool(needs_warp.any()):
+        if self.resamples:
             axis = rotation_matrices(aniso_axis)
             stretch = torch.diag_embed(torch.stack([2 ** log2_aniso, 2 ** -log2_aniso], -1))
             matrices = (rotation_matrices(angle) * (2 ** log2_scale)[:, None, None]
                         @ axis @ stretch @ axis.transpose(1, 2))
             with torch.autocast(dev.type, enabled=False):
-                idx = needs_warp.nonzero().squeeze(1)
-                clean = clean.index_copy(0, idx, warp(clean[idx], matrices[idx]))
+                warped = warp(clean, matrices)
+            # Samples left alone keep their exact pixels (an identity resampling is not exact).
+            needs_warp = (log2_scale != 0) | (angle != 0) | (log2_aniso != 0)
+            clean = torch.where(needs_warp[:, None, None, None], warped, clean)
         if channels_last:
             clean = clean.contiguous(memory_format=torch.channels_last)
             noisy = None if noisy is None else noisy.contiguous(memory_format=torch.channels_last)
@@ -154,19 +164,18 @@ class GeometricAugment:
             yflip.float(), theta.cos() - 1, theta.sin(), shift[:, 0] / W, shift[:, 1] / H,
             log2_scale, log2_aniso * (2 * aniso_axis).cos(), log2_aniso * (2 * aniso_axis).sin(),
         ], dim=1)
+        if self.record:
+            read = clean if noisy is None else torch.where(ambient.to(dev)[:, None, None, None], noisy, clean)
+            self.record, self.recorded = False, read[:16].detach().float().cpu()
         return clean, noisy, labels
 
     @staticmethod
     def _exact(x: Optional[torch.Tensor], yflip, quarter_turns, shift) -> Optional[torch.Tensor]:
         """The pixel-permuting transforms, applied identically to clean images and noisy copies."""
+        # Written without data-dependent branches, so the step never waits for the GPU here.
         if x is None:
             return None
-        if bool(yflip.any()):
-            x = torch.where(yflip[:, None, None, None], x.flip(-2), x)
+        x = torch.where(yflip[:, None, None, None], x.flip(-2), x)
         for k in (1, 2, 3):
-            selected = quarter_turns == k
-            if bool(selected.any()):
-                x = torch.where(selected[:, None, None, None], torch.rot90(x, k, dims=(-2, -1)), x)
-        if bool((shift != 0).any()):
-            x = _roll_rows(x, shift[:, 1].long(), shift[:, 0].long())
-        return x
+            x = torch.where((quarter_turns == k)[:, None, None, None], torch.rot90(x, k, dims=(-2, -1)), x)
+        return _roll_rows(x, shift[:, 1].long(), shift[:, 0].long())

@@ -7,7 +7,8 @@ updates the EMA. Progress is counted in images, so schedules, intervals and resu
 not depend on the batch size.
 
 A run directory (prepared by run.py) holds config.yaml, run.json, TensorBoard events,
-checkpoints/ and, at the end, ema.safetensors (what sampling and evaluation load with the config.yaml beside it),
+checkpoints/, augmentation.png when augmenting (the first batch as the loss read it) and, at the
+end, ema.safetensors (what sampling and evaluation load with the config.yaml beside it),
 samples.png and memorization.json.
 
 Resume is exact: model, EMA, optimizer, RNG states and the loader position are restored, so
@@ -203,6 +204,8 @@ class Trainer:
         total = int(round(t.total_kimg * 1000))
         logger = RunLogger(self.run_dir, total, self.images_seen, enabled=self.rank == 0)
         saved_at = self.images_seen if self.checkpoints.latest() else -1
+        if self.augment is not None and self.images_seen == 0:
+            self.augment.record = True  # picture of the first augmented batch, below
         try:
             with StopFlag() as stop:
                 while self.images_seen < total:
@@ -212,6 +215,8 @@ class Trainer:
                         stop.requested = stop.requested or "signal on another rank"
                         break
                     loss = self.train_step()
+                    if self.augment is not None and self.augment.recorded is not None:
+                        self._save_augmentation_picture(logger)
                     logger.progress(self.images_seen, None)
                     if self._crossed(t.log_every_kimg) or self.images_seen >= total:
                         scalars, sigmas = self.stats.summary()
@@ -234,6 +239,14 @@ class Trainer:
         finally:
             logger.close()
         return True
+
+    def _save_augmentation_picture(self, logger: RunLogger) -> None:
+        """augmentation.png: what the loss read in the first micro-batch after augmentation
+        (clean images for clean-branch samples, noisy copies for ambient ones)."""
+        images, self.augment.recorded = self.augment.recorded, None
+        if self.rank == 0:
+            save_image_grid(images, self.run_dir / "augmentation.png")
+            logger.image("augmentation", images, self.images_seen)
 
     # -- checkpoints -------------------------------------------------------------------
     def _rng_states(self) -> dict[str, torch.Tensor]:
