@@ -124,6 +124,16 @@ def test_draws_replay_from_the_generator_and_keep_the_memory_format():
     assert first[1].dtype == torch.float16  # the stored copy stays as stored
 
 
+def test_bf16_autocast_leaves_the_geometry_in_float32():
+    clean, noisy, _ = batch()
+    ambient = torch.zeros(len(clean), dtype=torch.bool)
+    expected = augment(AugmentConfig(p=1.0), clean, noisy, ambient, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = augment(AugmentConfig(p=1.0), clean, noisy, ambient, seed=4)
+    assert got[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
 def test_loss_augments_after_the_branch_draw_and_conditions_the_network():
     cfg = load_config(None, ["objective.sigma_tn=0.5", "data.resolution=8", "network.model_channels=8",
                              "network.channel_mult=[1]", "network.num_blocks=1",

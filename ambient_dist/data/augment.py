@@ -146,11 +146,12 @@ class GeometricAugment:
         channels_last = clean.is_contiguous(memory_format=torch.channels_last) and clean.dim() == 4
         clean, noisy = (self._exact(x, yflip, quarter_turns, shift) for x in (clean, noisy))
         if self.resamples:
-            axis = rotation_matrices(aniso_axis)
-            stretch = torch.diag_embed(torch.stack([2 ** log2_aniso, 2 ** -log2_aniso], -1))
-            matrices = (rotation_matrices(angle) * (2 ** log2_scale)[:, None, None]
-                        @ axis @ stretch @ axis.transpose(1, 2))
+            # In float32 even inside the step's bf16 autocast: geometry is not a matmul to round.
             with torch.autocast(dev.type, enabled=False):
+                axis = rotation_matrices(aniso_axis)
+                stretch = torch.diag_embed(torch.stack([2 ** log2_aniso, 2 ** -log2_aniso], -1))
+                matrices = (rotation_matrices(angle) * (2 ** log2_scale)[:, None, None]
+                            @ axis @ stretch @ axis.transpose(1, 2))
                 warped = warp(clean, matrices)
             # Samples left alone keep their exact pixels (an identity resampling is not exact).
             needs_warp = (log2_scale != 0) | (angle != 0) | (log2_aniso != 0)
