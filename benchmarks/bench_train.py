@@ -6,6 +6,7 @@ Three ways to take the same optimizer step of the same network on the same data:
                    bf16 autocast, channels_last, torch.compile of the U-Net (GPU, not --quick),
                    the objective's fused two-branch loss kernels (objective.kernel=auto:
                    fused on GPU, reference on CPU), fused AdamW (GPU), the resident loader
+                   and the config's geometric augmentation (augment.p = 0.15, as the paper)
     fp32 eager     benchmarks/baselines.py PlainTrainingStep: EDM's default step (fp32, TF32
                    off, eager, plain Adam, per-parameter nan_to_num and EMA)
     bf16+compile   the same plain step under bf16 autocast with torch.compile (as ours): the
