@@ -192,14 +192,17 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
     # The real (toy-sized) DDPM++ runs here: its levels pass their skip connections in a
     # SkipStack, which ZeRO-3's hooks leave alone (a plain list would be copied and lost).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    # Geometric augmentation is on too: its labels condition a partitioned embedding.
     config = write_config(tmp_path, shards, **{"distributed.zero_stage": 3,
-                                               "train.ema_halflife_kimg": 0.0})
+                                               "train.ema_halflife_kimg": 0.0,
+                                               "augment.p": 0.5, "network.augment_dim": 8})
     train_ranks(["--config", str(config), "name=z3"])
     run = tmp_path / "runs" / "z3"
     ckpt = final_checkpoint(run)
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
     exported = load_file(str(run / "ema.safetensors"))
     assert consolidated.keys() <= exported.keys() and len(consolidated) > 20
+    assert "unet.map_augment.weight" in consolidated
     for name, weight in consolidated.items():
         assert torch.equal(exported[name], weight.float()), name
     biggest = max(consolidated, key=lambda k: consolidated[k].numel())
