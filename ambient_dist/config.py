@@ -160,6 +160,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # GPU: let cuDNN time its convolution algorithms for the run's fixed shapes and keep the
+    # fastest (EDM's default); false keeps its default choice, which is reproducible.
+    cudnn_benchmark: bool = True
     seed: int = 0
     # Intervals, in thousands of images.
     log_every_kimg: float = 10.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Context, matmul_flops_per_s, median, result
+from benchmarks.harness import Context, cuda_numerics, matmul_flops_per_s, median, result
 
 
 def matmul_size(ctx: Context) -> int:
@@ -23,13 +23,9 @@ def matmul_size(ctx: Context) -> int:
 def matmul_tflops(ctx: Context) -> dict[str, list[float]]:
     """{'bf16': [...], 'fp32': [...]} in TFLOP/s, one value per repeat (TF32 off for fp32)."""
     n, repeats = matmul_size(ctx), ctx.size(quick=3, default=10)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with cuda_numerics(tf32=False):
         return {name: [f / 1e12 for f in matmul_flops_per_s(ctx.device, n, dtype, repeats)]
                 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def mfu_ceiling(rates: dict[str, list[float]]) -> tuple[str, float]:

@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.baselines import PlainTrainingStep
 from benchmarks.bench_matmul import matmul_tflops, mfu_ceiling
-from benchmarks.harness import REPO_ROOT, Context, measure, median, per_second, result
+from benchmarks.harness import REPO_ROOT, Context, cuda_numerics, measure, median, per_second, result
 
 SIGMA_TN = 0.5
 
@@ -134,14 +134,10 @@ def time_plain(cfg, ctx: Context, precision: str, compile: bool, warmup: int,
     torch.manual_seed(cfg.train.seed)
     step = PlainTrainingStep(build_network(cfg).to(device), SIGMA_TN, lr=cfg.optimizer.lr,
                              precision=precision, compile=compile)
-    # EDM's default numerics: true fp32, TF32 off (restored afterwards).
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    # EDM's training defaults: true fp32 (TF32 off), cuDNN autotuning on.
+    with cuda_numerics(tf32=False, cudnn_benchmark=True):
         seconds = measure(lambda: step(batch.clean, batch.noisy), repeats=repeats,
                           warmup=warmup, device=ctx.device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     del step, batch
     _release()
     return seconds

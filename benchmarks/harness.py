@@ -26,6 +26,7 @@ touches CUDA only to check it is there and to read the card's name and memory.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -104,6 +105,22 @@ class Context:
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cuda_numerics(tf32: bool = False, cudnn_benchmark: Optional[bool] = None):
+    """Set the process-wide CUDA flags a measurement depends on, and restore them afterwards
+    (the trainer sets cudnn.benchmark itself, so every baseline states its own). None leaves
+    cudnn.benchmark as it is. EDM's defaults: TF32 off; cudnn.benchmark on for training."""
+    backends = _torch().backends
+    saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark)
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = tf32
+    if cudnn_benchmark is not None:
+        backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        yield
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = saved
+
 
 def measure(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
             device: str = "cpu", inner: int = 1) -> list[float]:

@@ -79,6 +79,7 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dir or ".") / "samples"
         if args.compile:
             net = torch.compile(net)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: keep cuDNN's fastest convolution
         made = S.sample_run(
             net, weights, out, args.num, cfg.sampling.seed if args.seed is None else args.seed,
             settings, batch=args.batch, layout=args.format, shard_size=args.shard_size,

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import RESULT_KEYS, Context, measure, median, result  # noqa: E402
+from benchmarks.harness import RESULT_KEYS, Context, cuda_numerics, measure, median, result  # noqa: E402
 from benchmarks.run_all import check_results, markdown, prioritise, select  # noqa: E402
 
 
@@ -52,6 +52,20 @@ def test_result_refuses_unknown_unit_and_missing_baseline_gives_no_ratio():
     assert result("x", "img/s", 1.0, None, "none")["ratio"] is None
     with pytest.raises(ValueError, match="clashes"):
         result("x", "img/s", 1.0, 1.0, "b", ratio=3)
+
+
+def test_cuda_numerics_sets_the_flags_and_restores_them_even_after_an_error():
+    import torch
+    b = torch.backends
+    before = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark)
+    with cuda_numerics(tf32=True, cudnn_benchmark=not before[2]):
+        assert b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32
+        assert b.cudnn.benchmark == (not before[2])
+    with pytest.raises(RuntimeError):
+        with cuda_numerics(tf32=False):
+            assert b.cudnn.benchmark == before[2]  # None leaves it alone
+            raise RuntimeError("a failed measurement")
+    assert (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.benchmark) == before
 
 
 def test_measure_returns_one_positive_time_per_repeat_after_warmup():

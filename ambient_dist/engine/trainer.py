@@ -92,6 +92,8 @@ class Trainer:
         self.micro_batch = cfg.micro_batch(self.world_size)
         self.accumulation = cfg.accumulation_steps(self.world_size)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark
 
         torch.manual_seed(t.seed)  # the initial weights: the same on every rank
         net = self._build_network().to(self.device, memory_format=self.memory_format).train()
