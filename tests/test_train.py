@@ -162,6 +162,17 @@ def test_resume_refuses_options_that_change_the_trajectory(shards, tmp_path):
         Trainer(changed, tmp_path / "r", resume_from=find_resume_point(tmp_path / "r", "auto"))
 
 
+def test_checkpoints_from_before_an_option_existed_resume_at_its_default(tmp_path):
+    from ambient_dist.engine.checkpoint import check_resume_compatible
+    cfg = load_config(None, ["train.batch=8"])
+    saved = to_dict(cfg)
+    del saved["augment"], saved["train"]["cudnn_benchmark"]  # written by an older version
+    check_resume_compatible(saved, cfg, tmp_path)            # defaults: the run had neither
+    augmented = load_config(None, ["train.batch=8", "augment.p=0.15", "network.augment_dim=8"])
+    with pytest.raises(ConfigError, match=r"augment\.p: 0\.0 -> 0\.15"):
+        check_resume_compatible(saved, augmented, tmp_path)
+
+
 def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(shards, tmp_path):
     assert find_resume_point(tmp_path / "new", "auto") is None
     Trainer(toy_config(shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()

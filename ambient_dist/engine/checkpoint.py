@@ -44,7 +44,8 @@ CHECKPOINT_DIR = "checkpoints"
 RESUMABLE_CHANGES = ("name", "description", "train.total_kimg", "train.log_every_kimg",
                      "train.checkpoint_every_kimg", "train.sample_every_kimg",
                      "train.keep_checkpoints", "train.run_root", "data.shards", "data.loader",
-                     "data.workers", "sampling.", "evaluation.", "distributed.timeout_s")
+                     "data.workers", "sampling.", "evaluation.", "distributed.timeout_s",
+                     "train.cudnn_benchmark")
 _NAME = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -190,8 +191,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_resume_compatible(saved: dict, cfg: ExperimentConfig, checkpoint: Path) -> None:
-    """Refuse to continue a checkpoint under options that would change its trajectory."""
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    """Refuse to continue a checkpoint under options that would change its trajectory.
+
+    An option the checkpoint does not mention was added to the schema after it was written;
+    the run had none, which is what the option's default means (e.g. augment.p = 0)."""
+    old = {**_flatten(to_dict(ExperimentConfig())), **_flatten(saved)}
+    new = _flatten(to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
