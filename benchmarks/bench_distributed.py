@@ -57,15 +57,9 @@ H200_BF16_MATMUL_FLOPS = 750e12       # measured ceiling in the spec
 # SD has no target in the spec: assume the DDPM++ target's utilisation of the matmul ceiling.
 TARGET_MFU = TARGET_IMG_PER_S_CIFAR * DDPMPP_CIFAR_GFLOP_PER_IMG * 1e9 / H200_BF16_MATMUL_FLOPS
 
-# Stable Diffusion 2 U-Net (stabilityai/stable-diffusion-2 unet/config.json), built on the
+# The Stable Diffusion 2 U-Net (ambient_dist.text.sd_models.SD2_UNET_CONFIG) is built on the
 # meta device to count parameters and FLOPs without weights.
-SD2_UNET = dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=1024, use_linear_projection=True)
 SD2_LATENT = 64                       # 512x512 images (the paper's fine-tuning resolution)
-SD2_TEXT_TOKENS = 77
 
 
 @dataclass
@@ -119,10 +113,12 @@ def ddpmpp_load(name: str, config_path: str, gflop: float, img_per_s: float) -> 
 def sd2_load(global_batch: int = 256) -> ModelLoad:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
+
+    from ambient_dist.text.sd_models import SD2_TEXT_TOKENS, SD2_UNET_CONFIG
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD2_UNET)
+        unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
         latent = torch.zeros(1, 4, SD2_LATENT, SD2_LATENT)
-        text = torch.zeros(1, SD2_TEXT_TOKENS, SD2_UNET["cross_attention_dim"])
+        text = torch.zeros(1, SD2_TEXT_TOKENS, SD2_UNET_CONFIG["cross_attention_dim"])
         with FlopCounterMode(display=False) as counter:
             unet(latent, torch.zeros(1), encoder_hidden_states=text).sample.sum().backward()
     flops = float(counter.get_total_flops())

@@ -26,7 +26,6 @@ the run book's 8 minutes, cannot spend).
 """
 from __future__ import annotations
 
-import gc
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 
 from benchmarks.baselines import PlainTrainingStep
 from benchmarks.bench_matmul import matmul_tflops, mfu_ceiling
-from benchmarks.harness import REPO_ROOT, Context, cuda_numerics, measure, median, per_second, result
+from benchmarks.harness import (REPO_ROOT, Context, cuda_numerics, measure, median, per_second,
+                                release_device_memory, result)
 
 SIGMA_TN = 0.5
 
@@ -109,19 +109,13 @@ def train_gflop(cfg) -> float:
     return train_gflop_per_image(net)
 
 
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def time_ours(cfg, ctx: Context, run_dir: Path, warmup: int, repeats: int) -> list[float]:
     from ambient_dist.engine.distributed import DistInfo
     from ambient_dist.engine.trainer import Trainer
     trainer = Trainer(cfg, run_dir, dist_info=DistInfo(device=torch.device(ctx.device)))
     seconds = measure(trainer.train_step, repeats=repeats, warmup=warmup, device=ctx.device)
     del trainer
-    _release()
+    release_device_memory()
     return seconds
 
 
@@ -139,7 +133,7 @@ def time_plain(cfg, ctx: Context, precision: str, compile: bool, warmup: int,
         seconds = measure(lambda: step(batch.clean, batch.noisy), repeats=repeats,
                           warmup=warmup, device=ctx.device)
     del step, batch
-    _release()
+    release_device_memory()
     return seconds
 
 
@@ -180,7 +174,7 @@ def case_results(ctx: Context, case: NetworkCase, ceiling: tuple[str, float], tm
         try:
             base = per_second(batch, timed())
         except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is reported
-            _release()
+            release_device_memory()
             out.append(result(name, "img/s", median(ours), None, baseline_name, ours, [],
                               **common, note=f"baseline failed: {type(e).__name__}: {e}"[:300]))
             continue

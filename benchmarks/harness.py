@@ -106,6 +106,14 @@ class Context:
 # Timing
 # --------------------------------------------------------------------------------------
 
+def release_device_memory() -> None:
+    """Drop what the last measurement left allocated, so the next one starts from a clean card."""
+    import gc
+    gc.collect()
+    if _torch().cuda.is_available():
+        _torch().cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def cuda_numerics(tf32: bool = False, cudnn_benchmark: Optional[bool] = None):
     """Set the process-wide CUDA flags a measurement depends on, and restore them afterwards

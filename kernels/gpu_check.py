@@ -355,9 +355,8 @@ def time_shape(name, batch, shape, dtype, impls, device, measure, compile_ref, q
     return rows
 
 
-def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_mult=(2, 2, 2)) -> list[dict]:
-    """Share of a DDPM++ training step (default: CIFAR-10's at 32x32) taken by the objective,
-    per impl. 64x64: EDM's FFHQ-64 network, channel_mult (1, 2, 2, 2)."""
+def _ddpmpp_step(device, quick, resolution, batch, channel_mult):
+    """A DDPM++ U-Net forward+backward (bf16 autocast) -> (step, batch, (C, H, W), label)."""
     from ambient_dist.config import ExperimentConfig
     from ambient_dist.models import build_network
     cfg = ExperimentConfig()
@@ -375,10 +374,41 @@ def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             out = net.raw(x, c_noise)
         out.float().square().mean().backward()
+    return unet_step, batch, (ch, res, res), f"DDPM++ {res}x{res} U-Net forward+backward, bf16 autocast"
 
+
+def _sd2_step(device, resolution, batch):
+    """The Stable Diffusion 2 U-Net (random weights; needs diffusers) on 4 x res x res latents
+    with 77 text tokens, forward+backward under bf16 autocast."""
+    from diffusers import UNet2DConditionModel
+
+    from ambient_dist.text.sd_models import SD2_TEXT_TOKENS, SD2_UNET_CONFIG
+    with torch.device(device):  # initialise on the device: 865M parameters
+        unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
+    z = torch.randn(batch, 4, resolution, resolution, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    text = torch.randn(batch, SD2_TEXT_TOKENS, SD2_UNET_CONFIG["cross_attention_dim"], device=device)
+
+    def unet_step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = unet(z, t, encoder_hidden_states=text).sample
+        out.float().square().mean().backward()
+    return unet_step, batch, (4, resolution, resolution), \
+        f"SD 2 U-Net, 4x{resolution}x{resolution} latents, forward+backward, bf16 autocast"
+
+
+def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_mult=(2, 2, 2),
+               network="ddpmpp") -> list[dict]:
+    """Share of a training step taken by the objective, per impl. network "ddpmpp" (default:
+    CIFAR-10's at 32x32; 64x64: EDM's FFHQ-64 network, channel_mult (1, 2, 2, 2)) or "sd2"
+    (Stable Diffusion 2 on latents of side `resolution`)."""
+    if network == "sd2":
+        unet_step, batch, shape, what = _sd2_step(device, resolution, batch)
+    else:
+        unet_step, batch, shape, what = _ddpmpp_step(device, quick, resolution, batch, channel_mult)
+    ch, res = shape[0], shape[1]
     reps = dict(repeats=2, inner=1, warmup=1) if quick else dict(repeats=3, inner=1, warmup=2)
     unet, _ = measure(unet_step, **reps)
-    what = f"DDPM++ {res}x{res} U-Net forward+backward, bf16 autocast"
     rows = [{"what": what, "batch": batch, "time_ms": unet * 1e3}]
     g = torch.Generator().manual_seed(2)
     c = coefficients(batch, "mixed", device, g)

@@ -33,6 +33,15 @@ PARTS = ("vae", "text_encoder", "tokenizer", "unet")
 # The prediction_type names diffusers' schedulers use for our text.prediction values.
 SCHEDULER_PREDICTION = {"v": "v_prediction", "epsilon": "epsilon"}
 
+# The Stable Diffusion 2.x U-Net's architecture (stabilityai/stable-diffusion-2 unet/config.json),
+# for building it with random weights where the real ones cannot be downloaded.
+SD2_UNET_CONFIG = dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                       down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                       up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                       cross_attention_dim=1024, use_linear_projection=True)
+SD2_TEXT_TOKENS = 77
+
 
 class ModelError(ValueError):
     """A missing or unsuitable model directory; the message names the path."""
@@ -212,12 +221,7 @@ def sd2_shaped_components(seed: int = 0, prediction: str = "v", tokenizer=None) 
         num_attention_heads=16, max_position_embeddings=77, projection_dim=1024, hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
-    unet = UNet2DConditionModel(
-        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    unet = UNet2DConditionModel(**SD2_UNET_CONFIG)
     for m in (vae, text_encoder):
         m.eval().requires_grad_(False)
     return SDComponents(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
