@@ -170,3 +170,23 @@ def test_config_refuses_inconsistent_augmentation(overrides, key):
 def test_paper_setting_loads():
     cfg = load_config(None, ["augment.p=0.15", "network.augment_dim=8"])
     assert cfg.augment.p == 0.15 and set(cfg.augment.transforms) >= set(EXACT_AUGMENTATIONS)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_pipe_never_waits_for_the_device():
+    # CPU twin: every test above runs the same code on the CPU.
+    clean, noisy, _ = batch(n=64, side=32)
+    clean, noisy = clean.cuda(), noisy.half().cuda()
+    ambient = torch.arange(64, device="cuda") % 2 == 0
+    pipe = GeometricAugment(AugmentConfig(p=0.5))
+    generator = torch.Generator("cuda").manual_seed(0)
+    pipe(clean, noisy, ambient, generator)  # first call: moves the transform mask once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out_clean, out_noisy, labels = pipe(clean, noisy, ambient, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out_clean.is_cuda and labels.shape == (64, AUGMENT_LABEL_DIM)
+    moved = (out_noisy.float() - out_clean)[ambient].flatten(1).sort(1).values
+    assert torch.allclose(moved, (noisy.float() - clean)[ambient].flatten(1).sort(1).values, atol=1e-6)

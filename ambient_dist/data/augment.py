@@ -130,7 +130,9 @@ class GeometricAugment:
         if H != W:
             raise ValueError(f"augment: rotate90 and the label layout need square images, got {H}x{W}")
         dev, c = clean.device, self.cfg
-        apply = (draw_uniform([B, len(_TRANSFORMS)], generator, dev) < c.p) & self.enabled.to(dev)
+        if self.enabled.device != dev:  # moved once: a copy per step would be a host round trip
+            self.enabled = self.enabled.to(dev)
+        apply = (draw_uniform([B, len(_TRANSFORMS)], generator, dev) < c.p) & self.enabled
         normal = draw_normal([B, 4], generator, dev)
         uniform = draw_uniform([B, 3], generator, dev)
         interpolate = apply & ~ambient.to(dev)[:, None]   # resampling: clean-branch samples only
