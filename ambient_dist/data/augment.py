@@ -145,7 +145,7 @@ class GeometricAugment:
         log2_aniso = torch.where(interpolate[:, 5], normal[:, 3] * c.aniso_std, 0.0)
         aniso_axis = uniform[:, 2] * math.pi
 
-        channels_last = clean.is_contiguous(memory_format=torch.channels_last) and clean.dim() == 4
+        channels_last = clean.is_contiguous(memory_format=torch.channels_last)
         clean, noisy = (self._exact(x, yflip, quarter_turns, shift) for x in (clean, noisy))
         if self.resamples:
             # In float32 even inside the step's bf16 autocast: geometry is not a matmul to round.
