@@ -26,14 +26,10 @@ from typing import Callable, Optional
 import torch
 
 from ambient_dist.noise import ddpm_alpha_sigma
+from ambient_dist.objective import draw_normal
 
 # F(z_t [B, 4, h, w], t [B], c [B, L, D]) -> the U-Net's prediction (v or epsilon)
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    where = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32).to(x)
 
 
 class CaptionDropout:
@@ -61,7 +57,7 @@ class TextEmbeddingNoise:
     def __call__(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.std == 0:
             return cond
-        return cond + self.std * _randn_like(cond, generator)
+        return cond + self.std * draw_normal(cond.shape, generator, cond.device).to(cond.dtype)
 
 
 class PredictionMagnitudeFilter:
