@@ -115,7 +115,7 @@ def run_gpu(ctx: Context) -> list[dict]:
         out.append(result(name, "ms/step", unet + fused["time_ms"], unet + eager["time_ms"], "same step, eager objective",
                           impl=impl, unet_ms=unet, objective_share_fused=fused["share_of_step"],
                           objective_share_eager=eager["share_of_step"],
-                          note=f"{share[0]['what']}"))
+                          note=share[0]["what"]))
         release_device_memory()
     return out
 

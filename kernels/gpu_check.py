@@ -406,13 +406,13 @@ def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_
         unet_step, batch, shape, what = _sd2_step(device, resolution, batch)
     else:
         unet_step, batch, shape, what = _ddpmpp_step(device, quick, resolution, batch, channel_mult)
-    ch, res = shape[0], shape[1]
+    res = shape[-1]
     reps = dict(repeats=2, inner=1, warmup=1) if quick else dict(repeats=3, inner=1, warmup=2)
     unet, _ = measure(unet_step, **reps)
     rows = [{"what": what, "batch": batch, "time_ms": unet * 1e3}]
     g = torch.Generator().manual_seed(2)
     c = coefficients(batch, "mixed", device, g)
-    clean, noisy, eps, F = tensors(batch, (ch, res, res), torch.float32, device, g)
+    clean, noisy, eps, F = tensors(batch, shape, torch.float32, device, g)
     F.requires_grad_()
     coef_args = (c.P, c.Q, c.c_in, c.A, c.B, c.C, c.weight, c.ambient)
     steps = {"eager": lambda: torch.autograd.grad(reference_step(F, clean, noisy, eps, *coef_args)[1], F)}
