@@ -269,3 +269,13 @@ def test_resume_at_another_world_size_stops_with_a_clear_message(shards, tmp_pat
     with pytest.raises(ConfigError, match="written by 1 ranks; this run has 2"):
         Trainer(cfg, tmp_path / "r", dist_info=two_ranks,
                 resume_from=find_resume_point(tmp_path / "r", "auto"))
+
+
+def test_output_check_is_safe_when_every_rank_probes_the_same_directory(tmp_path):
+    # Every rank of a job checks the shared run directory at once; their probes must not
+    # collide (one rank deleting another's probe file failed a 2-rank run).
+    from concurrent.futures import ThreadPoolExecutor
+    run = tmp_path / "shared-run"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [check_output_dir(run, 0) for _ in range(100)], range(8)))
+    assert not list(run.iterdir())  # no probe left behind

@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -59,9 +60,9 @@ def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
     """Fail before training, not at the first checkpoint, if the output cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A uniquely named probe: every rank checks the same shared directory at once.
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-") as probe:
+            probe.write(b"ok")
     except OSError as e:
         raise ConfigError(f"run directory {run_dir}: not writable ({e.strerror})") from None
     free = shutil.disk_usage(run_dir).free
