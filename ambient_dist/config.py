@@ -88,8 +88,19 @@ class AugmentConfig:
     aniso_std: float = 0.2
 
 
+# Training methods (objective.method): the paper's Algorithm 1 and the two baselines of its
+# Table 2 that train on corrupted data only (objective.md in docs/, "Baselines").
+METHODS = ("ambient", "noise_only", "masking")
+
+
 @dataclass
 class ObjectiveConfig:
+    # "ambient": Algorithm 1 (clean below sigma_tn, the fixed noisy copy above; sigma_tn = 0 is
+    # plain DDPM/EDM). Baselines: "noise_only" (Daras, Dimakis, Daskalakis 2024: every sample
+    # uses its noisy copy, sigma >= sigma_tn only; sampling stops at sigma_tn) and "masking"
+    # (Daras et al. 2023, Ambient Diffusion: one fixed inpainting mask per image, further
+    # corruption in training, the loss on the kept pixels; needs sigma_tn = 0 and masked shards).
+    method: Literal["ambient", "noise_only", "masking"] = "ambient"
     # "edm": variance-exploding EDM form (section 2); "vp": variance-preserving (section 3);
     # "latent_v": latent v-prediction for Stable Diffusion (section 4).
     form: Literal["edm", "vp", "latent_v"] = "edm"
@@ -114,6 +125,12 @@ class ObjectiveConfig:
     latent_loss_space: Literal["x0", "v"] = "x0"
     # Where the two-branch loss runs: "auto" = fused kernels on GPU, reference elsewhere.
     kernel: Literal["auto", "reference", "triton", "cuda"] = "auto"
+    # Masking baseline (Ambient Diffusion's defaults): the probability that the fixed mask
+    # erases a pixel (stored in the shards: make_shards --mask-corruption), and the probability
+    # that training erases a further kept pixel (drawn afresh every step). The sampler keeps
+    # (1 - mask_corruption)(1 - mask_delta) of the pixels, as that paper's fixed-mask sampler.
+    mask_corruption: float = 0.4
+    mask_delta: float = 0.1
 
 
 @dataclass
@@ -439,6 +456,7 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(o.P_std > 0, "objective.P_std", f"must be > 0, got {o.P_std}")
     c(o.sigma_data > 0, "objective.sigma_data", f"must be > 0, got {o.sigma_data}")
     c(0 <= o.t_n < 1000, "objective.t_n", f"must be a timestep index in [0, 1000), got {o.t_n}")
+    _validate_method(cfg, c)
     c(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
       f"must be a multiple of 8 and >= 8, got {d.resolution}")
     c(d.channels >= 1, "data.channels", f"must be >= 1, got {d.channels}")
@@ -511,6 +529,31 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     for k in ("inception_path", "dinov2_path", "sscd_path"):
         if getattr(e, k) and check_paths:
             c(Path(getattr(e, k)).exists(), f"evaluation.{k}", f"{getattr(e, k)} does not exist")
+
+
+def _validate_method(cfg: ExperimentConfig, c) -> None:
+    """The baselines' constraints (objective.method), each refused with the key to change."""
+    o = cfg.objective
+    if o.method == "ambient":
+        return
+    c(o.form == "edm" and not cfg.text.model_path, "objective.method",
+      f"{o.method!r} is implemented for the EDM pixel form only (objective.form=edm), "
+      f"got form {o.form!r}")
+    if o.method == "noise_only":
+        c(o.sigma_tn > 0, "objective.sigma_tn", "must be > 0 for objective.method=noise_only "
+          "(the noise level of the only data it trains on)")
+    if o.method == "masking":
+        c(o.sigma_tn == 0, "objective.sigma_tn", "must be 0 for objective.method=masking (its "
+          f"corruption is the fixed mask, not noise), got {o.sigma_tn}")
+        c(0 < o.mask_corruption < 1, "objective.mask_corruption",
+          f"must be in (0, 1), got {o.mask_corruption}")
+        c(0 <= o.mask_delta < 1, "objective.mask_delta", f"must be in [0, 1), got {o.mask_delta}")
+        c(cfg.augment.p == 0, "augment.p", "must be 0 with objective.method=masking (the "
+          "geometric augmentation does not move the masks)")
+        c(cfg.data.loader != "dali", "data.loader", "the dali loader does not carry inpainting "
+          "masks; use resident or webdataset with objective.method=masking")
+        c(o.kernel in ("auto", "reference"), "objective.kernel",
+          "the masking loss has no fused kernel; use auto or reference")
 
 
 def validate_world(cfg: ExperimentConfig, world_size: int) -> None:

@@ -71,6 +71,18 @@ def keyed_normal(shape: Sequence[int], dataset_seed: int, key: str,
     return noise.to(dtype)
 
 
+def keyed_mask(shape: Sequence[int], dataset_seed: int, key: str, corruption: float) -> torch.Tensor:
+    """The ONE fixed inpainting mask of the image with stable key `key` (masking baseline,
+    Daras et al. 2023): bool `shape`, True where the pixel is kept; each element is erased
+    with probability `corruption`, from a private CPU generator seeded by (dataset_seed,
+    "mask/" + key), so it never depends on the order of processing or on the noisy copy."""
+    if not 0 <= corruption < 1:
+        raise ValueError(f"keyed_mask: corruption must be in [0, 1), got {corruption}")
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(key_seed(dataset_seed, f"mask/{key}"))
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) >= corruption
+
+
 # --------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------

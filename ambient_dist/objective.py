@@ -77,13 +77,28 @@ def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: fl
     if rule != "uniform":
         raise ValueError(f"objective.branch_rule: unknown rule {rule!r} (threshold, uniform)")
     ambient = draw_uniform([batch], generator, device) < 0.5
-    u = draw_uniform([batch], generator, device).double()
+    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
+
+
+def _lognormal_on_side(ambient: torch.Tensor, P_mean: float, P_std: float, sigma_tn: float,
+                       generator, device) -> torch.Tensor:
+    """sigma [B] from the log-normal restricted to sigma >= sigma_tn where `ambient`, to
+    sigma <= sigma_tn elsewhere, by inverting the CDF (one uniform draw per sample)."""
+    u = draw_uniform([ambient.shape[0]], generator, device).double()
     # float64: the inverse CDF is evaluated near 0 and 1, where float32 runs out of digits.
     p_tn = float(_normal_cdf(torch.tensor((math.log(sigma_tn) - P_mean) / P_std, dtype=torch.float64)))
     p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
     sigma = (P_mean + P_std * torch.special.ndtri(p)).exp().float()
     # Rounding (and the clamp) can put sigma a hair over the boundary; pin it to its side.
-    return _pin_to_side(sigma, ambient, sigma_tn), ambient
+    return _pin_to_side(sigma, ambient, sigma_tn)
+
+
+def sample_noise_only_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
+                            generator=None, device="cpu"):
+    """The noise-only baseline's levels: (sigma [B] from the log-normal restricted to
+    sigma >= sigma_tn, ambient all True). Every sample takes the ambient branch."""
+    ambient = torch.ones(batch, dtype=torch.bool, device=device)
+    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
 
 
 def _pin_to_side(sigma: torch.Tensor, ambient: torch.Tensor, sigma_tn: float) -> torch.Tensor:
@@ -339,7 +354,8 @@ class _AmbientLoss:
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
                  generator: Optional[torch.Generator] = None, eps=None,
-                 augment: Optional[Callable] = None) -> LossOutput:
+                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None
+                 ) -> LossOutput:
         """eps: optional noise to use instead of drawing it -- a tensor shaped like clean, or
         a kernels.PhiloxNoise, which the fused input pass draws in-kernel (no eps tensor is
         written or read) and which is the same per sample however the batch is split.
@@ -347,6 +363,9 @@ class _AmbientLoss:
         augment: optional data.augment.GeometricAugment. It runs once the branches are drawn
         (it needs them: resampling transforms go to clean-branch samples only) and its labels
         condition the network."""
+        if mask is not None:
+            raise ValueError(f"objective.method={self.cfg.method!r} takes no inpainting masks "
+                             "(these shards were made for objective.method=masking)")
         level, ambient, eps = self.draw_noise(clean, generator, eps)
         network = self.network(net)
         if augment is not None:
@@ -459,8 +478,69 @@ class LatentVAmbientLoss(_AmbientLoss):
         return latent_v_coefficients(t, ambient, self.cfg.t_n, self.cfg.latent_loss_space)
 
 
-def build_loss(cfg: ObjectiveConfig) -> _AmbientLoss:
-    """The loss object for `cfg.form`: loss_fn(net, clean, noisy, labels, generator) -> LossOutput."""
+class NoiseOnlyLoss(EDMAmbientLoss):
+    """Table 2's noise-only baseline (Daras, Dimakis, Daskalakis 2024, "Consistent Diffusion
+    Meets Tweedie"), without that paper's consistency loss below sigma_tn: every sample reads
+    its fixed noisy copy, sigma comes from the log-normal restricted to sigma >= sigma_tn, and
+    the loss is section 2's ambient branch. The model learns E[x0 | x_sigma] for sigma >= sigma_tn
+    only, so sampling stops at sigma_tn (sampling.method_sampler)."""
+
+    def draw_levels(self, batch, device, generator=None):
+        c = self.cfg
+        return sample_noise_only_sigma(batch, c.P_mean, c.P_std, c.sigma_tn, generator, device)
+
+
+class MaskingLoss:
+    """Table 2's masking baseline (Daras et al. 2023, "Ambient Diffusion: Learning Clean
+    Distributions from Corrupted Data"), EDM form. Per sample, with A the image's ONE fixed
+    inpainting mask (stored in the shards) and A~ = A * B, B ~ Bernoulli(1 - mask_delta) per
+    element drawn afresh each step (the further corruption):
+
+        x_in   = A~ (x0 + sigma eps)           (what the network sees, with A~ as extra channels)
+        loss_i = lambda(sigma) || A (D(x_in, A~; sigma) - x0) ||^2
+
+    Only pixels that A keeps are ever read (the observation A x0); pixels A~ erased but A kept
+    are what forces the network to predict E[x0 | A~, x_in] rather than to copy its input.
+    sigma is EDM's log-normal. Plain PyTorch (no fused kernel: the masks are per element).
+    clean: float32 [B, C, H, W] in [-1, 1]; mask: [B, C, H, W] of 0/1 (any dtype).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig):
+        self.cfg = cfg
+
+    def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
+                 generator: Optional[torch.Generator] = None, eps=None,
+                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None
+                 ) -> LossOutput:
+        if mask is None:
+            raise ValueError("objective.method=masking needs each image's fixed inpainting mask: "
+                             "make the shards with make_shards --mask-corruption P")
+        if augment is not None:
+            raise ValueError("objective.method=masking: geometric augmentation is not supported")
+        if mask.shape != clean.shape:
+            raise ValueError(f"inpainting masks have shape {tuple(mask.shape)}, clean images "
+                             f"{tuple(clean.shape)}")
+        c = self.cfg
+        _check_sigma_data(c, net)
+        sigma = (draw_normal([clean.shape[0]], generator, clean.device) * c.P_std + c.P_mean).exp()
+        if eps is None:
+            eps = draw_normal(clean.shape, generator, clean.device)
+        keep = draw_uniform(clean.shape, generator, clean.device) >= c.mask_delta
+        A = mask.to(clean.dtype)
+        A_further = A * keep.to(clean.dtype)
+        D = net(clean + _per_sample(sigma, clean) * eps, sigma, labels, mask=A_further)
+        per_sample = edm_weight(sigma, c.sigma_data) * (A * (D - clean)).square().sum(dim=(1, 2, 3))
+        ambient = torch.ones_like(sigma, dtype=torch.bool)  # every sample is corrupted data
+        return LossOutput(per_sample.mean(), per_sample, ambient, sigma)
+
+
+def build_loss(cfg: ObjectiveConfig):
+    """The loss object for `cfg.method` and `cfg.form`:
+    loss_fn(net, clean, noisy, labels, generator, mask=None) -> LossOutput."""
+    if cfg.method == "noise_only":
+        return NoiseOnlyLoss(cfg)
+    if cfg.method == "masking":
+        return MaskingLoss(cfg)
     forms = {"edm": EDMAmbientLoss, "vp": VPAmbientLoss, "latent_v": LatentVAmbientLoss}
     if cfg.form not in forms:
         raise ValueError(f"objective.form: unknown form {cfg.form!r} ({', '.join(forms)})")

@@ -14,6 +14,13 @@ draws it (bit for bit on a CPU; on a GPU up to the network's batch-size-dependen
 nearly equal numbers); the denoiser gets float32 input, optionally under autocast.
 
 Output is float32 and only roughly in [-1, 1]; `to_uint8` clamps when converting to pixels.
+
+The baselines of objective.method sample differently (`SamplerSettings.for_run` sets it up):
+noise_only stops at sigma_min = sigma_tn, whose last (Euler) step to 0 returns the network's
+x0 estimate D(x; sigma_tn) -- the model never learned below sigma_tn; masking uses Ambient
+Diffusion's fixed-mask sampler: each image gets one random mask keeping `mask_survival` of the
+pixels (from its own generator), and every denoiser call sees only those pixels (with the mask
+as input) and is clipped to [-1, 1], as that paper's sampler does.
 """
 from __future__ import annotations
 
@@ -43,12 +50,26 @@ class SamplerSettings:
     S_min: float = 0.0
     S_max: float = float("inf")
     S_noise: float = 1.0
+    # Masking baseline: fraction of pixels each image's fixed sampling mask keeps (0 = none).
+    mask_survival: float = 0.0
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplerSettings":
         """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho)."""
         return cls(num_steps=cfg.steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
                    rho=cfg.rho, **overrides)
+
+    @classmethod
+    def for_run(cls, cfg, **overrides) -> "SamplerSettings":
+        """From an `ExperimentConfig`: its sampling section, adjusted for objective.method
+        (noise_only: stop at sigma_tn; masking: the fixed-mask sampler's survival rate)."""
+        settings = cls.from_config(cfg.sampling, **overrides)
+        o = cfg.objective
+        if o.method == "noise_only":
+            settings.sigma_min = max(settings.sigma_min, o.sigma_tn)
+        elif o.method == "masking":
+            settings.mask_survival = (1 - o.mask_corruption) * (1 - o.mask_delta)
+        return settings
 
     def check(self) -> None:
         if self.solver not in ("heun", "euler"):
@@ -58,6 +79,8 @@ class SamplerSettings:
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sampling.sigma_min < sampling.sigma_max, got "
                              f"{self.sigma_min}, {self.sigma_max}")
+        if not 0 <= self.mask_survival <= 1:
+            raise ValueError(f"mask_survival must be in [0, 1], got {self.mask_survival}")
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
@@ -105,6 +128,32 @@ def classifier_free_guidance(scale: float) -> Guidance:
     return guide
 
 
+def sampling_masks(image_shape: Sequence[int], survival: float, seed: int,
+                   indices: Sequence[int], device) -> torch.Tensor:
+    """float32 0/1 [B, *image_shape]: image n's fixed sampling mask, keeping each pixel with
+    probability `survival`, from a generator seeded by (seed, n) apart from the noise stream."""
+    out = []
+    for n in indices:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(key_seed(seed, f"sample-mask/{int(n)}"))
+        out.append(torch.rand(tuple(image_shape), generator=g) < survival)
+    return torch.stack(out).to(device=device, dtype=torch.float32)
+
+
+def method_denoiser(denoiser: Denoiser, settings: SamplerSettings, indices: Sequence[int],
+                    image_shape: Sequence[int], seed: int, device) -> Denoiser:
+    """The denoiser as the method samples with it: unchanged, or, with settings.mask_survival
+    (masking baseline), Ambient Diffusion's fixed-mask denoiser: image n keeps the pixels of
+    its own random mask at every call, sees that mask as input, and is clipped to [-1, 1]."""
+    if settings.mask_survival <= 0:
+        return denoiser
+    masks = sampling_masks(image_shape, settings.mask_survival, seed, indices, device)
+
+    def masked(x, sigma, labels):
+        return denoiser(x, sigma, labels, mask=masks).clamp(-1, 1)
+    return masked
+
+
 @torch.no_grad()
 def edm_sample(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence[int],
                seed: int = 0, labels: Optional[torch.Tensor] = None,
@@ -123,6 +172,7 @@ def edm_sample(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence
     batch = len(indices)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
+    denoiser = method_denoiser(denoiser, settings, indices, image_shape, seed, device)
 
     def D(x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma_b = torch.full((batch,), sigma, dtype=torch.float32, device=device)

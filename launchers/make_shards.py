@@ -30,14 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 from ambient_dist.config import ConfigError, load_config  # noqa: E402
 from ambient_dist.data.shards import ShardError, ShardOptions, make_shards  # noqa: E402
-from ambient_dist.data.sources import FIT_MODES, SOURCE_FORMATS, SourceError, open_source  # noqa: E402
-
-
-# Format names accepted by `--source NAME --path PATH`.
-FORMAT_NAMES = {"cifar10": "cifar", "cifar100": "cifar", "cifar": "cifar", "mnist": "idx",
-                "fashion-mnist": "idx", "idx": "idx", "folder": "folder", "images": "folder",
-                "npz": "npz", "webdataset": "webdataset", "img2dataset": "webdataset",
-                "auto": "auto"}
+from ambient_dist.data.sources import (FIT_MODES, SOURCE_FORMATS, SourceError,  # noqa: E402
+                                       open_named_source)
 
 
 def main(argv=None) -> int:
@@ -57,6 +51,10 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-tn", type=float, default=None, help="noise level of the copies (default 0.5)")
     p.add_argument("--form", default=None, choices=["edm", "vp"])
     p.add_argument("--noise-seed", type=int, default=0, help="dataset seed of the noisy copies")
+    p.add_argument("--mask-corruption", type=float, default=None,
+                   help="masking baseline: store one fixed inpainting mask per image that erases "
+                        "each pixel with this probability (default: 0 = no masks, or the config's "
+                        "objective.mask_corruption when it trains objective.method=masking)")
     p.add_argument("--count", "--subset", type=int, default=None, dest="count",
                    help="training images (0 = all not held out)")
     p.add_argument("--per-class", type=int, default=0, help="or: this many training images per class")
@@ -95,7 +93,9 @@ def main(argv=None) -> int:
             noise_seed=args.noise_seed, per_class=args.per_class, subset_seed=args.subset_seed,
             count=pick(args.count, 0 if args.per_class else cfg and cfg.data.subset, 0),
             heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
-            samples_per_shard=args.samples_per_shard, workers=args.workers, skip_bad=args.skip_bad)
+            samples_per_shard=args.samples_per_shard, workers=args.workers, skip_bad=args.skip_bad,
+            mask_corruption=pick(args.mask_corruption, cfg and cfg.objective.method == "masking"
+                                 and cfg.objective.mask_corruption, 0.0) or 0.0)
         source = open_from_args(args)
         manifest = make_shards(source, args.out, opts, overwrite=args.overwrite, progress=not args.quiet)
     except (ConfigError, ShardError, SourceError) as e:
@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     c = manifest["counts"]
     print(f"{args.out}: {c['train']} training images in {len(manifest['shards'])} shards, "
           f"{c['heldout']} held out, sigma_tn {manifest['sigma_tn']} ({manifest['form']}), "
-          f"{manifest['resolution']}px x {manifest['channels']} channels")
+          f"{manifest['resolution']}px x {manifest['channels']} channels"
+          + (f", fixed inpainting masks keeping {manifest['masks']['kept_fraction']:.1%} of pixels"
+             if manifest.get("masks") else ""))
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} undecodable source images (--skip-bad):")
         for s in manifest["skipped"]:
@@ -113,14 +115,8 @@ def main(argv=None) -> int:
 
 
 def open_from_args(args):
-    spec, fmt = args.source, args.format
-    if args.path:
-        fmt = FORMAT_NAMES.get(args.source.lower())
-        if fmt is None:
-            raise SourceError(f"--source {args.source!r} with --path: expected a format name, "
-                              f"one of {', '.join(sorted(FORMAT_NAMES))}")
-        spec = args.path
-    return open_source(spec, fmt, args.split, args.class_from_folder, args.label_field)
+    return open_named_source(args.source, args.path, args.format, args.split,
+                             args.class_from_folder, args.label_field)
 
 
 def make_latent(args, cfg, pick) -> int:

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
     try:
         net, cfg, weights = S.load_denoiser(args.run_dir, args.checkpoint, args.config, device)
-        settings = sampling.SamplerSettings.from_config(
-            cfg.sampling, solver=args.solver, S_churn=args.churn, S_min=args.s_min,
+        settings = sampling.SamplerSettings.for_run(
+            cfg, solver=args.solver, S_churn=args.churn, S_min=args.s_min,
             S_max=args.s_max, S_noise=args.s_noise)
         if args.steps:
             settings.num_steps = args.steps

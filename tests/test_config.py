@@ -130,3 +130,23 @@ def test_exponent_without_dot_is_a_number():
     c = load_config(None, ["train.total_kimg=1e3", "optimizer.lr=5e-6", "objective.sigma_tn=2E-1"])
     assert c.train.total_kimg == 1000.0 and c.optimizer.lr == 5e-6 and c.objective.sigma_tn == 0.2
     assert _err(["optimizer.lr=1e"]).startswith("optimizer.lr: expected a number")
+
+
+def test_baseline_methods_are_validated():
+    """objective.method: each impossible combination is refused naming the key to change."""
+    base = ["objective.sigma_tn=0"]
+    assert load_config(None, base + ["objective.method=masking"]).objective.method == "masking"
+    cases = [
+        (["objective.method=noise_only", "objective.sigma_tn=0"], "objective.sigma_tn: must be > 0"),
+        (["objective.method=masking", "objective.sigma_tn=0.5"], "objective.sigma_tn: must be 0"),
+        (base + ["objective.method=masking", "objective.mask_corruption=1.0"], "objective.mask_corruption"),
+        (base + ["objective.method=masking", "objective.mask_delta=-0.1"], "objective.mask_delta"),
+        (base + ["objective.method=masking", "augment.p=0.1", "network.augment_dim=8"], "augment.p"),
+        (base + ["objective.method=masking", "data.loader=dali"], "data.loader"),
+        (base + ["objective.method=masking", "objective.kernel=triton"], "objective.kernel"),
+        (["objective.method=noise_only", "objective.form=vp"], "objective.method"),
+        (["objective.method=copying"], "objective.method"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)

@@ -265,3 +265,29 @@ def test_tf_resize_equals_grid_sample_on_the_legacy_grid():
     grid = torch.stack(torch.meshgrid(norm, norm, indexing="xy"), -1)[None].expand(2, -1, -1, -1)
     ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     torch.testing.assert_close(feats.tf_bilinear_resize(x, out), ref, atol=2e-3, rtol=1e-5)
+
+
+def test_denoiser_attraction_separates_a_memorizer_from_a_generalizer():
+    from ambient_dist.metrics.memorization import denoiser_attraction
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(20, 1, 8, 8, generator=g) * 2 - 1
+    held = torch.rand(30, 1, 8, 8, generator=g) * 2 - 1
+
+    def memorizer(x, sigma):   # snaps every input to its nearest training image
+        return train[torch.cdist(x.flatten(1), train.flatten(1)).argmin(1)]
+
+    def shrinker(x, sigma):    # the posterior mean of uniform pixels under Gaussian noise, roughly
+        return x / (1 + 3 * sigma ** 2)
+    mem = denoiser_attraction(memorizer, held, train, sigmas=(1.0, 5.0), keep_outputs=True)
+    gen = denoiser_attraction(shrinker, held, train, sigmas=(1.0, 5.0))
+    for s in ("1", "5"):
+        assert mem["per_sigma"][s]["mean_ratio"] == 0.0
+        assert mem["per_sigma"][s]["fraction_closer_to_train"] == 1.0
+        assert gen["per_sigma"][s]["mean_ratio"] > 0.5
+    out = mem["per_sigma"]["1"]
+    assert torch.equal(out["outputs"], train[out["nearest_index"]])
+    # The noise is fixed per held-out image: two models see the same noised inputs.
+    again = denoiser_attraction(shrinker, held, train, sigmas=(1.0, 5.0))
+    assert again == gen
+    with pytest.raises(ValueError, match=r"\[0, 1\] units"):
+        denoiser_attraction(shrinker, (held + 1) / 2, train)

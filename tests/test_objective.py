@@ -501,3 +501,125 @@ def test_loss_through_the_fused_kernel_seam_matches_the_reference():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "seam ok" in out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The paper's Table 2 baselines: noise-only and masking
+# --------------------------------------------------------------------------------------
+
+def test_noise_only_draws_the_lognormal_restricted_above_sigma_tn():
+    from ambient_dist.objective import sample_noise_only_sigma
+    sigma_tn = 0.5
+    sigma, ambient = sample_noise_only_sigma(200_000, -1.2, 1.2, sigma_tn, gen())
+    assert ambient.all() and (sigma >= sigma_tn).all()
+    Phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))  # noqa: E731
+    cdf = lambda s: Phi((math.log(s) + 1.2) / 1.2)           # noqa: E731
+    p_tn = cdf(sigma_tn)
+    for s in (0.7, 1.0, 3.0):
+        assert abs((sigma <= s).float().mean().item() - (cdf(s) - p_tn) / (1 - p_tn)) < 0.01
+
+
+def test_noise_only_loss_is_the_ambient_branch_for_every_sample():
+    """NoiseOnlyLoss = section 2's ambient formula on every sample, with its own sigma draws."""
+    from ambient_dist.objective import NoiseOnlyLoss, sample_noise_only_sigma
+    net, (x0, n) = FakePrecond(), images()
+    x_tn = x0 + 0.5 * n
+    cfg = ObjectiveConfig(method="noise_only", sigma_tn=0.5)
+    loss_fn = build_loss(cfg)
+    assert isinstance(loss_fn, NoiseOnlyLoss)
+    out = loss_fn(net, x0, x_tn, generator=gen(3))
+    g = gen(3)
+    sigma, ambient = sample_noise_only_sigma(len(x0), -1.2, 1.2, 0.5, g)
+    eps = torch.randn(x0.shape, generator=g)
+    literal = literal_edm_ambient_loss(net, x0, x_tn, sigma, ambient, 0.5, eps)
+    assert out.ambient.all()
+    torch.testing.assert_close(out.per_sample, literal, rtol=1e-5, atol=1e-5)
+    # The clean images are never read: any other x0 gives the same loss.
+    again = loss_fn(net, torch.zeros_like(x0), x_tn, generator=gen(3))
+    torch.testing.assert_close(again.per_sample, out.per_sample, rtol=0, atol=0)
+
+
+def test_noise_only_expected_loss_is_stationary_at_the_posterior_mean():
+    x0 = draw_mixture(200_000, gen(31)).float().reshape(-1, 1, 1, 1)
+    x_tn = x0 + 0.5 * torch.randn(x0.shape, generator=gen(32))
+    loss_fn = build_loss(ObjectiveConfig(method="noise_only", sigma_tn=0.5))
+    zs = []
+    for bias in (0.0, 0.05):
+        net = PosteriorPrecond(len(x0), bias)
+        loss_fn(net, x0, x_tn, generator=gen(33)).loss.backward()
+        g = net.offset.grad.flatten().double() * len(x0)
+        zs.append(float(g.mean() / (g.std() / math.sqrt(len(g)))))
+    assert abs(zs[0]) < 4 and abs(zs[1]) > 10
+
+
+class MaskPosteriorNet(nn.Module):
+    """One-pixel images: D = E[x0 | observed] where the further-corrupted mask keeps the pixel,
+    the prior mean where it erased it (nothing observed), plus a per-sample offset."""
+    sigma_data = SD
+
+    def __init__(self, n, bias=0.0):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(n, 1, 1, 1))
+        self.bias, self.masks = bias, []
+
+    def forward(self, x, sigma, labels=None, mask=None):
+        self.masks.append(mask)
+        seen = posterior_mean(x * mask, 1.0, sigma.double().reshape(-1, 1) ** 2).reshape(x.shape)
+        prior = float((PROBS * MEANS).sum())
+        D = torch.where(mask > 0, seen, torch.full_like(seen, prior))
+        return (D + self.bias + self.offset.double()).float()
+
+
+def test_masking_expected_loss_is_stationary_at_the_posterior_mean_of_the_observation():
+    """The masking loss (Daras et al. 2023) is minimised by E[x0 | A~ x_in, A~] on the pixels A
+    keeps, both where A~ kept them (posterior) and where it erased them (prior mean)."""
+    n = 200_000
+    x0 = draw_mixture(n, gen(41)).float().reshape(-1, 1, 1, 1)
+    A = (torch.rand(x0.shape, generator=gen(42)) >= 0.4).float()
+    loss_fn = build_loss(ObjectiveConfig(method="masking", sigma_tn=0.0))
+    for part in ("kept", "erased"):
+        zs = []
+        for bias in (0.0, 0.5):   # an offset of 0.5 is plainly off the minimiser
+            net = MaskPosteriorNet(n, bias)
+            loss_fn(net, x0, None, generator=gen(43), mask=A).loss.backward()
+            further = net.masks[0].flatten() > 0
+            g = net.offset.grad.flatten().double() * n
+            sel = (A.flatten() > 0) & (further if part == "kept" else ~further)
+            zs.append(float(g[sel].mean() / (g[sel].std() / math.sqrt(int(sel.sum())))))
+        assert abs(zs[0]) < 4.5, part
+        assert abs(zs[1]) > 10, part
+
+
+def test_masking_loss_never_reads_pixels_the_fixed_mask_erased():
+    torch.manual_seed(0)
+    from ambient_dist.models.precond import EDMPrecond
+    from ambient_dist.models.song_unet import SongUNet
+    unet = SongUNet(img_resolution=8, in_channels=2, out_channels=1, model_channels=8,
+                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    net = EDMPrecond(unet, 8, 1, 0)
+    net.mask_input = True
+    from helpers import perturb
+    perturb(net)
+    x0 = torch.rand(6, 1, 8, 8, generator=gen(5)) * 2 - 1
+    A = (torch.rand(x0.shape, generator=gen(6)) >= 0.4).float()
+    loss_fn = build_loss(ObjectiveConfig(method="masking", sigma_tn=0.0))
+    out = loss_fn(net, x0, None, generator=gen(7), mask=A)
+    changed = torch.where(A > 0, x0, torch.full_like(x0, 0.77))   # replace every erased pixel
+    again = loss_fn(net, changed, None, generator=gen(7), mask=A)
+    torch.testing.assert_close(again.per_sample, out.per_sample, rtol=0, atol=0)
+    # ...while a kept pixel does change it, and the loss is the literal formula.
+    g = gen(7)
+    sigma = (torch.randn(6, generator=g) * 1.2 - 1.2).exp()
+    eps = torch.randn(x0.shape, generator=g)
+    further = A * (torch.rand(x0.shape, generator=g) >= 0.1).float()
+    D = net(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma, mask=further)
+    lam = (sigma ** 2 + SD ** 2) / (sigma * SD) ** 2
+    literal = lam * (A * (D - x0)).square().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(out.per_sample, literal, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="inpainting mask"):
+        loss_fn(net, x0, None, generator=gen(7))
+
+
+def test_ambient_loss_refuses_masks():
+    with pytest.raises(ValueError, match="takes no inpainting masks"):
+        build_loss(ObjectiveConfig(sigma_tn=0.5))(FakePrecond(), *images(), mask=torch.ones(16, 3, 8, 8))

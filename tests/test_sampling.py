@@ -120,3 +120,45 @@ def test_to_uint8_inverts_the_pixel_mapping_and_clamps():
     assert torch.equal(to_uint8(u8.float() / 127.5 - 1), u8)
     out = to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.5]))
     assert out.tolist() == [0, 0, 128, 255, 255] and out.dtype == torch.uint8
+
+
+def test_noise_only_sampling_stops_at_sigma_tn_and_returns_the_estimate_there():
+    from ambient_dist.config import ExperimentConfig, ObjectiveConfig
+    cfg = ExperimentConfig(objective=ObjectiveConfig(method="noise_only", sigma_tn=0.5))
+    settings = SamplerSettings.for_run(cfg)
+    assert settings.sigma_min == 0.5 and settings.mask_survival == 0
+    seen = []
+
+    def denoiser(x, sigma, labels=None):
+        seen.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma)
+    out = edm_sample(denoiser, [0, 1], (1, 4, 4), seed=3, settings=settings)
+    assert min(seen) == pytest.approx(0.5) and seen[-1] == pytest.approx(0.5)
+    # The last (Euler) step to sigma = 0 is exactly x0-hat at sigma_tn: rerun the last call.
+    x_last = edm_sample(denoiser, [0, 1], (1, 4, 4), seed=3, settings=SamplerSettings(
+        num_steps=settings.num_steps, sigma_min=0.5, solver="heun"))
+    torch.testing.assert_close(out, x_last)
+    ambient = SamplerSettings.for_run(ExperimentConfig(objective=ObjectiveConfig(sigma_tn=0.5)))
+    assert ambient.sigma_min == 0.002   # Algorithm 1 samples all the way down
+
+
+def test_fixed_mask_sampler_keeps_one_mask_per_image_at_any_batch_size():
+    from ambient_dist.config import ExperimentConfig, ObjectiveConfig
+    cfg = ExperimentConfig(objective=ObjectiveConfig(method="masking", sigma_tn=0.0))
+    settings = SamplerSettings.for_run(cfg)
+    settings.num_steps = 4
+    assert settings.mask_survival == pytest.approx(0.6 * 0.9)
+    masks_seen = []
+
+    def denoiser(x, sigma, labels=None, mask=None):
+        masks_seen.append(mask.clone())
+        return 3 * gaussian_denoiser(x * mask, sigma)   # out of range: the sampler clips
+    together = edm_sample(denoiser, [0, 1, 2, 3], (1, 16, 16), seed=1, settings=settings)
+    first = masks_seen[0]
+    assert all(torch.equal(m, first) for m in masks_seen)          # the same mask every step
+    assert not torch.equal(first[0], first[1])                     # one per image
+    assert abs(first.mean().item() - 0.54) < 0.06
+    masks_seen.clear()
+    apart = torch.cat([edm_sample(denoiser, [n], (1, 16, 16), seed=1, settings=settings) for n in (2, 3)])
+    torch.testing.assert_close(apart, together[2:], rtol=0, atol=1e-6)
+    assert torch.equal(masks_seen[-1][0], first[3])

@@ -20,8 +20,9 @@ import torch
 
 from ambient_dist.config import ExperimentConfig
 
+from .augment import flip_rows
 from .order import RankPlan, SampleOrder
-from .shards import ShardError, ShardSet, check_manifest
+from .shards import ShardError, ShardSet, check_manifest, read_masks
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Batch:
     clean: torch.Tensor              # float32 [B, C, H, W] in [-1, 1]
     noisy: torch.Tensor              # float32 [B, C, H, W], the fixed noisy copies (same flips)
     labels: Optional[torch.Tensor]   # float32 one-hot [B, num_classes], or None
+    # float32 0/1 [B, C, H, W]: each image's fixed inpainting mask (same flips), masking only
+    mask: Optional[torch.Tensor] = None
 
 
 class PlannedLoader:
@@ -90,6 +93,22 @@ class TrainLoader(PlannedLoader):
         plan = RankPlan(cfg.micro_batch(world_size), world_size, rank, start_sample)
         super().__init__(cfg, shards, num_samples, order, plan)
         self.num_classes = cfg.data.num_classes
+        # The masking baseline's fixed masks, looked up by key for every loader alike (they
+        # are small: one bit per pixel) and flipped with their image.
+        self.masks = None
+        if cfg.objective.method == "masking":
+            self.masks = torch.from_numpy(read_masks(shards.dir, shards.keys[:num_samples]))
+
+    def __next__(self) -> Batch:
+        step = self.steps_done
+        batch = super().__next__()
+        if self.masks is not None:
+            indices, flips = self.step_samples(step)
+            if [self.shards.keys[i] for i in indices] != list(batch.keys):
+                raise RuntimeError(f"{self.name} loader: batch keys do not follow the plan at step {step}")
+            mask = flip_rows(self.masks[torch.from_numpy(indices)], torch.from_numpy(flips))
+            batch.mask = mask.to(self.device, torch.float32)
+        return batch
 
     def one_hot(self, labels, keys: list[str]) -> Optional[torch.Tensor]:
         if not self.num_classes:

@@ -9,6 +9,9 @@ A shard directory holds
                             sample can be read without scanning (used by all our loaders too)
     heldout.npz             optional: images of the same source never trained on (keys, images
                             uint8 [K, H, W, C], labels), for memorization calibration
+    masks.npz               optional (--mask-corruption P, the masking baseline): each training
+                            image's ONE fixed inpainting mask, keyed like the noisy copies
+                            (keys, bit-packed bool masks [N, C, H, W], True = kept)
     manifest.json           format version, sigma_tn, form, seeds, geometry, class count,
                             counts, per-file sha256, the source description, the plan hash
 
@@ -41,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ambient_dist.config import ConfigError, ExperimentConfig
-from ambient_dist.noise import check_image_range, make_noisy_copy
+from ambient_dist.noise import check_image_range, keyed_mask, make_noisy_copy
 
 from .augment import to_model_units
 from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
@@ -50,6 +53,7 @@ FORMAT_NAME = "ambient_dist.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 HELDOUT_NAME = "heldout.npz"
+MASKS_NAME = "masks.npz"
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format
 CLEAN_EXT, NOISY_EXT, META_EXT = "png", "noisy.npy", "json"
 PIXEL_FORMS = ("edm", "vp")
@@ -170,6 +174,9 @@ class ShardOptions:
     subset_seed: int = 0
     heldout: int = 0
     samples_per_shard: int = 1000
+    # Masking baseline: erase each pixel of each image's fixed mask with this probability
+    # (0 = no masks.npz).
+    mask_corruption: float = 0.0
     # Not part of the content:
     workers: int = 1
     skip_bad: bool = False
@@ -178,6 +185,8 @@ class ShardOptions:
         d = asdict(self)
         for k in ("workers", "skip_bad"):
             d.pop(k)
+        if not d["mask_corruption"]:  # shards made before masks existed keep their plan hash
+            d.pop("mask_corruption")
         return d
 
 
@@ -200,6 +209,8 @@ def _check_options(opts: ShardOptions) -> None:
     for name in ("count", "per_class", "heldout"):
         if getattr(opts, name) < 0:
             bad(f"--{name.replace('_', '-')}", "must be >= 0")
+    if not 0 <= opts.mask_corruption < 1:
+        bad("--mask-corruption", f"must be in [0, 1) (0 = no masks), got {opts.mask_corruption}")
 
 
 @dataclass
@@ -372,12 +383,53 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
     bar.close()
     if heldout:
         manifest["heldout"] = _write_heldout(source, heldout, out_dir, opts, channels)
+    if opts.mask_corruption:
+        keys = [key for e in manifest["shards"] for key, _ in scan_tar(out_dir / e["name"])]
+        manifest["masks"] = _write_masks(keys, out_dir, opts, channels)
     train_count = sum(e["samples"] for e in manifest["shards"])
     manifest["counts"] = {"train": train_count, "heldout": len(heldout),
                           "skipped": len(manifest["skipped"])}
     manifest["complete"] = True
     write_json(manifest_path, manifest)
     return manifest
+
+
+def _write_masks(keys: list[str], out_dir: Path, opts: ShardOptions, channels: int) -> dict:
+    """masks.npz: the fixed inpainting mask of every training key (stored order)."""
+    shape = (channels, opts.resolution, opts.resolution)
+    masks = np.stack([keyed_mask(shape, opts.noise_seed, k, opts.mask_corruption).numpy()
+                      for k in keys])
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(keys), packed=np.packbits(masks.reshape(len(keys), -1), axis=1),
+             shape=np.array(shape))
+    path = out_dir / MASKS_NAME
+    atomic_write_bytes(path, buf.getvalue())
+    return {"name": MASKS_NAME, "sha256": sha256_file(path), "count": len(keys),
+            "corruption": opts.mask_corruption, "kept_fraction": float(masks.mean())}
+
+
+def read_masks(shards_dir: str | os.PathLike, keys: list[str]) -> np.ndarray:
+    """The fixed inpainting masks of `keys` (bool [N, C, H, W], True = kept), checked against
+    the manifest's checksum; a key without a mask is an error naming it."""
+    shards_dir = Path(shards_dir)
+    entry = read_manifest(shards_dir).get("masks")
+    if not entry:
+        raise ShardError(f"{shards_dir}: no inpainting masks (objective.method=masking needs "
+                         "shards made with make_shards --mask-corruption P)")
+    path = shards_dir / entry["name"]
+    if not path.is_file():
+        raise ShardError(f"{path}: listed in the manifest but missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise ShardError(f"{path}: checksum mismatch; re-run make_shards to rewrite it")
+    with np.load(path, allow_pickle=False) as npz:
+        stored_keys, packed, shape = [str(k) for k in npz["keys"]], npz["packed"], tuple(npz["shape"])
+    row = {k: i for i, k in enumerate(stored_keys)}
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ShardError(f"{path}: no mask for key {missing[0]!r} ({len(missing)} keys missing)")
+    size = int(np.prod(shape))
+    bits = np.unpackbits(packed[[row[k] for k in keys]], axis=1, count=size)
+    return bits.reshape(len(keys), *shape).astype(bool)
 
 
 # ----------------------------------------------------------------------------------------
@@ -422,6 +474,16 @@ def check_manifest(manifest: dict, cfg: ExperimentConfig) -> None:
     if cfg.data.num_classes and manifest["num_classes"] != cfg.data.num_classes:
         problems.append(f"data.num_classes is {cfg.data.num_classes}, shards have "
                         f"{manifest['num_classes']} classes")
+    o = cfg.objective
+    if o.method == "masking":
+        masks = manifest.get("masks")
+        if not masks:
+            problems.append("objective.method is 'masking' but the shards hold no inpainting masks "
+                            f"(remake them with --mask-corruption {o.mask_corruption})")
+        elif not np.isclose(masks["corruption"], o.mask_corruption, rtol=1e-6, atol=1e-9):
+            problems.append(f"objective.mask_corruption is {o.mask_corruption}, the shards' masks "
+                            f"erase {masks['corruption']} (set objective.mask_corruption="
+                            f"{masks['corruption']} or remake the shards)")
     total = manifest["counts"]["train"]
     if cfg.data.subset > total:
         problems.append(f"data.subset is {cfg.data.subset} but the shards hold only {total} images")

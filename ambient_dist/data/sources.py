@@ -504,6 +504,27 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
+# Format names accepted by `--source NAME --path PATH`.
+FORMAT_NAMES = {"cifar10": "cifar", "cifar100": "cifar", "cifar": "cifar", "mnist": "idx",
+                "fashion-mnist": "idx", "idx": "idx", "folder": "folder", "images": "folder",
+                "npz": "npz", "webdataset": "webdataset", "img2dataset": "webdataset",
+                "auto": "auto"}
+
+
+def open_named_source(source: str, path: Optional[str] = None, fmt: str = "auto",
+                      split: str = "train", class_from_folder: bool = False,
+                      label_field: str = "") -> Source:
+    """make_shards' `--source X [--path P]`: X is a path or a named source, or, with a path,
+    a format name (FORMAT_NAMES) for that path."""
+    if path:
+        fmt = FORMAT_NAMES.get(source.lower())
+        if fmt is None:
+            raise SourceError(f"--source {source!r} with --path: expected a format name, "
+                              f"one of {', '.join(sorted(FORMAT_NAMES))}")
+        source = path
+    return open_source(source, fmt, split, class_from_folder, label_field)
+
+
 def open_source(spec: str, fmt: str = "auto", split: str = "train",
                 class_from_folder: bool = False, label_field: str = "") -> Source:
     """Open a source by path (or a name from NAMED_SOURCES, e.g. 'fashion-mnist')."""

@@ -168,9 +168,10 @@ class Trainer:
             clean = batch.clean.to(self.device, memory_format=self.memory_format)
             noisy = batch.noisy.to(self.device, memory_format=self.memory_format)
             labels = None if batch.labels is None else batch.labels.to(self.device)
+            mask = None if batch.mask is None else batch.mask.to(self.device, memory_format=self.memory_format)
             with self._autocast():
                 out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator,
-                                   augment=self.augment)
+                                   augment=self.augment, mask=mask)
             self._backward(out.loss)
             step_loss += out.loss.detach() / self.accumulation
             self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
@@ -335,7 +336,7 @@ class Trainer:
         return sampling.edm_sample(
             net, indices, (net.img_channels, net.img_resolution, net.img_resolution),
             seed=self.cfg.sampling.seed, labels=labels,
-            settings=sampling.SamplerSettings.from_config(self.cfg.sampling),
+            settings=sampling.SamplerSettings.for_run(self.cfg),
             autocast_dtype=torch.bfloat16 if bf16 else None, device=self.device)
 
     def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

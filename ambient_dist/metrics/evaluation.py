@@ -93,7 +93,7 @@ def _generate_for_run(opts: EvalOptions, path: Path) -> None:
     rank, world, _ = mdist.env_rank_world()
     net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
     S.sample_run(net, weights, path, opts.num or 50000, cfg.sampling.seed,
-                 sampling.SamplerSettings.from_config(cfg.sampling), batch=opts.batch,
+                 sampling.SamplerSettings.for_run(cfg), batch=opts.batch,
                  rank=rank, world=world, device=opts.device, progress=opts.progress)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

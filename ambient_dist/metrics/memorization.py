@@ -179,3 +179,72 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
                                                  desc="held-out features", **opts))
         summary["heldout"] = neighbour_statistics(held, train, thresholds, device)
     return summary
+
+
+# --------------------------------------------------------------------------------------
+# Denoiser attraction (the paper's Figure 3, as a number)
+# --------------------------------------------------------------------------------------
+
+ATTRACTION_SIGMAS = (1.0, 2.0, 5.0)
+
+
+@torch.no_grad()
+def denoiser_attraction(denoise, heldout: torch.Tensor, train: torch.Tensor,
+                        sigmas=ATTRACTION_SIGMAS, seed: int = 0, batch: int = 256,
+                        keep_outputs: bool = False) -> dict:
+    """How strongly the denoiser pulls a noised held-out image towards a training image.
+
+    For each held-out image y (never trained on) and each sigma: x = y + sigma eps (eps from a
+    generator seeded by (seed, image index), the same for every model), out = denoise(x, sigma),
+    and in pixel space (L2 in [-1, 1] units)
+
+        ratio = ||out - nearest training image of out|| / ||out - y||
+
+    A denoiser that has memorized its data snaps to a training image at high sigma (ratio near
+    0); one that generalizes returns a blurry estimate about as close to y as to any training
+    image (ratio near or above 1). No sampling is needed, so this is cheap.
+
+    denoise(x [B, C, H, W] float32, sigma float) -> x0 estimate; heldout, train: float32
+    [N, C, H, W] in [-1, 1]. Returns per sigma: mean and median ratio and the fraction with
+    ratio < 1 (closer to a training image than to the original); with keep_outputs also the
+    outputs (float32, CPU) and their nearest training indices, for figures.
+    """
+    _check_units(heldout, "held-out images")
+    _check_units(train, "training images")
+    flat_train = train.flatten(1).double()
+    out = {"sigmas": [float(s) for s in sigmas], "count": int(len(heldout)),
+           "distance": "L2 in [-1, 1] pixel units", "per_sigma": {}}
+    for sigma in sigmas:
+        outputs, ratios, nearest = [], [], []
+        for start in range(0, len(heldout), batch):
+            y = heldout[start:start + batch].float()
+            eps = torch.stack([attraction_noise(y.shape[1:], seed, start + j) for j in range(len(y))])
+            den = denoise(y + sigma * eps.to(y.device), float(sigma)).float().cpu()
+            d_train = torch.cdist(den.flatten(1).double(), flat_train)
+            best, idx = d_train.min(dim=1)
+            d_orig = (den - y.cpu()).flatten(1).double().norm(dim=1)
+            ratios.append(best / d_orig.clamp_min(1e-12))
+            nearest.append(idx)
+            if keep_outputs:
+                outputs.append(den)
+        r = torch.cat(ratios)
+        entry = {"mean_ratio": float(r.mean()), "median_ratio": float(r.median()),
+                 "fraction_closer_to_train": float((r < 1).double().mean())}
+        if keep_outputs:
+            entry["outputs"] = torch.cat(outputs)
+            entry["nearest_index"] = torch.cat(nearest).tolist()
+        out["per_sigma"][f"{sigma:g}"] = entry
+    return out
+
+
+def attraction_noise(shape, seed: int, index: int) -> torch.Tensor:
+    """The noise added to held-out image `index` by denoiser_attraction (the same for every model)."""
+    from ambient_dist.noise import key_seed
+    g = torch.Generator(device="cpu").manual_seed(key_seed(seed, f"attraction/{index}"))
+    return torch.randn(tuple(shape), generator=g)
+
+
+def _check_units(images: torch.Tensor, what: str) -> None:
+    """Float images must be in [-1, 1]; [0, 1] input would pass silently otherwise."""
+    from ambient_dist.noise import check_image_range
+    check_image_range(images.float(), what)

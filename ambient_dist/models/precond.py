@@ -51,6 +51,9 @@ class Precond(nn.Module):
         super().__init__()
         self.unet = unet
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        # Mask-conditioned networks (objective.method=masking) see the inpainting mask as
+        # img_channels extra input channels; set by build_network.
+        self.mask_input = False
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
 
     def scalings(self, sigma: torch.Tensor) -> Scalings:
@@ -76,19 +79,32 @@ class Precond(nn.Module):
         return labels.to(device=device, dtype=torch.float32)
 
     def raw(self, net_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor] = None,
-            augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The U-Net alone: F(net_in, c_noise), float32 out (whatever autocast ran inside)."""
+            augment_labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+            ) -> torch.Tensor:
+        """The U-Net alone: F(net_in, c_noise), float32 out (whatever autocast ran inside).
+        A mask-conditioned network also takes the 0/1 mask [B, C, H, W] as extra channels."""
         c_noise = _per_sample(c_noise, net_in)
         labels = self._labels(labels, net_in.shape[0], net_in.device)
+        if self.mask_input != (mask is not None):
+            raise ValueError("this network is conditioned on inpainting masks: pass mask=" if
+                             self.mask_input else "mask= was given to a network without mask input")
+        if mask is not None:
+            net_in = torch.cat([net_in, mask.to(net_in.dtype)], dim=1)
         return self.unet(net_in, c_noise, labels, augment_labels).float()
 
     def forward(self, x: torch.Tensor, sigma, labels: Optional[torch.Tensor] = None,
-                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """D(x; sigma), the x0 prediction. sigma: a number, [] or [B]."""
+                augment_labels: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """D(x; sigma), the x0 prediction. sigma: a number, [] or [B].
+
+        With `mask` (mask-conditioned networks, Daras et al. 2023) the network sees only the
+        kept pixels: D = c_skip (A x) + c_out F([c_in A x, A])."""
         x = x.float()
+        if mask is not None:
+            x = x * mask.to(x.dtype)
         sigma = _per_sample(sigma, x)
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        F_x = self.raw(_bcast(c_in) * x, c_noise, labels, augment_labels)
+        F_x = self.raw(_bcast(c_in) * x, c_noise, labels, augment_labels, mask=mask)
         return _bcast(c_skip) * x + _bcast(c_out) * F_x
 
 
@@ -155,7 +171,9 @@ _SONG_PRESETS = {
 def build_unet(cfg: ExperimentConfig) -> nn.Module:
     """The raw U-Net F described by cfg.network and cfg.data (image in, image out)."""
     n, d = cfg.network, cfg.data
-    sizes = dict(img_resolution=d.resolution, in_channels=d.channels, out_channels=d.channels,
+    # The masking baseline's network reads the mask beside the image (Daras et al. 2023).
+    in_channels = d.channels * (2 if cfg.objective.method == "masking" else 1)
+    sizes = dict(img_resolution=d.resolution, in_channels=in_channels, out_channels=d.channels,
                  label_dim=d.num_classes, augment_dim=n.augment_dim,
                  model_channels=n.model_channels, channel_mult=list(n.channel_mult),
                  num_blocks=n.num_blocks, attn_resolutions=list(n.attn_resolutions),
@@ -180,9 +198,12 @@ def build_network(cfg: ExperimentConfig) -> Precond:
     common = dict(unet=build_unet(cfg), img_resolution=d.resolution, img_channels=d.channels,
                   label_dim=d.num_classes, sigma_data=o.sigma_data)
     if n.precond == "edm":
-        return EDMPrecond(**common)
-    if n.precond == "vp":
-        return VPPrecond(**common, beta_d=o.vp_beta_d, beta_min=o.vp_beta_min, epsilon_t=o.vp_epsilon_t)
-    if n.precond == "ve":
-        return VEPrecond(**common)
-    raise ValueError(f"network.precond: {n.precond!r} is not edm, vp or ve")
+        net = EDMPrecond(**common)
+    elif n.precond == "vp":
+        net = VPPrecond(**common, beta_d=o.vp_beta_d, beta_min=o.vp_beta_min, epsilon_t=o.vp_epsilon_t)
+    elif n.precond == "ve":
+        net = VEPrecond(**common)
+    else:
+        raise ValueError(f"network.precond: {n.precond!r} is not edm, vp or ve")
+    net.mask_input = o.method == "masking"
+    return net

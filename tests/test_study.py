@@ -1,0 +1,107 @@
+"""The study command: validation before anything starts, the whole pipeline at toy size, a
+rerun that skips what was done, a failed run that does not stop the others, the report."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ambient_dist.study import StudyError, load_study
+from helpers import load_launcher
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = {
+    "name": "toy",
+    "base": str(ROOT / "configs" / "fashion-mnist-300.yaml"),
+    "subset_sizes": [12],
+    "seeds": [0],
+    "overrides": ["data.resolution=8", "network.attn_resolutions=[]", "network.model_channels=8",
+                  "train.total_kimg=0.096", "train.batch=16", "train.log_every_kimg=0.048",
+                  "train.checkpoint_every_kimg=0.048", "optimizer.lr_rampup_kimg=0",
+                  "sampling.steps=3"],
+    "data": {"source": "fashion-mnist", "heldout": 24},
+    "runs": [{"name": "ddpm", "sigma_tn": 0.0}, {"name": "ambient-0.5", "sigma_tn": 0.5}],
+    "evaluation": {"num_samples": 8, "calibration_images": 12, "quality_reference": 20,
+                   "attraction_images": 6, "attraction_sigmas": [1.0, 2.0], "figure_sigma": 2.0,
+                   "figure_rows": 2, "batch": 32},
+}
+
+
+def write(tmp_path, study, name="study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": [{"name": "a", "sigma": 0.5}]}, r"runs\[0\]\.sigma: unknown key \(did you mean 'sigma_tn'\?\)"),
+    ({"evaluaton": {}}, "evaluaton: unknown key"),
+    ({"runs": [{"name": "n", "method": "noise_only", "sigma_tn": 0.0}]}, r"runs\[n\]: objective.sigma_tn: must be > 0"),
+    ({"runs": [{"name": "x", "overrides": ["train.batchh=3"]}]}, "train.batchh: unknown key"),
+    ({"data": {"source": "/no/such/dataset"}}, "data.source: '/no/such/dataset'"),
+    ({"base": "/no/such.yaml"}, "base: config file /no/such.yaml not found"),
+    ({"runs": [{"name": "a"}, {"name": "a"}]}, "run names must be unique"),
+    ({"seeds": [0, 0]}, "seeds: must be a non-empty list of distinct seeds"),
+    ({"evaluation": {**TOY["evaluation"], "figure_sigma": 3.0}}, "evaluation.figure_sigma"),
+    ({"evaluation": {**TOY["evaluation"], "quality_reference": 500}}, "evaluation.quality_reference"),
+    ({"runs": [{"name": "n", "method": "noise_only", "sigma_tn": 1.5}]}, "evaluation.attraction_sigmas"),
+])
+def test_bad_study_files_are_refused_before_anything_starts(tmp_path, change, message):
+    path = write(tmp_path, {**TOY, **change})
+    with pytest.raises((StudyError, ValueError), match=message):
+        load_study(path, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    study = load_launcher("study")
+    assert study.main([str(path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsys):
+    path = write(tmp_path, TOY)
+    out = tmp_path / "out"
+    study = load_launcher("study")
+    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 0
+    runs = {name: out / "runs" / f"{name}-n12-s0" for name in ("ddpm", "ambient-0.5")}
+    for run in runs.values():
+        for f in ("ema.safetensors", "study-train.json", "study-eval.json", "study-attraction.pt"):
+            assert (run / f).is_file(), f
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality_conclusions_rest_on"] == "KID"
+    by_run = {r["run"]: r for r in report["rows"]}
+    for name, run in runs.items():
+        ev = json.loads((run / "study-eval.json").read_text())
+        row = by_run[name]
+        assert row["kid"]["values"] == [ev["quality"]["kid"]["value"]]
+        assert row["memorization"]["pixels"]["carlini"]["mean"] == ev["memorization"]["pixels"]["generated"]["carlini_fraction"]
+        assert row["memorization"]["inception"]["above"]["values"][0] is not None
+        assert set(row["attraction"]) == {"1", "2"}
+        assert ev["num_samples"] == 8 and ev["quality"]["kid"]["num_reference"] == 20
+    md = (out / "report.md").read_text()
+    assert f"{1e3 * by_run['ddpm']['kid']['mean']:.3f}" in md
+    assert "held-out real images (calibration)" in md and "## Against plain DDPM" in md
+    for fig in report["figures"].values():
+        assert (out / fig).is_file() and (out / fig).stat().st_size > 1000, fig
+    assert any("Figure 3" in k for k in report["figures"]) and any("Figure 1" in k for k in report["figures"])
+
+    # Interruption: ddpm's evaluation is lost; ambient-0.5's data is damaged and its training
+    # must be redone. The rerun skips ddpm's training, redoes its evaluation, reports the
+    # failed run and still writes the report.
+    train_log = runs["ddpm"] / "train.log"
+    log_size = train_log.stat().st_size
+    (runs["ddpm"] / "study-eval.json").unlink()
+    (runs["ambient-0.5"] / "study-train.json").unlink()
+    tar = next((out / "shards").glob("n12-tn0.5-seed0/train-*.tar"))
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "ambient-0.5-n12-s0: train FAILED" in printed
+    assert train_log.stat().st_size == log_size                     # ddpm was not retrained
+    assert (runs["ddpm"] / "study-eval.json").is_file()              # ...but re-evaluated
+    assert (runs["ambient-0.5"] / "study-failed.json").is_file()
+    again = json.loads((out / "report.json").read_text())
+    assert [r["run"] for r in again["rows"]] == ["ddpm"]
+    assert "checksum mismatch" in again["failures"]["ambient-0.5-n12-s0"]
+    assert again["rows"][0]["kid"]["values"] == by_run["ddpm"]["kid"]["values"]
+    assert "## Failed runs" in (out / "report.md").read_text()
