@@ -67,6 +67,8 @@ class StudyRun:
     sigma_tn: float = 0.0
     # Extra section.key=value overrides for this run only.
     overrides: list[str] = field(default_factory=list)
+    # Seeds of this run; empty = the study's seeds (e.g. fewer seeds for costly baselines).
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -136,9 +138,11 @@ class StudyError(ValueError):
     """A bad study file or an unusable study directory; the message names the key or path."""
 
 
-def load_study(path: str | os.PathLike, out: Optional[str] = None) -> tuple[StudyConfig, list[RunSpec]]:
+def load_study(path: str | os.PathLike, out: Optional[str] = None,
+               check_source: bool = True) -> tuple[StudyConfig, list[RunSpec]]:
     """Read, type-check and validate a study file, and build and validate every run's
-    experiment config (ConfigError / StudyError name the key)."""
+    experiment config (ConfigError / StudyError name the key). check_source=False skips
+    opening the dataset (to check a study file on a machine without the data)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path}: not found")
@@ -164,6 +168,8 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None) -> tuple[Stud
     for i, r in enumerate(study.runs):
         if not r.name:
             bad(f"runs[{i}].name", "every run needs a name")
+        if len(set(r.seeds)) != len(r.seeds):
+            bad(f"runs[{i}].seeds", f"must be distinct seeds, got {r.seeds}")
     if len(set(names)) != len(names):
         bad("runs", f"run names must be unique, got {names}")
     if not study.subset_sizes or any(n < 2 for n in study.subset_sizes):
@@ -187,13 +193,14 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None) -> tuple[Stud
     if noise_only_tn and min(ev.attraction_sigmas) < max(noise_only_tn):
         bad("evaluation.attraction_sigmas", f"must be >= the noise-only runs' sigma_tn "
             f"({max(noise_only_tn)}): those models never learned lower noise")
-    _check_source(study.data, bad)
+    if check_source:
+        _check_source(study.data, bad)
 
     out_dir = Path(out or study.out or Path("studies") / study.name)
     specs = []
     for r in study.runs:
         for size in study.subset_sizes:
-            for seed in study.seeds:
+            for seed in r.seeds or study.seeds:
                 specs.append(_run_spec(study, base, out_dir, r, size, seed))
     return study, specs
 
@@ -208,7 +215,7 @@ def _check_source(data: StudyData, bad) -> None:
 
 def _open_source(data: StudyData):
     from ambient_dist.data.sources import open_named_source
-    return open_named_source(data.source, data.path or None)
+    return open_named_source(data.source, os.path.expanduser(data.path) if data.path else None)
 
 
 def shard_tag(run: StudyRun, size: int, seed: int, cfg: ExperimentConfig) -> str:
@@ -364,12 +371,13 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
     generated = as_model_units(generated)
     train, calibration, attraction_held, _ = refs.images(spec)
 
+    gen_feats = extract(refs.inception(), generated, ev.batch, desc="sample features")
     memorization = {}
     for space in ["pixels"] + list(ev.features):
         ecfg = dataclasses.replace(cfg.evaluation, memorization_features=space)
-        memorization[space] = memorization_summary(generated, train, calibration, ecfg, device,
-                                                   batch_size=ev.batch)
-    gen_feats = extract(refs.inception(), generated, ev.batch, desc="sample features")
+        memorization[space] = memorization_summary(
+            generated, train, calibration, ecfg, device, batch_size=ev.batch,
+            generated_features=gen_feats if space == "inception" else None)
     ref_feats = refs.quality_features(spec)
     mu_g, s_g = fidlib.feature_statistics(gen_feats)
     mu_r, s_r = fidlib.feature_statistics(ref_feats)
@@ -424,7 +432,9 @@ def _env(threads: Optional[int], device_index: Optional[str]) -> dict:
 def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
               device: str = "cpu", only_report: bool = False, progress: bool = True) -> Path:
     """Run every stage that is not done yet, then write the report; returns report.md's path."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from ambient_dist.study_report import write_study_report
     study, specs = load_study(path, out)
     out_dir = specs[0].run_dir.parent.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,23 +464,28 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
         gpus = [str(i) for i in range(torch.cuda.device_count())] if device != "cpu" else []
         threads = None if gpus or jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
 
-        def train_one(i_spec):
-            i, spec = i_spec
+        def train_one(i: int, spec: RunSpec) -> None:
             gpu = gpus[i % len(gpus)] if gpus else None
             say(f"[{i + 1}/{len(specs)}] {spec.name}: training "
                 f"({spec.config.train.total_kimg:g}k images{', GPU ' + gpu if gpu else ''})")
-            ok = guarded(spec, "train", lambda: train_run(spec, _env(threads, gpu),
-                                                          spec.run_dir / "train.log"))
-            if ok:
+            if guarded(spec, "train", lambda: train_run(spec, _env(threads, gpu),
+                                                        spec.run_dir / "train.log")):
                 say(f"[{i + 1}/{len(specs)}] {spec.name}: trained")
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            list(pool.map(train_one, enumerate(specs)))
+
+        # Each run is sampled and evaluated as soon as its training ends (here, while the
+        # other trainings go on in their subprocesses), so an interrupted study keeps results.
         refs = _References(study, out_dir, device)
-        for i, spec in enumerate(specs):
-            say(f"[{i + 1}/{len(specs)}] {spec.name}: sampling and evaluating")
-            if guarded(spec, "sample", lambda s=spec: sample_run(study, s, device, progress)):
-                guarded(spec, "evaluate", lambda s=spec: evaluate_run(study, s, refs, device))
-    from ambient_dist.study_report import write_study_report
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            futures = {pool.submit(train_one, i, spec): (i, spec) for i, spec in enumerate(specs)}
+            for future in as_completed(futures):
+                i, spec = futures[future]
+                future.result()
+                if spec.name in failures:
+                    continue
+                say(f"[{i + 1}/{len(specs)}] {spec.name}: sampling and evaluating")
+                if guarded(spec, "sample", lambda s=spec: sample_run(study, s, device, progress)):
+                    if guarded(spec, "evaluate", lambda s=spec: evaluate_run(study, s, refs, device)):
+                        write_study_report(study, specs, out_dir, failures)  # results so far
     report = write_study_report(study, specs, out_dir, failures)
     say(f"report: {report}")
     return report

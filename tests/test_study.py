@@ -55,6 +55,17 @@ def test_bad_study_files_are_refused_before_anything_starts(tmp_path, change, me
     assert study.main([str(path), "--out", str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_files_validate(path):
+    """Every run of every shipped study builds a valid experiment config (the paper-scale
+    datasets are not on this machine: their sources are not opened)."""
+    study, specs = load_study(path, out="/tmp/unused", check_source="fashion-mnist" in path.name)
+    assert len(specs) == sum(len(r.seeds or study.seeds) for r in study.runs) * len(study.subset_sizes)
+    methods = {s.run.method for s in specs}
+    assert methods == {"ambient", "noise_only", "masking"}
+    assert any(s.run.sigma_tn == 0 and s.run.method == "ambient" for s in specs)   # the DDPM baseline
+
+
 def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsys):
     path = write(tmp_path, TOY)
     out = tmp_path / "out"

@@ -77,8 +77,12 @@ def test_quickstart_path_from_config_to_samples_and_memorization(shards, tmp_pat
     assert summary["feature_space"].startswith("pixels")
     assert summary["generated"]["count"] == 4 and summary["heldout"]["count"] == 8
     assert len(summary["generated"]["max_similarity"]) == 4
+    attraction = summary["attraction"]   # held-out images noised, denoised, compared
+    assert set(attraction["per_sigma"]) == {"0.5", "1", "2"} and attraction["count"] == 8
+    assert all(v["mean_ratio"] > 0 for v in attraction["per_sigma"].values())
     printed = capsys.readouterr().out
     assert "memorization: nearest of 32 training images" in printed and "run directory" in printed
+    assert "denoiser attraction of 8 held-out images" in printed
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 1 and info["fingerprint"] == cfg.fingerprint()
 

@@ -110,6 +110,13 @@ def format_memorization(summary: dict) -> str:
                      f"p95 {stats['p95']:.3f}, {above}, Carlini {100 * stats['carlini_fraction']:.1f}%")
     if summary.get("note"):
         lines.append(f"  note: {summary['note']}")
+    if summary.get("pixels"):
+        lines.append(format_memorization(summary["pixels"]))
+    attraction = summary.get("attraction")
+    if attraction:
+        per = ", ".join(f"sigma {s}: {v['mean_ratio']:.2f}" for s, v in attraction["per_sigma"].items())
+        lines.append(f"denoiser attraction of {attraction['count']} held-out images (distance to the "
+                     f"nearest training image / to the original; lower = pulled to copies): {per}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ on CPU a resumed run produces bit for bit the losses of an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -321,12 +322,13 @@ class Trainer:
         net.load_state_dict(state)
         return net
 
-    def generate(self, num_images: int, every_rank: bool = False) -> Optional[torch.Tensor]:
+    def generate(self, num_images: int, every_rank: bool = False,
+                 net: Optional[torch.nn.Module] = None) -> Optional[torch.Tensor]:
         """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler, on rank 0
         (None elsewhere) or, with every_rank, the same images on every rank. Each image has
         its own seed (sampling.seed, index), so the grid is the same at any batch size;
         class-conditional networks cycle through the classes."""
-        net = self.ema_network()  # every rank takes part in gathering the EMA
+        net = net or self.ema_network()  # every rank takes part in gathering the EMA
         if self.rank != 0 and not every_rank:
             return None
         indices = list(range(num_images))
@@ -352,17 +354,39 @@ class Trainer:
         _, heldout, _ = data.load_images(shards, "heldout")
         return train, as_tensor(heldout[: self.cfg.evaluation.heldout_images])
 
+    def denoiser_attraction(self, net, heldout: torch.Tensor, train: torch.Tensor) -> dict:
+        """metrics.denoiser_attraction of the EMA network `net` (as the method samples with it)."""
+        settings = sampling.SamplerSettings.for_run(self.cfg)
+        shape = tuple(heldout.shape[1:])
+        denoiser = sampling.method_denoiser(net, settings, range(len(heldout)), shape, 0, self.device)
+        sigmas = [s for s in metrics.ATTRACTION_SIGMAS if s >= settings.sigma_min]
+
+        def denoise(x, sigma):
+            with torch.no_grad():
+                s = torch.full((len(x),), sigma, device=self.device)
+                return denoiser(x.to(self.device), s, None)
+        return metrics.denoiser_attraction(denoise, heldout, train, sigmas, batch=len(heldout))
+
     def finish(self) -> Optional[dict]:
         """Export the EMA, write samples.png and memorization.json; return the summary
         (on rank 0; the other ranks take part in the collectives and return None)."""
         self.export_ema()
         # The memorization summary splits its feature extraction over the ranks, so every
         # rank needs the samples; they are identical everywhere (per-image seeds).
-        images = self.generate(self.cfg.sampling.num_images, every_rank=True)
+        net = self.ema_network()  # gathered once (a collective under ZeRO-3)
+        images = self.generate(self.cfg.sampling.num_images, every_rank=True, net=net)
         train_images, heldout_images = self.reference_images()
-        summary = metrics.memorization_summary(images, train_images, heldout_images,
-                                               self.cfg.evaluation, self.device,
-                                               progress=self.rank == 0)
+        ev = self.cfg.evaluation
+        summary = metrics.memorization_summary(images, train_images, heldout_images, ev,
+                                               self.device, progress=self.rank == 0)
+        # Always also in pixel space (cheap, and free of a feature extractor's blind spots),
+        # and the denoiser attraction of held-out images (no sampling needed).
+        if ev.memorization_features != "pixels":
+            summary["pixels"] = metrics.memorization_summary(
+                images, train_images, heldout_images,
+                dataclasses.replace(ev, memorization_features="pixels"), self.device)
+        if heldout_images is not None:
+            summary["attraction"] = self.denoiser_attraction(net, heldout_images[:128], train_images)
         if self.rank != 0:
             return None
         save_image_grid(images, self.run_dir / "samples.png")

@@ -15,4 +15,5 @@ The training loop calls `memorization_summary` at the end of a run; launchers/ev
 uses everything.
 """
 from ambient_dist.metrics.features import FeatureError, build_extractor, extract  # noqa: F401
-from ambient_dist.metrics.memorization import memorization_summary, nearest_neighbours  # noqa: F401
+from ambient_dist.metrics.memorization import (  # noqa: F401
+    ATTRACTION_SIGMAS, denoiser_attraction, memorization_summary, nearest_neighbours)

@@ -140,7 +140,8 @@ def normalised(features: torch.Tensor) -> torch.Tensor:
 def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
                          heldout_images: Optional[torch.Tensor], eval_cfg, device="cpu",
                          batch_size: int = 50, progress: bool = False,
-                         train_features: Optional[torch.Tensor] = None) -> dict:
+                         train_features: Optional[torch.Tensor] = None,
+                         generated_features: Optional[torch.Tensor] = None) -> dict:
     """Nearest-training-image similarity of generated images, calibrated by held-out images.
 
     generated / train_images / heldout_images: float [N, C, H, W] in [-1, 1] (or uint8);
@@ -148,6 +149,8 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
     eval_cfg: an `EvaluationConfig` (feature space, model paths, thresholds).
     train_features: already-extracted training features (evaluate.py passes them); otherwise
     they come from the per-process cache, so repeated calls embed the training set once.
+    generated_features: the generated images' features in this space, if already extracted
+    (the study reuses its Inception features for KID).
     Returns a JSON-ready dict: feature space, thresholds, per-set statistics (fractions above
     each threshold, Carlini fraction, the full per-image distribution and nearest indices).
     """
@@ -160,7 +163,9 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
         train_features = reference_features.get(extractor, train_images, desc="train features", **opts)
     train = normalised(train_features)
     thresholds = [float(t) for t in eval_cfg.thresholds]
-    gen = normalised(extract(extractor, generated, desc="generated features", **opts))
+    if generated_features is None:
+        generated_features = extract(extractor, generated, desc="generated features", **opts)
+    gen = normalised(generated_features)
     summary = {
         "feature_space": extractor.name,
         "similarity": "cosine of L2-normalised features",
@@ -185,7 +190,9 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
 # Denoiser attraction (the paper's Figure 3, as a number)
 # --------------------------------------------------------------------------------------
 
-ATTRACTION_SIGMAS = (1.0, 2.0, 5.0)
+# Noise levels (data units, images in [-1, 1]) where a denoiser decides which image it is
+# looking at; at much higher sigma every denoiser returns about the data mean.
+ATTRACTION_SIGMAS = (0.5, 1.0, 2.0)
 
 
 @torch.no_grad()
