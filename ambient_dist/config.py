@@ -31,8 +31,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ambient_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem; the message names the key (and file) at fault."""
 
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from ambient_dist.errors import UserError
+
 NOISE_FORMS = ("edm", "vp", "latent_v")
 
 # Stable Diffusion's training schedule (the "scaled_linear" betas of its DDPM scheduler).
@@ -39,7 +41,7 @@ DDPM_BETA_START = 0.00085
 DDPM_BETA_END = 0.012
 
 
-class ImageRangeError(ValueError):
+class ImageRangeError(UserError):
     """Images are not in the [-1, 1] units the whole project assumes."""
 
 

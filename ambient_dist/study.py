@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import yaml
 
 from ambient_dist.config import ConfigError, ExperimentConfig, _build, load_config, to_dict
+from ambient_dist.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("shards", "train", "sample", "evaluate")
@@ -134,7 +133,7 @@ class RunSpec:
         return f"{self.run.name} (n={self.size})"
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A bad study file or an unusable study directory; the message names the key or path."""
 
 
@@ -350,7 +349,6 @@ class _References:
 def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: str) -> dict:
     """Quality, memorization and attraction of one run -> <run>/study-eval.json (+ .pt)."""
     from ambient_dist import sampling
-    from ambient_dist.config import EvaluationConfig
     from ambient_dist.metrics import fid as fidlib
     from ambient_dist.metrics import samples as S
     from ambient_dist.metrics.features import as_model_units, extract

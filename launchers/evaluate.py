@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from ambient_dist.config import ConfigError  # noqa: E402
+from ambient_dist.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +60,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.run_dir = args.run_dir or args.run_flag
     from ambient_dist.metrics import evaluation as ev
-    from ambient_dist.metrics.features import FeatureError
-    from ambient_dist.metrics.samples import SampleStoreError
 
     if not args.run_dir and not args.samples:
         if not args.compare:
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
         progress=not args.quiet)
     try:
         report = ev.evaluate(opts)
-    except (ConfigError, FeatureError, SampleStoreError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 from ambient_dist.config import ConfigError, load_config  # noqa: E402
-from ambient_dist.data.shards import ShardError, ShardOptions, make_shards  # noqa: E402
-from ambient_dist.data.sources import (FIT_MODES, SOURCE_FORMATS, SourceError,  # noqa: E402
-                                       open_named_source)
+from ambient_dist.data.shards import ShardOptions, make_shards  # noqa: E402
+from ambient_dist.data.sources import FIT_MODES, SOURCE_FORMATS, open_named_source  # noqa: E402
+from ambient_dist.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     latent.add_argument("--online", action="store_true",
                         help="store no clean latents: training VAE-encodes the images")
     latent.add_argument("--batch", type=int, default=32, help="images per VAE batch")
+    latent.add_argument("--missing-caption", default="error", choices=["error", "skip", "empty"],
+                        help="a sample without a caption: stop and name it (default), leave it "
+                             "out, or keep it on the empty caption (an unconditional sample)")
     latent.add_argument("--rank", type=int, default=None, help="this writer's rank (default: from torchrun / mpirun, else 0)")
     latent.add_argument("--world-size", type=int, default=None, help="number of writers (default: from the launcher, else 1)")
     args = p.parse_args(argv)
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
                                  and cfg.objective.mask_corruption, 0.0) or 0.0)
         source = open_from_args(args)
         manifest = make_shards(source, args.out, opts, overwrite=args.overwrite, progress=not args.quiet)
-    except (ConfigError, ShardError, SourceError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = manifest["counts"]
@@ -107,10 +110,7 @@ def main(argv=None) -> int:
           f"{manifest['resolution']}px x {manifest['channels']} channels"
           + (f", fixed inpainting masks keeping {manifest['masks']['kept_fraction']:.1%} of pixels"
              if manifest.get("masks") else ""))
-    if manifest["skipped"]:
-        print(f"skipped {len(manifest['skipped'])} undecodable source images (--skip-bad):")
-        for s in manifest["skipped"]:
-            print(f"  {s['where']}: {s['error']}")
+    report_ingest(manifest)
     return 0
 
 
@@ -138,7 +138,7 @@ def make_latent(args, cfg, pick) -> int:
         heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
         samples_per_shard=args.samples_per_shard, text_embeddings=args.text_embeddings,
         online=args.online, batch_size=args.batch, workers=max(args.workers, 1),
-        skip_bad=args.skip_bad)
+        skip_bad=args.skip_bad, missing_caption=args.missing_caption)
     env_rank, env_world, local_rank = env_rank_world()  # torchrun / deepspeed / mpirun
     rank = args.rank if args.rank is not None else env_rank
     world = args.world_size if args.world_size is not None else env_world
@@ -156,9 +156,22 @@ def make_latent(args, cfg, pick) -> int:
     print(f"{args.out}: {manifest['counts']['train']} latent samples in {len(manifest['shards'])} "
           f"shards, {manifest['counts']['heldout']} held out, latents {manifest['latent_shape']}, "
           f"noisy at t_n {manifest['t_n']}{' (online)' if manifest['online'] else ''}")
-    for s in manifest["skipped"]:
-        print(f"  skipped {s['where']}: {s['error']}")
+    report_ingest(manifest)
+    c = manifest["counts"]
+    if c.get("captionless_kept"):
+        print(f"kept {c['captionless_kept']} samples without a caption on the empty caption "
+              "(--missing-caption empty: they train as unconditional samples)")
     return 0
+
+
+def report_ingest(manifest: dict) -> None:
+    """On screen what the manifest records: skipped images and documented conversions."""
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} source samples:")
+        for s in manifest["skipped"]:
+            print(f"  {s['where']}: {s['error']}")
+    for conversion, n in manifest.get("converted", {}).items():
+        print(f"converted {n} images: {conversion}")
 
 
 if __name__ == "__main__":

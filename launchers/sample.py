@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from ambient_dist.config import ConfigError  # noqa: E402
+from ambient_dist.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             fixed_class=args.fixed_class, guidance_scale=args.guidance,
             autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
             rank=rank, world=world, device=device, progress=not args.quiet)
-    except (ConfigError, S.SampleStoreError, ValueError) as e:
+    except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0 or made:

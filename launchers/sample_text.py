@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 from ambient_dist.config import ConfigError, load_config  # noqa: E402
+from ambient_dist.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                                 weights_sha=file_digest(weights) if weights.is_file() else "",
                                 autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
                                 progress=not args.quiet)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"rank {rank}: {made} images written to {store.root} (prompts in {store.root / 'prompts.txt'})")

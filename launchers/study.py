@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from ambient_dist.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,8 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="validate the study file and every run's config")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    from ambient_dist.data.shards import ShardError
-    from ambient_dist.data.sources import SourceError
+    from ambient_dist.errors import UserError
     from ambient_dist.study import StudyError, load_study, run_study
     try:
         if args.jobs < 1:
@@ -47,7 +45,7 @@ def main(argv=None) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         report = run_study(args.study, args.out, jobs=args.jobs, device=device,
                            only_report=args.report_only, progress=not args.quiet)
-    except (StudyError, ConfigError, ShardError, SourceError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {report}")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from ambient_dist.config import ConfigError, load_config  # noqa: E402
+from ambient_dist.config import load_config  # noqa: E402
+from ambient_dist.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             print(describe(cfg))
             return 0
         run_training(cfg, run_dir=run_dir, resume=args.resume)
-    except ConfigError as e:
+    except UserError as e:   # bad config, data or files: one line, exit 2 (a traceback is a bug)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

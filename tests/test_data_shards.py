@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import load_images, read_manifest
@@ -319,3 +320,54 @@ def test_interrupted_run_resumes(tmp_path):
     assert [os.stat(tmp_path / "s" / e["name"]).st_mtime_ns for e in m["shards"][:2]] == stamps
     _, full = make(tmp_path, "fresh")
     assert [e["sha256"] for e in m["shards"]] == [e["sha256"] for e in full["shards"]]
+
+
+def test_bright_images_are_valid_in_any_shard(tmp_path, capsys):
+    """Field case: a shard holding only a bright image (every pixel 128..255) was refused as
+    "looks like [0, 1] units". No statistic of the data decides validity any more."""
+    from helpers import load_launcher
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, (lo, hi) in enumerate([(0, 256), (128, 256), (0, 256)]):
+        Image.fromarray(rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    out = tmp_path / "shards"
+    assert load_launcher("make_shards").main(["--source", str(folder), "--out", str(out), "--resolution",
+                                              "16", "--samples-per-shard", "1", "--quiet"]) == 0
+    _, images, _ = load_images(out, "train")
+    assert len(images) == 3 and any(im.min() >= 128 for im in images)
+
+
+def test_nan_in_a_stored_noisy_copy_is_named_where_it_is_read(tmp_path):
+    """Field case: one float16 of one noisy copy set to NaN (checksum updated, as another
+    writer would) silently skipped 2 of 16 steps. The reader now names the key."""
+    out, m = make(tmp_path, count=8, heldout=0, samples_per_shard=8)
+    tar_path = out / m["shards"][0]["name"]
+    shards = ShardSet(out)
+    key = shards.keys[3]
+    with tarfile.open(tar_path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    rebuilt = tmp_path / "rebuilt.tar"
+    with tarfile.open(rebuilt, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if info.name == f"{key}.noisy.npy":
+                arr = np.load(io.BytesIO(data))
+                arr[0, 2, 5] = np.nan
+                data = encode_npy(arr)
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(rebuilt, tar_path)
+    (out / m["shards"][0]["index"]).unlink()     # rebuilt from the tar
+    m["shards"][0]["sha256"] = sha256_file(tar_path)
+    (out / "manifest.json").write_text(json.dumps(m))
+    shards = ShardSet(out)
+    with pytest.raises(ShardError, match=f"key {key}: noisy copy holds 1 non-finite values"):
+        shards.sample(3)
+
+
+def test_non_finite_data_is_refused_when_written(tmp_path):
+    from ambient_dist.data.shards import finite_array
+    with pytest.raises(ShardError, match="here: the noisy copy has 2 non-finite values"):
+        finite_array(np.array([1.0, np.inf, np.nan], np.float16), "here", "noisy copy")
+    ok = np.ones(3, np.float16)
+    assert finite_array(ok, "here", "noisy copy") is ok

@@ -244,3 +244,50 @@ def test_subset_choice(tmp_path):
         choose_subset(src, count=90, heldout=20)
     with pytest.raises(SourceError, match="fewer images than that"):
         choose_subset(src, per_class=11)
+
+
+def _save(path, array, mode=None, fmt=None):
+    img = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    img.save(path, format=fmt)
+    return path
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped_and_reported(tmp_path):
+    """Field case: a 16-bit grey ramp PNG came out as two grey levels (PIL clips at 255)."""
+    from ambient_dist.data.sources import decode_image_bytes
+    ramp16 = np.tile(np.round(np.linspace(0, 65535, 32)), (32, 1)).astype(np.uint16)
+    expect = np.rint(ramp16 / 257.0).astype(np.uint8)
+    for name, array, fmt in [("ramp16.png", ramp16, "PNG"), ("ramp16.tif", ramp16, "TIFF"),
+                             ("rampf.tif", ramp16.astype(np.float32) / 65535, "TIFF")]:
+        notes = []
+        got = decode_image_bytes(_save(tmp_path / name, array, fmt=fmt).read_bytes(), name, notes)
+        assert got.shape == (32, 32, 1) and got.dtype == np.uint8
+        assert np.array_equal(got[:, :, 0], expect), name
+        assert len(np.unique(got)) > 30 and notes and ("16-bit" in notes[0] or "float" in notes[0])
+    notes = []
+    rgba = np.dstack([np.full((4, 4, 3), 200, np.uint8), np.zeros((4, 4), np.uint8)])
+    got = decode_image_bytes(_save(tmp_path / "a.png", rgba).read_bytes(), "a.png", notes)
+    assert (got == 200).all() and notes == ["RGBA -> RGB (alpha channel dropped)"]
+    with pytest.raises(SourceError, match=r"b.tif: float image with values in \[2, 2\]; float images must be in \[0, 1\]"):
+        decode_image_bytes(_save(tmp_path / "b.tif", np.full((4, 4), 2.0, np.float32), fmt="TIFF").read_bytes(), "b.tif")
+    with pytest.raises(SourceError, match="c.tif: 32-bit integer image"):
+        decode_image_bytes(_save(tmp_path / "c.tif", np.full((4, 4), 7, np.int32), fmt="TIFF").read_bytes(), "c.tif")
+
+
+def test_sixteen_bit_folder_through_make_shards_keeps_the_ramp(tmp_path, capsys):
+    from ambient_dist.data import load_images, read_manifest
+    from helpers import load_launcher
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp16 = np.tile(np.round(np.linspace(0, 65535, 32)), (32, 1)).astype(np.uint16)
+    _save(folder / "ramp.png", ramp16)
+    out = tmp_path / "shards"
+    rc = load_launcher("make_shards").main(["--source", str(folder), "--out", str(out), "--channels", "1",
+                                            "--quiet"])
+    assert rc == 0
+    _, images, _ = load_images(out, "train")
+    assert np.array_equal(images[0, :, :, 0], np.rint(ramp16 / 257.0).astype(np.uint8))
+    manifest = read_manifest(out)
+    assert manifest["converted"] == {"16-bit grey -> 8-bit (value / 257, rounded)": 1}
+    assert manifest["counts"]["converted"] == 1
+    assert "converted 1 images: 16-bit grey -> 8-bit" in capsys.readouterr().out

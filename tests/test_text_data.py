@@ -5,13 +5,16 @@ with SD 2.x's classes and 8x VAE downsampling. The tokenizer is a tiny byte-leve
 vocabulary built in code: no installed package ships a real CLIP vocabulary offline.
 The img2dataset input is written with webdataset's own TarWriter (test_data_sources).
 """
+import io
 import json
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from test_data_sources import write_img2dataset
 
@@ -244,3 +247,39 @@ def test_undecodable_images_stop_or_are_skipped_and_listed(tiny_model, laion, tm
                                   components, progress=False)
     assert manifest["counts"]["train"] == 12 and manifest["counts"]["skipped"] == 1
     assert manifest["skipped"][0]["key"] == "broken"
+
+
+def test_captionless_samples_follow_the_stated_policy_and_are_counted(tiny_model, tmp_path, capsys):
+    """Field case: 6 JPEGs, 3 without a .txt, went silently onto the empty caption."""
+    import webdataset as wds
+    src = tmp_path / "captions"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    with wds.TarWriter(str(src / "00000.tar")) as sink:
+        for k in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            sample = {"__key__": f"s{k}", "jpg": buf.getvalue()}
+            if k % 2 == 0:
+                sample["txt"] = f"caption {k}"
+            sink.write(sample)
+    sys.path.insert(0, str(ROOT / "launchers"))
+    import make_shards
+    base = ["--latent", "--model", str(tiny_model), "--source", "img2dataset", "--path", str(src),
+            "--resolution", str(RES), "--quiet"]
+    assert make_shards.main(base + ["--out", str(tmp_path / "default")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "(sample s1)" in err and "no caption" in err
+    assert "--missing-caption skip" in err and "Traceback" not in err
+    assert make_shards.main(base + ["--out", str(tmp_path / "skip"), "--missing-caption", "skip"]) == 0
+    out = capsys.readouterr().out
+    skip = json.loads((tmp_path / "skip" / "manifest.json").read_text())
+    assert skip["counts"]["train"] == 3 and skip["counts"]["skipped"] == 3
+    assert {s["key"] for s in skip["skipped"]} == {"s1", "s3", "s5"}
+    assert "skipped 3 source samples" in out and "no caption" in out
+    assert make_shards.main(base + ["--out", str(tmp_path / "empty"), "--missing-caption", "empty"]) == 0
+    out = capsys.readouterr().out
+    kept = json.loads((tmp_path / "empty" / "manifest.json").read_text())
+    assert kept["counts"]["train"] == 6 and kept["counts"]["captionless_kept"] == 3
+    assert kept["missing_caption"] == "empty" and "kept 3 samples without a caption" in out
+

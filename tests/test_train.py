@@ -283,3 +283,35 @@ def test_output_check_is_safe_when_every_rank_probes_the_same_directory(tmp_path
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: [check_output_dir(run, 0) for _ in range(100)], range(8)))
     assert not list(run.iterdir())  # no probe left behind
+
+
+def test_a_damaged_shard_is_one_error_line_in_every_launcher(shards, tmp_path, capsys):
+    """Field case: one flipped byte in a shard tar reached the user as a Python traceback."""
+    import shutil
+
+    from helpers import load_launcher
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    tar = sorted(damaged.glob("train-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0x01
+    tar.write_bytes(bytes(data))
+    overrides = toy_overrides(damaged, tmp_path / "runs")
+    capsys.readouterr()
+    assert train_launcher.main(overrides_config(tmp_path, overrides)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tar}: checksum mismatch") and "Traceback" not in err
+    run = tmp_path / "ok" / "toy"
+    assert train_launcher.main(overrides_config(tmp_path, toy_overrides(shards, tmp_path / "ok")) + ["name=toy"]) == 0
+    capsys.readouterr()
+    assert load_launcher("evaluate").main([str(run), "--shards", str(damaged), "--no-fid", "--quiet",
+                                           "--num", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "checksum mismatch" in err and "Traceback" not in err
+
+
+def overrides_config(tmp_path, overrides: list[str]) -> list[str]:
+    """train.py arguments: an empty config file plus the overrides."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    return ["--config", str(empty), *overrides]

@@ -29,6 +29,8 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from ambient_dist.errors import UserError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Named shortcuts for data that ships with the system image.
 NAMED_SOURCES = {
@@ -40,7 +42,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A problem with the source data; the message names the file (and key) at fault."""
 
 
@@ -61,18 +63,72 @@ def safe_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def decode_image_bytes(data: bytes, where: str) -> np.ndarray:
-    """Decode an encoded image to uint8 [H, W, C] (C = 1 for grey, 3 otherwise)."""
+# PIL modes stored as they are, and the documented conversion of every other mode we accept
+# (each converted image is counted in the shard manifest under its conversion).
+_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")
+CONVERSIONS = {
+    "1": "1-bit -> 8-bit grey (0 / 255)",
+    **{m: "16-bit grey -> 8-bit (value / 257, rounded)" for m in _GREY_16},
+    "F": "float [0, 1] grey -> 8-bit (value x 255, rounded)",
+    "P": "palette -> RGB (exact colours)",
+    "PA": "palette + alpha -> RGB (alpha channel dropped)",
+    "LA": "grey + alpha -> grey (alpha channel dropped)",
+    "RGBA": "RGBA -> RGB (alpha channel dropped)",
+    "RGBa": "RGBa -> RGB (alpha channel dropped)",
+    "CMYK": "CMYK -> RGB (PIL's conversion)",
+    "YCbCr": "YCbCr -> RGB (PIL's conversion)",
+    "LAB": "LAB -> RGB (PIL's conversion)",
+    "HSV": "HSV -> RGB (PIL's conversion)",
+}
+
+
+def _pixels(im: Image.Image, where: str) -> tuple[np.ndarray, Optional[str]]:
+    """uint8 [H, W] or [H, W, 3] of a decoded image and the conversion applied (None if none).
+
+    A conversion that would lose the image (PIL's convert("L") clips 16-bit values at 255) is
+    never used; modes without a defined white (32-bit integers) and float images outside
+    [0, 1] are refused, naming the file."""
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(im, dtype=np.uint8), None
+    if mode in _GREY_16:
+        a = np.asarray(im).astype(np.float64)
+        return np.rint(a / 257.0).astype(np.uint8), CONVERSIONS[mode]
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise SourceError(f"{where}: float image holds NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise SourceError(f"{where}: float image with values in [{lo:g}, {hi:g}]; float images "
+                              "must be in [0, 1] (save it as 8- or 16-bit, or rescale it)")
+        return np.rint(a * 255.0).astype(np.uint8), CONVERSIONS[mode]
+    if mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise SourceError(f"{where}: 32-bit integer image (PIL mode {mode}): which value is white "
+                          "is not defined; save it as an 8- or 16-bit image")
+    if mode in ("1", "LA"):
+        return np.asarray(im.convert("L"), dtype=np.uint8), CONVERSIONS[mode]
+    if mode in CONVERSIONS:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8), CONVERSIONS[mode]
+    raise SourceError(f"{where}: unsupported image mode {mode!r}")
+
+
+def decode_image_bytes(data: bytes, where: str, conversions: Optional[list] = None) -> np.ndarray:
+    """Decode an encoded image to uint8 [H, W, C] (C = 1 for grey, 3 otherwise).
+
+    8-bit grey and RGB are kept as stored; other modes follow CONVERSIONS (16-bit grey is
+    scaled by 1/257, not clipped), and the conversion applied is appended to `conversions`.
+    Raises SourceError naming `where` for undecodable or unusable images."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode in ("L", "I;16", "I", "F", "1", "LA"):
-                im = im.convert("L")
-            elif im.mode != "RGB":
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            arr, conversion = _pixels(im, where)
+    except SourceError:
+        raise
     except Exception as e:  # PIL raises many types for bad data
         raise SourceError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+    if conversion is not None and conversions is not None:
+        conversions.append(conversion)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -349,8 +405,12 @@ class FolderSource(Source):
             data = (self.path / self.files[i]).read_bytes()
         except OSError as e:
             raise SourceError(f"{where}: cannot read ({e})") from None
-        return Record(self.keys[i], decode_image_bytes(data, where), self.label(i),
-                      meta={"file": self.files[i]})
+        conversions: list = []
+        image = decode_image_bytes(data, where, conversions)
+        meta = {"file": self.files[i]}
+        if conversions:  # recorded in the sample's json and counted in the manifest
+            meta["converted"] = conversions[0]
+        return Record(self.keys[i], image, self.label(i), meta=meta)
 
     def describe(self):
         return {**super().describe(), "class_from_folder": self.class_from_folder,
@@ -461,11 +521,14 @@ class WebDatasetSource(Source):
     def load(self, i):
         comps = self.samples[i][1]
         ext = next(e for e in self.IMAGE_EXTS if e in comps)
-        image = decode_image_bytes(self._read(i, ext), self.where(i))
+        conversions: list = []
+        image = decode_image_bytes(self._read(i, ext), self.where(i), conversions)
         caption = self._read(i, "txt")
         meta = self._meta(i)
         # Keep the metadata small and JSON-safe: it is copied into every shard sample.
         meta = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        if conversions:  # recorded in the sample's json and counted in the manifest
+            meta["converted"] = conversions[0]
         return Record(self.keys[i], image, self.label(i),
                       caption.decode("utf-8", "replace") if caption is not None else None, meta)
 

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ambient_dist.errors import UserError
 from ambient_dist.data.augment import to_model_units
 from ambient_dist.metrics import distributed as mdist
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError):
     """An extractor cannot be built (missing file, wrong format); names the option to fix."""
 
 

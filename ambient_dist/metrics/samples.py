@@ -36,12 +36,13 @@ from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
 from ambient_dist.data.shards import atomic_write_bytes, encode_png, sha256_file
 from ambient_dist.data.sources import decode_image_bytes
+from ambient_dist.errors import UserError
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
 
 
-class SampleStoreError(ValueError):
+class SampleStoreError(UserError):
     """The output directory holds something else, or cannot be read; names the path."""
 
 

@@ -50,10 +50,11 @@ from ambient_dist.data.loader import PlannedLoader
 from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
-    ShardSet, _finish_shard, _plan_hash, _prepare, _tar_member, _write_heldout, encode_npy,
-    encode_png, read_index, read_manifest, scan_tar, sha256_file, write_json)
+    ShardSet, _finish_shard, _plan_hash, _prepare, _tar_member, _write_heldout, count_conversion,
+    encode_npy, encode_png, finite_array, merge_conversions, read_index, read_manifest, scan_tar,
+    sha256_file, write_json)
 from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
-from ambient_dist.noise import check_image_range, ddpm_alpha_sigma, keyed_normal, make_noisy_copy
+from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
 
 from .sd_models import SDComponents
 
@@ -98,6 +99,9 @@ def encode_text(text_encoder: torch.nn.Module, tokenizer, captions: list[str]) -
 # Writing
 # --------------------------------------------------------------------------------------
 
+MISSING_CAPTION_POLICIES = ("error", "skip", "empty")
+
+
 @dataclass
 class LatentShardOptions:
     """Everything that decides the content of a latent shard directory (besides source, model)."""
@@ -113,6 +117,11 @@ class LatentShardOptions:
     samples_per_shard: int = 1000
     text_embeddings: bool = False     # also store the text-encoder output of each caption
     online: bool = False              # store no clean latent: training encodes the image
+    # A sample without a caption (no .txt member, or an empty one): "error" stops with its
+    # name, "skip" leaves it out (listed with the skipped images), "empty" keeps it on the
+    # empty caption, i.e. as an unconditional sample (the classifier-free-guidance null
+    # prompt). Skipped and kept-empty samples are counted in the manifest and on screen.
+    missing_caption: str = "error"
     # Not part of the content:
     batch_size: int = 32
     workers: int = 4                  # image decoding threads
@@ -122,6 +131,8 @@ class LatentShardOptions:
         d = asdict(self)
         for k in ("batch_size", "workers", "skip_bad"):
             d.pop(k)
+        if d["missing_caption"] == "error":  # the data of earlier shards: same plan hash
+            d.pop("missing_caption")
         return d
 
 
@@ -136,6 +147,9 @@ def _check_options(opts: LatentShardOptions) -> None:
         bad("--fit", f"expected one of {', '.join(FIT_MODES)}, got {opts.fit!r}")
     if opts.samples_per_shard < 1 or opts.batch_size < 1:
         bad("--samples-per-shard/--batch", "must be >= 1")
+    if opts.missing_caption not in MISSING_CAPTION_POLICIES:
+        bad("--missing-caption", f"expected one of {', '.join(MISSING_CAPTION_POLICIES)}, "
+            f"got {opts.missing_caption!r}")
 
 
 def _vae_weights_digest(components: SDComponents) -> str | None:
@@ -165,11 +179,23 @@ class _LatentWriter:
 
     def _load_one(self, i: int):
         try:
-            return _prepare(self.source, i, self.opts, 3)
+            record = _prepare(self.source, i, self.opts, 3)
         except SourceError as e:
             if not self.opts.skip_bad:
                 raise
             return {"key": self.source.key(i), "where": self.source.where(i), "error": str(e)}
+        caption, policy = record[3], self.opts.missing_caption
+        if not (caption or "").strip():
+            if policy == "error":
+                raise ShardError(f"{self.source.where(i)}: no caption (no .txt member, or an empty "
+                                 "one); choose what to do with --missing-caption skip (leave such "
+                                 "samples out) or --missing-caption empty (train them on the empty "
+                                 "caption, as unconditional samples)")
+            if policy == "skip":
+                return {"key": self.source.key(i), "where": self.source.where(i),
+                        "error": "no caption (--missing-caption skip)"}
+            record[4]["caption_missing"] = True  # kept on the empty caption: counted below
+        return record
 
     def _load(self, indices: list[int]) -> tuple[list[tuple], list[dict]]:
         """(decoded records, skipped-image reports) of `indices`, decoded in threads."""
@@ -180,7 +206,8 @@ class _LatentWriter:
         final = self.out_dir / name
         tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
         o, c = self.opts, self.c
-        skipped = []
+        skipped, converted = [], {}
+        captionless = 0
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for start in range(0, len(indices), o.batch_size):
                 records, bad = self._load(indices[start: start + o.batch_size])
@@ -191,7 +218,6 @@ class _LatentWriter:
                 keys = [r[0] for r in records]
                 pixels = np.stack([r[1] for r in records])
                 clean = to_model_units(torch.from_numpy(pixels).permute(0, 3, 1, 2))
-                check_image_range(clean, f"{final} (clean images)")
                 # Stored in float16; the noisy copy is made from the stored value so that
                 # the two members agree exactly.
                 z0 = encode_latents(c.vae, clean.to(self.device), keys, o.noise_seed,
@@ -200,17 +226,25 @@ class _LatentWriter:
                 text = (encode_text(c.text_encoder, c.tokenizer, captions).half().cpu()
                         if o.text_embeddings else None)
                 for j, (key, image, label, caption, meta) in enumerate(records):
+                    where = f"{final}, key {key}"
                     noisy = make_noisy_copy(z0[j].float(), 0.0, o.noise_seed, key, "latent_v", o.t_n)
                     _tar_member(tar, f"{key}.{CLEAN_EXT}", encode_png(image))
-                    _tar_member(tar, f"{key}.{NOISY_EXT}", encode_npy(noisy.numpy().astype(np.float16)))
+                    _tar_member(tar, f"{key}.{NOISY_EXT}", encode_npy(
+                        finite_array(noisy.numpy().astype(np.float16), where, "noisy latent")))
                     record = {"key": key, "label": label, "caption": caption or "", "meta": meta}
                     _tar_member(tar, f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
+                    count_conversion(converted, meta)
+                    captionless += bool(meta.get("caption_missing"))
                     if not o.online:
-                        _tar_member(tar, f"{key}.{LATENT_EXT}", encode_npy(z0[j].numpy()))
+                        _tar_member(tar, f"{key}.{LATENT_EXT}",
+                                    encode_npy(finite_array(z0[j].numpy(), where, "VAE latent")))
                     if text is not None:
-                        _tar_member(tar, f"{key}.{TEXT_EXT}", encode_npy(text[j].numpy()))
+                        _tar_member(tar, f"{key}.{TEXT_EXT}",
+                                    encode_npy(finite_array(text[j].numpy(), where, "text embedding")))
                 bar.update(len(records))
-        return _finish_shard(tmp, final, skipped)
+        entry = _finish_shard(tmp, final, skipped, converted)
+        entry["captionless"] = captionless
+        return entry
 
 
 @dataclass
@@ -289,7 +323,7 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
         "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
         "latent_shape": latent_shape, "noisy_shape": latent_shape,
         "scaling_factor": components.scaling_factor, "online": opts.online,
-        "text_embeddings": opts.text_embeddings,
+        "text_embeddings": opts.text_embeddings, "missing_caption": opts.missing_caption,
         "members": {"clean": CLEAN_EXT, "noisy": NOISY_EXT, "meta": META_EXT,
                     "latent": None if opts.online else LATENT_EXT,
                     "text": TEXT_EXT if opts.text_embeddings else None,
@@ -337,8 +371,11 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
     manifest["shards"] = [entries[n] for n in names]
     manifest["heldout"] = held
     manifest["skipped"] = [s for e in manifest["shards"] for s in e.get("skipped", [])]
+    manifest["converted"] = merge_conversions(manifest["shards"])
     manifest["counts"] = {"train": sum(e["samples"] for e in manifest["shards"]),
-                          "heldout": heldout, "skipped": len(manifest["skipped"])}
+                          "heldout": heldout, "skipped": len(manifest["skipped"]),
+                          "converted": sum(manifest["converted"].values()),
+                          "captionless_kept": sum(e.get("captionless", 0) for e in manifest["shards"])}
     manifest["complete"] = True
     write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
@@ -420,7 +457,7 @@ class LatentShardSet(ShardSet):
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise ShardError(f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}: .{ext} has "
                              f"shape {list(arr.shape)}, expected {list(shape)}")
-        return arr
+        return finite_array(arr, f"{self.paths[int(self.shard_of[i])]}, key {self.keys[i]}", f".{ext} member")
 
     def latent(self, i: int) -> np.ndarray:
         return self._npy(i, LATENT_EXT, self.latent_shape)

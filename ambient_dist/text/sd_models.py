@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ambient_dist.errors import UserError
 from ambient_dist.noise import DDPM_BETA_END, DDPM_BETA_START, DDPM_STEPS
 
 PARTS = ("vae", "text_encoder", "tokenizer", "unet")
@@ -43,7 +44,7 @@ SD2_UNET_CONFIG = dict(sample_size=96, in_channels=4, out_channels=4, layers_per
 SD2_TEXT_TOKENS = 77
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A missing or unsuitable model directory; the message names the path."""
 
 
