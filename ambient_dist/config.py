@@ -515,6 +515,14 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(s.num_images >= 1, "sampling.num_images", "must be >= 1")
     c(cfg.distributed.zero_stage in (0, 1, 2, 3), "distributed.zero_stage",
       f"must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    if cfg.distributed.engine == "deepspeed" and not cfg.distributed.deepspeed_config:
+        # The DeepSpeed config we build asks for fp32 gradient accumulation; with bf16 weights
+        # DeepSpeed provides that (and fp32 master weights) only inside its ZeRO optimizers and
+        # raises NotImplementedError at stage 0. A user JSON is DeepSpeed's to judge.
+        c(not (cfg.distributed.zero_stage == 0 and t.precision == "bf16"), "distributed.zero_stage",
+          "0 cannot be combined with train.precision=bf16: DeepSpeed keeps fp32 master weights "
+          "and accumulates bf16 gradients in fp32 only under ZeRO; use distributed.zero_stage=1 "
+          "(or 2, 3), or train.precision=fp32")
     c(cfg.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0")
     if cfg.distributed.deepspeed_config and check_paths:
         c(Path(cfg.distributed.deepspeed_config).is_file(), "distributed.deepspeed_config",

@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="sample folder or WebDataset shards (launchers/sample.py output)")
     p.add_argument("--shards", "--train", dest="shards", help="training shards (default: data.shards of the run's config)")
     p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
-    p.add_argument("--num", type=int, default=0, help="use (or generate) this many samples; 0 = all")
+    p.add_argument("--num", type=int, default=0,
+                   help="use the first NUM samples, making any that are missing (a run's samples: "
+                        "its first NUM images; 0 = all that samples.json records, else 50000)")
+    p.add_argument("--resample", action="store_true",
+                   help="a run's samples were made from other weights (training continued): "
+                        "delete and remake them")
     p.add_argument("--features", choices=("inception", "dinov2", "sscd", "pixels"),
                    help="memorization feature space (default: evaluation.memorization_features)")
     p.add_argument("--inception-path", default="", help="TorchScript Inception-2015-12-05 file")
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
     device = str(info.device) if args.device == "auto" else args.device
     opts = ev.EvalOptions(
         samples=args.samples, run_dir=args.run_dir, shards=args.shards, out=args.out, num=args.num,
-        features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
+        resample=args.resample, features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
         sscd_path=args.sscd_path, thresholds=args.thresholds, fid=not args.no_fid,
         fid_reference=args.fid_reference, cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
         baseline=args.baseline, compare=args.compare, batch=args.batch, device=device,

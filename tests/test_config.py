@@ -150,3 +150,20 @@ def test_baseline_methods_are_validated():
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+
+
+def test_deepspeed_zero_stage_0_with_bf16_is_refused_naming_the_key():
+    # DeepSpeed raises NotImplementedError (grad_accum_dtype) deep inside its initialize for
+    # this pair; validation refuses it first. tests/test_engine_deepspeed.py runs the others.
+    ds = ["distributed.engine=deepspeed", "train.precision=bf16"]
+    message = ("distributed.zero_stage: 0 cannot be combined with train.precision=bf16: DeepSpeed "
+               "keeps fp32 master weights and accumulates bf16 gradients in fp32 only under ZeRO; "
+               "use distributed.zero_stage=1 (or 2, 3), or train.precision=fp32 [overrides]")
+    assert _err(ds + ["distributed.zero_stage=0"]) == message
+    for stage in (1, 2, 3):
+        assert load_config(None, ds + [f"distributed.zero_stage={stage}"]).distributed.zero_stage == stage
+    assert load_config(None, ["distributed.engine=deepspeed", "distributed.zero_stage=0"])
+    # The plain engine ignores zero_stage; a user DeepSpeed JSON replaces the config we build.
+    assert load_config(None, ["train.precision=bf16", "distributed.zero_stage=0"])
+    user_json = ROOT / "configs" / "deepspeed" / "zero3.json"
+    assert load_config(None, ds + ["distributed.zero_stage=0", f"distributed.deepspeed_config={user_json}"])

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ambient_dist.config import load_config, to_dict
+from ambient_dist.config import ConfigError, load_config, to_dict
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.deepspeed_engine import deepspeed_config
 
@@ -199,7 +199,7 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
     train_ranks(["--config", str(config), "name=z3"])
     run = tmp_path / "runs" / "z3"
     ckpt = final_checkpoint(run)
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # tag from its `latest`
     exported = load_file(str(run / "ema.safetensors"))
     assert consolidated.keys() <= exported.keys() and len(consolidated) > 20
     assert "unet.map_augment.weight" in consolidated
@@ -208,6 +208,54 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
     biggest = max(consolidated, key=lambda k: consolidated[k].numel())
     part = rank_ema(ckpt, 1)[f"ema.{biggest}"]
     assert part.numel() < exported[biggest].numel()  # rank 1 holds only its share
+
+
+@pytest.mark.slow
+def test_deepspeeds_zero_to_fp32_script_recovers_the_weights_the_standard_way(shards, tmp_path):  # noqa: F811
+    # The README's command, exactly: the script DeepSpeed wrote into the checkpoint, given
+    # only the checkpoint directory and an output directory -- no --tag. It reads the tag
+    # from the `latest` file in that directory and merges the ranks' ZeRO-2 partitions of
+    # the fp32 master weights. With a zero EMA half-life our ema.safetensors export is the
+    # live fp32 weights, which the consolidated ones must equal.
+    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2,
+                                               "train.ema_halflife_kimg": 0.0})
+    train_ranks(["--config", str(config), "name=fp32"])
+    run = tmp_path / "runs" / "fp32"
+    ckpt = final_checkpoint(run)
+    assert ckpt.name == "ckpt-000000000048" and (ckpt / "zero_to_fp32.py").is_file()
+    out = tmp_path / "consolidated"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([PY, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    recovered = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    ours = load_file(str(run / "ema.safetensors"))
+    assert recovered.keys() == ours.keys()
+    for name, weight in ours.items():
+        assert recovered[name].dtype == torch.float32, name
+        assert torch.allclose(recovered[name], weight), name
+
+
+# Every zero_stage x precision pair our generated DeepSpeed config can ask for: each either
+# trains or is refused by config validation, never left to fail inside DeepSpeed.
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_and_precision_trains_or_is_refused_up_front(shards, tmp_path, stage,  # noqa: F811
+                                                                      precision):
+    options = {"distributed.zero_stage": stage, "train.precision": precision,
+               "train.total_kimg": 0.016, "train.checkpoint_every_kimg": 0.016}
+    if (stage, precision) == (0, "bf16"):  # DeepSpeed has no fp32 gradient accumulation there
+        with pytest.raises(ConfigError, match=r"^distributed\.zero_stage: 0 cannot be combined"):
+            write_config(tmp_path, shards, **options)
+        return
+    config = write_config(tmp_path, shards, **options)
+    train_ranks(["--config", str(config), "name=pair"])
+    ckpt = final_checkpoint(tmp_path / "runs" / "pair")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["images_seen"], meta["bad_steps"]) == (16, 0)  # two steps, both applied
+    ema = rank_ema(ckpt, 0)
+    assert ema and all(torch.isfinite(v).all() for v in ema.values())
 
 
 @pytest.mark.slow

@@ -184,3 +184,53 @@ def test_two_rank_evaluation_equals_one_rank(setup, evaluated, tmp_path):
         assert two["memorization"]["heldout"][key] == pytest.approx(one["memorization"]["heldout"][key], abs=1e-6)
     assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-6, abs=1e-6)
     assert two["fid"]["reference_count"] == one["fid"]["reference_count"] == 24
+
+
+def test_samples_are_checked_against_what_their_record_says(setup, tmp_path, capsys):
+    """Field cases: (a) samples of older weights were reused after training continued, (b) a
+    folder missing 5 of its 12 samples was reported on 7, (c) --num 6 with 12 present was refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    root, runs = setup
+    run = tmp_path / "run"
+    shutil.copytree(runs["edm"], run, ignore=shutil.ignore_patterns("samples", "eval"))
+    common = ["--batch", "4", "--inception-path", str(root / "standin.pt"), "--cache-dir",
+              str(root / "cache"), "--quiet"]
+    assert sample_launcher.main(["--run", str(run), "--num", "12", "--quiet"]) == 0
+    # (c) a smaller --num uses the first 6 of the 12; the record still says 12
+    assert evaluate_launcher.main([str(run), "--num", "6", *common]) == 0
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["num_samples"] == 6
+    assert json.loads((run / "samples" / "samples.json").read_text())["num"] == 12
+    # (b) PNGs deleted from a run's samples are made again; from a bare folder they are refused
+    pngs = sorted((run / "samples").rglob("*.png"))
+    kept = tmp_path / "folder"
+    shutil.copytree(run / "samples", kept)
+    for p in pngs[:5]:
+        p.unlink()
+    assert evaluate_launcher.main([str(run), *common]) == 0
+    assert json.loads((run / "eval" / "report.json").read_text())["num_samples"] == 12
+    assert len(list((run / "samples").rglob("*.png"))) == 12
+    for p in sorted(kept.rglob("*.png"))[:5]:
+        p.unlink()
+    capsys.readouterr()
+    assert evaluate_launcher.main(["--samples", str(kept), "--train", str(root / "shards"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {kept}: 7 samples there, but 12") and "Traceback" not in err
+    # (a) the run trained on: its EMA changed, so its samples are of other weights
+    weights = load_file(str(run / "ema.safetensors"))
+    save_file({k: v.contiguous() for k, v in perturb_state(weights).items()}, str(run / "ema.safetensors"))
+    assert evaluate_launcher.main([str(run), *common]) == 2
+    err = capsys.readouterr().err
+    assert "weights_sha" in err and "--resample" in err
+    assert evaluate_launcher.main([str(run), "--resample", *common]) == 0
+    meta = json.loads((run / "samples" / "samples.json").read_text())
+    from ambient_dist.metrics.samples import file_digest
+    assert meta["weights_sha"] == file_digest(run / "ema.safetensors") and meta["num"] == 12
+
+
+def perturb_state(state: dict) -> dict:
+    g = torch.Generator().manual_seed(7)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in state.items()}

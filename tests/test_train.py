@@ -315,3 +315,22 @@ def overrides_config(tmp_path, overrides: list[str]) -> list[str]:
     empty = tmp_path / "empty.yaml"
     empty.write_text("{}\n")
     return ["--config", str(empty), *overrides]
+
+
+def test_resume_on_remade_shards_is_refused_naming_what_changed(tmp_path, capsys):
+    """Field case: shards of the same images remade with --noise-seed 1, then
+    `train.py --resume RUN data.shards=<new>`: every fixed noisy copy was silently swapped."""
+    opts = dict(resolution=16, channels=1, sigma_tn=0.5, count=32, heldout=8, samples_per_shard=16)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = random_grey_shards(tmp_path / "a", 40, 16, ShardOptions(**opts, noise_seed=0))
+    second = random_grey_shards(tmp_path / "b", 40, 16, ShardOptions(**opts, noise_seed=1))
+    run = tmp_path / "runs" / "toy"
+    assert train_launcher.main(overrides_config(tmp_path, toy_overrides(first, tmp_path / "runs")) + ["name=toy"]) == 0
+    capsys.readouterr()
+    rc = train_launcher.main(["--resume", str(run), f"data.shards={second}", "train.total_kimg=0.064"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: data.shards") and "noise_seed 0 then, 1 now" in err
+    assert "one fixed noisy copy per image" in err and "Traceback" not in err
+    # The same shards resume as before.
+    assert train_launcher.main(["--resume", str(run), "train.total_kimg=0.064"]) == 0

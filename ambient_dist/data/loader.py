@@ -55,9 +55,27 @@ class PlannedLoader:
         """Samples consumed by all ranks together after the batches yielded so far."""
         return self.plan.samples_seen(self.steps_done)
 
+    # Manifest fields that decide the stored data, recorded with the loader position so that a
+    # resume can say what changed if the shards were remade (data_differences).
+    DATA_FIELDS = ("noise_seed", "sigma_tn", "t_n", "subset_seed", "resolution", "channels")
+
     def state_dict(self) -> dict:
+        m = self.shards.manifest
         return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
-                "num_samples": self.num_samples, "manifest_plan": self.shards.manifest["plan"]}
+                "num_samples": self.num_samples, "manifest_plan": m["plan"],
+                "shards": str(self.shards.dir),
+                "data": {k: m.get(k) for k in self.DATA_FIELDS}}
+
+    def data_differences(self, saved: dict) -> list[str]:
+        """What differs between the data a checkpoint's loader `saved` and these shards;
+        empty when they hold the same images and the same fixed noisy copies."""
+        now = self.state_dict()
+        if saved.get("manifest_plan") == now["manifest_plan"]:
+            return []
+        old = saved.get("data") or {}
+        diffs = [f"{k} {old[k]} then, {now['data'][k]} now" for k in self.DATA_FIELDS
+                 if k in old and old[k] != now["data"][k]]
+        return diffs or ["the shards' plan hash (the source images or options)"]
 
     def __iter__(self):
         return self

@@ -6,7 +6,8 @@ the same code. What changes:
 
 - `deepspeed_config(cfg, world_size)` derives DeepSpeed's JSON from our config: global batch,
   per-rank micro-batch and accumulation steps (validated to divide evenly), clipping, bf16
-  (DeepSpeed then keeps fp32 master weights and accumulates gradients in fp32), ZeRO stage.
+  (DeepSpeed then keeps fp32 master weights and accumulates gradients in fp32 -- which it
+  does only inside a ZeRO optimizer, so config validation refuses bf16 at ZeRO stage 0), ZeRO stage.
   A user JSON (`distributed.deepspeed_config`, e.g. configs/deepspeed/zero3.json) replaces
   ours, except that its batch sizes must agree with the config.
 - The optimizer is torch's Adam/AdamW built from `optimizer.*` (fused on CUDA), handed to
@@ -19,9 +20,11 @@ the same code. What changes:
   averages them. With bf16 the live weights DeepSpeed exposes are the bf16 copies; the EMA
   averages those in fp32 (the fp32 masters are flattened inside the optimizer).
 - Checkpoints: every rank writes into one staging directory -- DeepSpeed's own checkpoint
-  (tag `deepspeed`, readable by DeepSpeed's zero_to_fp32 tooling) plus `rank<r>.safetensors`
-  with that rank's EMA (partition) and RNG states -- and rank 0 writes meta.json and
-  publishes it (rename, then `latest`) after a barrier. Resume needs the same world size.
+  (tag subdirectory `deepspeed`, DeepSpeed's `latest` file naming it, and its zero_to_fp32.py,
+  so `python ckpt-N/zero_to_fp32.py ckpt-N OUT` works as DeepSpeed documents it) plus
+  `rank<r>.safetensors` with that rank's EMA (partition) and RNG states -- and rank 0 writes
+  meta.json and publishes it (rename, then checkpoints/latest) after a barrier. Resume needs
+  the same world size.
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict:
         **batch_keys, **_QUIET,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
-        # fp32 gradient accumulation across micro-batches, also under bf16.
+        # fp32 gradient accumulation across micro-batches, also under bf16. DeepSpeed honours
+        # it with bf16 only at ZeRO stages 1-3 (stage 0 raises), hence validate()'s refusal.
         "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
         # Our optimizer is torch's Adam/AdamW, which DeepSpeed calls "untested" for ZeRO.
@@ -136,7 +140,11 @@ class DeepSpeedTrainer(Trainer):
             self.checkpoints.stage(self.images_seen)
         barrier(self.dist)
         tmp = self.checkpoints.staging_path(self.images_seen)
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        # save_latest: DeepSpeed's zero_to_fp32 finds the tag through a `latest` file in the
+        # directory it is given; without one it demands --tag. The file lands in the staging
+        # directory, so it is published atomically with the rest; our own resume passes the
+        # tag explicitly and our checkpoints/latest (one level up) is a different file.
+        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True)
         save_tensors({**{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
                       **{f"rng.{k}": v for k, v in self._rng_states().items()}},
                      self._rank_file(tmp))

@@ -115,6 +115,8 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.loader = self._build_loader()
+        if resume_from is not None:
+            self._check_same_data(resume_from)
         self.batches = iter(self.loader)
         self.stats = TrainingStats()
 
@@ -270,6 +272,18 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks; this "
                               f"run has {self.world_size}. Resume at the same world size (the "
                               "per-rank optimizer partitions and data positions depend on it).")
+
+    def _check_same_data(self, path: Path) -> None:
+        """Refuse to resume on other data: the method trains on ONE fixed noisy copy per image
+        for the whole run, and remade shards (another noise seed, say) would swap every copy."""
+        saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("loader")
+        diffs = self.loader.data_differences(saved) if saved else []
+        if diffs:
+            raise ConfigError(
+                f"data.shards ({self.cfg.data.shards}) is not the data checkpoint {path} was trained "
+                f"on ({saved.get('shards', 'shards of another plan')}): {'; '.join(diffs)}. The "
+                "method keeps one fixed noisy copy per image for the whole run, so it cannot "
+                "continue on remade shards: resume with the original shards, or start a new run")
 
     def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
         torch.set_rng_state(rng["torch"])

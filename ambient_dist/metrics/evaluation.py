@@ -16,6 +16,7 @@ Only rank 0 writes files; every rank takes part in the feature extraction.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ class EvalOptions:
     shards: Optional[str] = None           # training shards (default: the run's data.shards)
     out: Optional[str] = None              # report directory
     num: int = 0                           # use (or generate) this many samples; 0 = all / 50000
+    resample: bool = False                 # replace a run's samples made from other weights
     features: Optional[str] = None         # memorization space (default: config's)
     inception_path: str = ""
     dinov2_path: str = ""
@@ -73,28 +75,54 @@ def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
     return None
 
 
+def _recorded_count(path: Path) -> int:
+    """How many samples samples.json says the set holds (0 without one)."""
+    meta = path / S.META_NAME
+    return int(json.loads(meta.read_text()).get("num", 0)) if meta.is_file() else 0
+
+
 def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path, torch.Tensor]:
-    """Where the samples are, and the images themselves (uint8 [N, C, H, W])."""
+    """Where the samples are, and the images themselves (uint8 [N, C, H, W]).
+
+    Nothing is trusted unchecked: a run's samples are (re)made from the run's current EMA
+    weights (missing images are filled in; a set made from other weights is refused unless
+    --resample), and a sample folder must hold as many images as its samples.json records."""
     if opts.samples:
         path = Path(opts.samples)
+        wanted = opts.num or _recorded_count(path)
     elif opts.run_dir:
         path = Path(opts.run_dir) / "samples"
-        if not (path / S.META_NAME).is_file() or opts.num:
-            _generate_for_run(opts, path)
+        wanted = opts.num or _recorded_count(path) or 50000
+        _generate_for_run(opts, path, wanted)
     else:
         raise S.SampleStoreError("give --samples or a run directory")
-    _, images, _ = S.read_samples(path, limit=opts.num)
+    _, images, _ = S.read_samples(path, limit=wanted)
+    if wanted and len(images) < wanted:
+        raise S.SampleStoreError(
+            f"{path}: {len(images)} samples there, but {wanted} were asked for or recorded in "
+            f"{S.META_NAME}; re-run launchers/sample.py with the same options to fill in the "
+            "missing ones (it continues where it stopped), or pass --num")
     return path, images
 
 
-def _generate_for_run(opts: EvalOptions, path: Path) -> None:
+def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
     """Sample the run's EMA into <run>/samples (resumable; what sample.py does with defaults)."""
+    import shutil
+
     from ambient_dist import sampling
     rank, world, _ = mdist.env_rank_world()
     net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
-    S.sample_run(net, weights, path, opts.num or 50000, cfg.sampling.seed,
-                 sampling.SamplerSettings.for_run(cfg), batch=opts.batch,
-                 rank=rank, world=world, device=opts.device, progress=opts.progress)
+    if opts.resample and rank == 0 and path.exists():
+        shutil.rmtree(path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    try:
+        S.sample_run(net, weights, path, num, cfg.sampling.seed,
+                     sampling.SamplerSettings.for_run(cfg), batch=opts.batch,
+                     rank=rank, world=world, device=opts.device, progress=opts.progress)
+    except S.SampleStoreError as e:
+        raise S.SampleStoreError(f"{e}. If the run trained on since they were made, evaluate its "
+                                 "current weights with --resample (replaces them)") from None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

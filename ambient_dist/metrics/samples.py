@@ -151,17 +151,22 @@ class SampleStore:
 
     # metadata -----------------------------------------------------------------------
     def check_meta(self, meta: SampleMeta) -> None:
-        """Write samples.json, or check that the one there describes the same sample set."""
+        """Write samples.json, or check that the one there describes the same sample set.
+
+        The count is not part of what makes a sample set: image n depends only on (weights,
+        seed, sampler, n), so a set of 12 serves a request for 6 (its first 6) and one for 20
+        (8 more are made, and samples.json records 20)."""
         path = self.root / META_NAME
         wanted = asdict(meta)
         if path.is_file():
             have = json.loads(path.read_text())
-            diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+            diff = {k: (have.get(k), v) for k, v in wanted.items() if k != "num" and have.get(k) != v}
             if diff:
                 raise SampleStoreError(
                     f"{self.root} holds samples made differently ({'; '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
                     "choose another --out or delete it")
-            return
+            if have.get("num", 0) >= meta.num:
+                return
         _write_atomic(path, (json.dumps(wanted, indent=1) + "\n").encode())
 
     # writing ------------------------------------------------------------------------

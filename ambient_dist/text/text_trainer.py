@@ -149,6 +149,9 @@ class ConditionedLoader:
     def state_dict(self) -> dict:
         return self.latents.state_dict()
 
+    def data_differences(self, saved: dict) -> list[str]:
+        return self.latents.data_differences(saved)
+
     def close(self) -> None:
         self.latents.close()
 
