@@ -177,13 +177,18 @@ def make_noisy_copy(x0: torch.Tensor, sigma_tn: float, dataset_seed: int, key: s
 # Units check
 # --------------------------------------------------------------------------------------
 
-def check_image_range(x: torch.Tensor, name: str) -> None:
-    """Raise ImageRangeError (naming `name`, e.g. the dataset or file) unless `x` is in [-1, 1].
+def check_image_range(x: torch.Tensor, name: str, tolerance: float = 1e-5) -> None:
+    """Raise ImageRangeError (naming `name`, e.g. the argument) unless `x` is in [-1, 1].
 
-    Catches the two usual unit mistakes, which would otherwise train silently on the wrong
-    noise scale: raw 0..255 values (anything above 1.5) and [0, 1] images (the `* 2 - 1` was
-    forgotten: every value in [0, 1]). Pass many images at once (a dataset, or a large
-    sample of it): a single bright image can legitimately have no negative pixel.
+    The cheap units check of the public entry points that take float images (the loss
+    classes on their first batch, the memorization summary, the denoiser attraction): the
+    data the launchers pass comes through data.augment.to_model_units and is right by
+    construction, but a library caller's tensor may not be. Catches the two usual mistakes,
+    which would otherwise give silently different numbers: raw 0..255 values (anything above
+    1.5) and [0, 1] images (the `* 2 - 1` was forgotten: every value in [0, 1]). Pass many
+    images at once (a batch or a set): one bright image can legitimately have no negative
+    pixel, a whole set of real images cannot. `tolerance`: how far outside [-1, 1] values may
+    go (generated samples overshoot a little; pixels from uint8 do not).
     """
     if x.numel() == 0:
         raise ImageRangeError(f"{name}: no pixels to check (empty tensor)")
@@ -195,8 +200,7 @@ def check_image_range(x: torch.Tensor, name: str) -> None:
         raise ImageRangeError(
             f"{name}: values reach {hi:g}; looks like raw 0..255 pixels. Images must be in "
             "[-1, 1]: convert with uint8 / 127.5 - 1")
-    # A small tolerance for float rounding of uint8 / 127.5 - 1; anything more is a bug.
-    if lo < -1.0 - 1e-5 or hi > 1.0 + 1e-5:
+    if lo < -1.0 - tolerance or hi > 1.0 + tolerance:
         raise ImageRangeError(f"{name}: values span [{lo:g}, {hi:g}], outside [-1, 1]")
     if lo >= 0.0:
         raise ImageRangeError(

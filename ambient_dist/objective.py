@@ -33,7 +33,8 @@ from typing import Callable, Optional
 import torch
 
 from ambient_dist.config import ObjectiveConfig
-from ambient_dist.noise import DDPM_STEPS, ddpm_alpha_sigma, vp_alpha_sigma, vp_sigma, vp_t
+from ambient_dist.noise import (DDPM_STEPS, check_image_range, ddpm_alpha_sigma, vp_alpha_sigma,
+                                vp_sigma, vp_t)
 
 # --------------------------------------------------------------------------------------
 # Random draws. With a generator, draws come from it (on its device) so a test can replay
@@ -326,12 +327,29 @@ class LossOutput:
     sigma: torch.Tensor       # [B] (VE-equivalent) noise level, for logging
 
 
+def _check_first_batch(loss, clean: torch.Tensor) -> None:
+    """The loss classes' units check of pixel images in [-1, 1] (objective.md: images in [0, 1]
+    silently halve the noise). Once, on the first batch: one host synchronisation per run,
+    none per step."""
+    if not loss._units_checked:
+        check_image_range(clean, f"{type(loss).__name__}: clean images (first batch)")
+        loss._units_checked = True
+
+
 class _AmbientLoss:
-    """Shared call path. Subclasses say how to draw noise levels and build coefficients."""
+    """Shared call path. Subclasses say how to draw noise levels and build coefficients.
+
+    Called as loss_fn(net, clean, noisy, ...): clean float [B, C, H, W] in [-1, 1] (pixel
+    forms; checked on the first call, ImageRangeError for [0, 1] or 0..255 input) or latents
+    (latent_v); noisy: the stored noisy copies, same shape (float16 or float32)."""
+
+    # Pixel forms check the units of their first batch; latents have no fixed range.
+    checks_pixel_units = True
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
         self._impl: dict[str, str] = {}
+        self._units_checked = not self.checks_pixel_units
 
     def draw_levels(self, batch: int, device, generator=None):
         """(noise level [B], ambient bool [B])."""
@@ -366,6 +384,7 @@ class _AmbientLoss:
         if mask is not None:
             raise ValueError(f"objective.method={self.cfg.method!r} takes no inpainting masks "
                              "(these shards were made for objective.method=masking)")
+        _check_first_batch(self, clean)
         level, ambient, eps = self.draw_noise(clean, generator, eps)
         network = self.network(net)
         if augment is not None:
@@ -451,6 +470,8 @@ class LatentVAmbientLoss(_AmbientLoss):
     `net` is a callable v(z_t, t, cond) -- or an object whose .raw is one.
     """
 
+    checks_pixel_units = False  # VAE latents, not [-1, 1] images
+
     def __init__(self, cfg: ObjectiveConfig):
         super().__init__(cfg)
         if cfg.sigma_tn > 0 and cfg.branch_rule == "uniform" and cfg.t_n >= DDPM_STEPS - 1:
@@ -507,6 +528,7 @@ class MaskingLoss:
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
+        self._units_checked = False
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
                  generator: Optional[torch.Generator] = None, eps=None,
@@ -520,6 +542,7 @@ class MaskingLoss:
         if mask.shape != clean.shape:
             raise ValueError(f"inpainting masks have shape {tuple(mask.shape)}, clean images "
                              f"{tuple(clean.shape)}")
+        _check_first_batch(self, clean)
         c = self.cfg
         _check_sigma_data(c, net)
         sigma = (draw_normal([clean.shape[0]], generator, clean.device) * c.P_std + c.P_mean).exp()

@@ -291,3 +291,19 @@ def test_denoiser_attraction_separates_a_memorizer_from_a_generalizer():
     assert again == gen
     with pytest.raises(ValueError, match=r"\[0, 1\] units"):
         denoiser_attraction(shrinker, (held + 1) / 2, train)
+
+
+def test_memorization_summary_refuses_images_in_zero_one_units():
+    """Field case: the summary called with [0, 1] images returned other numbers, no error."""
+    from ambient_dist.config import EvaluationConfig
+    from ambient_dist.noise import ImageRangeError
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(10, 1, 8, 8, generator=g) * 2 - 1
+    gen = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    cfg = EvaluationConfig(memorization_features="pixels", thresholds=[0.9])
+    mem.memorization_summary(gen * 1.3, train, None, cfg)     # overshooting samples are clamped, fine
+    for bad in ("generated", "train"):
+        args = [gen, train]
+        args[bad == "train"] = (args[bad == "train"] + 1) / 2
+        with pytest.raises(ImageRangeError, match=r"\[0, 1\] units"):
+            mem.memorization_summary(args[0], args[1], None, cfg)

@@ -599,7 +599,7 @@ def test_masking_loss_never_reads_pixels_the_fixed_mask_erased():
     net = EDMPrecond(unet, 8, 1, 0)
     net.mask_input = True
     from helpers import perturb
-    perturb(net)
+    perturb(net).eval()   # no dropout: two calls must see the same network
     x0 = torch.rand(6, 1, 8, 8, generator=gen(5)) * 2 - 1
     A = (torch.rand(x0.shape, generator=gen(6)) >= 0.4).float()
     loss_fn = build_loss(ObjectiveConfig(method="masking", sigma_tn=0.0))
@@ -623,3 +623,27 @@ def test_masking_loss_never_reads_pixels_the_fixed_mask_erased():
 def test_ambient_loss_refuses_masks():
     with pytest.raises(ValueError, match="takes no inpainting masks"):
         build_loss(ObjectiveConfig(sigma_tn=0.5))(FakePrecond(), *images(), mask=torch.ones(16, 3, 8, 8))
+
+
+class MaskedFake(FakePrecond):
+    """A mask-conditioned stand-in: the FakePrecond on the kept pixels."""
+
+    def forward(self, x, sigma, labels=None, mask=None):
+        return super().forward(x * mask, sigma, labels)
+
+
+@pytest.mark.parametrize("method, sigma_tn", [("ambient", 0.5), ("ambient", 0.0), ("noise_only", 0.5), ("masking", 0.0)])
+def test_the_loss_refuses_images_in_zero_one_units(method, sigma_tn):
+    """Field case: the training loss called directly with [0, 1] images returned other numbers."""
+    from ambient_dist.noise import ImageRangeError
+    x0, n = images()
+    loss_fn = build_loss(ObjectiveConfig(method=method, sigma_tn=sigma_tn))
+    mask = torch.ones_like(x0) if method == "masking" else None
+    net = MaskedFake() if method == "masking" else FakePrecond()
+    with pytest.raises(ImageRangeError, match=r"clean images \(first batch\).*\[0, 1\] units"):
+        loss_fn(net, (x0 + 1) / 2, (x0 + 1) / 2 + 0.5 * n, generator=gen(), mask=mask)
+    with pytest.raises(ImageRangeError, match="raw 0..255"):
+        loss_fn(net, (x0 + 1) * 127.5, x0, generator=gen(), mask=mask)
+    loss_fn(net, x0, x0 + 0.5 * n, generator=gen(), mask=mask)           # [-1, 1]: fine
+    # Checked once: later batches cost no host synchronisation (and are not second-guessed).
+    loss_fn(net, (x0 + 1) / 2, x0 + 0.5 * n, generator=gen(), mask=mask)

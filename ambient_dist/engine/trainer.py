@@ -399,7 +399,7 @@ class Trainer:
             summary["pixels"] = metrics.memorization_summary(
                 images, train_images, heldout_images,
                 dataclasses.replace(ev, memorization_features="pixels"), self.device)
-        if heldout_images is not None:
+        if heldout_images is not None and not self.cfg.text.model_path:  # a pixel denoiser
             summary["attraction"] = self.denoiser_attraction(net, heldout_images[:128], train_images)
         if self.rank != 0:
             return None

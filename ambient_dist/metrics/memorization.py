@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ambient_dist.metrics import distributed as mdist
 from ambient_dist.metrics.features import build_extractor, extract, reference_features
+from ambient_dist.noise import check_image_range
 
 CARLINI_NEIGHBOURS = 50
 CARLINI_RATIO = 1.0 / 3.0
@@ -144,7 +145,8 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
                          generated_features: Optional[torch.Tensor] = None) -> dict:
     """Nearest-training-image similarity of generated images, calibrated by held-out images.
 
-    generated / train_images / heldout_images: float [N, C, H, W] in [-1, 1] (or uint8);
+    generated / train_images / heldout_images: float [N, C, H, W] in [-1, 1] (or uint8; float
+    sets in [0, 1] or 0..255 raise ImageRangeError);
     heldout_images may be None (the summary then says there is no calibration).
     eval_cfg: an `EvaluationConfig` (feature space, model paths, thresholds).
     train_features: already-extracted training features (evaluate.py passes them); otherwise
@@ -154,6 +156,14 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
     Returns a JSON-ready dict: feature space, thresholds, per-set statistics (fractions above
     each threshold, Carlini fraction, the full per-image distribution and nearest indices).
     """
+    if generated.is_floating_point():
+        # Sampler output overshoots [-1, 1]: score the images as they are saved (to_uint8
+        # clamps), so these numbers match an evaluation of the PNGs.
+        generated = generated.clamp(-1.0, 1.0)
+    for images, what in ((generated, "generated"), (train_images, "train_images"),
+                         (heldout_images, "heldout_images")):
+        if images is not None and images.is_floating_point():
+            check_image_range(images, f"memorization_summary({what})")  # [0, 1] or 0..255: refused
     kind = eval_cfg.memorization_features
     path = {"inception": eval_cfg.inception_path, "dinov2": eval_cfg.dinov2_path,
             "sscd": getattr(eval_cfg, "sscd_path", "")}.get(kind, "")
@@ -253,5 +263,4 @@ def attraction_noise(shape, seed: int, index: int) -> torch.Tensor:
 
 def _check_units(images: torch.Tensor, what: str) -> None:
     """Float images must be in [-1, 1]; [0, 1] input would pass silently otherwise."""
-    from ambient_dist.noise import check_image_range
     check_image_range(images.float(), what)

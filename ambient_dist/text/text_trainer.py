@@ -94,9 +94,11 @@ class TextAmbientLoss:
 
     def __call__(self, unet, clean: torch.Tensor, noisy: Optional[torch.Tensor],
                  cond: torch.Tensor, generator: Optional[torch.Generator] = None,
-                 augment=None) -> LossOutput:
+                 augment=None, mask=None) -> LossOutput:
         if augment is not None:  # config validation refuses augment.p > 0 for latents
             raise ValueError("TextAmbientLoss: latents take no geometric augmentation")
+        if mask is not None:  # objective.method=masking is refused for text at validation
+            raise ValueError("TextAmbientLoss: latents take no inpainting masks")
         if cond is None:
             raise ValueError("TextAmbientLoss: every sample needs a text embedding")
         cond, _ = self.dropout(cond, self.empty, generator)
@@ -205,10 +207,12 @@ class TextTraining:
         net.load_state_dict(state)
         return net.eval().requires_grad_(False)
 
-    def generate(self, num_images: int, every_rank: bool = False) -> Optional[torch.Tensor]:
-        """Images 0..num_images-1 from the EMA U-Net, guided by the training captions (or the
-        prompt file), on rank 0 (None elsewhere) or, with every_rank, on every rank."""
-        net = self.ema_network()  # every rank takes part in gathering the EMA
+    def generate(self, num_images: int, every_rank: bool = False,
+                 net: Optional[torch.nn.Module] = None) -> Optional[torch.Tensor]:
+        """Images 0..num_images-1 from the EMA U-Net (`net`, if already gathered), guided by
+        the training captions (or the prompt file), on rank 0 (None elsewhere) or, with
+        every_rank, on every rank."""
+        net = net or self.ema_network()  # every rank takes part in gathering the EMA
         if self.rank != 0 and not every_rank:
             return None
         bf16 = self.cfg.train.precision == "bf16"
