@@ -366,6 +366,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def build_typed(cls: type, raw: Any, prefix: str = "") -> Any:
+    """A dataclass of this module's kind from a plain dict, with the same checks and messages
+    as the experiment config (unknown keys named with a suggestion, types converted). Other
+    typed files (the study file, ambient_dist.study) are read with it."""
+    return _build(cls, raw, prefix)
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 

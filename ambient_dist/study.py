@@ -46,8 +46,9 @@ from typing import Literal, Optional
 import torch
 import yaml
 
-from ambient_dist.config import ConfigError, ExperimentConfig, _build, load_config, to_dict
+from ambient_dist.config import ConfigError, ExperimentConfig, build_typed, load_config, to_dict
 from ambient_dist.errors import UserError
+from ambient_dist.metrics.memorization import ATTRACTION_SIGMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("shards", "train", "sample", "evaluate")
@@ -92,10 +93,10 @@ class StudyEvaluation:
     # Held-out images that are the reference set of KID and FID.
     quality_reference: int = 1000
     # Denoiser attraction (Figure 3): noise levels and how many held-out images.
-    attraction_sigmas: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0])
+    attraction_sigmas: list[float] = field(default_factory=lambda: list(ATTRACTION_SIGMAS))
     attraction_images: int = 128
     # The Figure 3 panel: its noise level (one of attraction_sigmas) and how many rows.
-    figure_sigma: float = 2.0
+    figure_sigma: float = 1.0
     figure_rows: int = 6
     batch: int = 64
 
@@ -147,7 +148,7 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None,
         raise StudyError(f"study file {path}: not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-        study = _build(StudyConfig, raw, "")
+        study = build_typed(StudyConfig, raw)
     except yaml.YAMLError as e:
         raise StudyError(f"study file {path}: not valid YAML: {e}") from None
     except ConfigError as e:
