@@ -288,14 +288,28 @@ def train_run(spec: RunSpec, env: dict, log: Path) -> None:
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"train.py exited with {rc} (log {log}):\n    " + "\n    ".join(tail))
+    # train.py also exits 0 when preempted (SIGTERM: checkpoint, then exit): only a run that
+    # reached its length is done.
+    total = int(round(spec.config.train.total_kimg * 1000))
+    from ambient_dist.engine.checkpoint import CheckpointManager
+    latest = CheckpointManager(spec.run_dir, spec.config.train.keep_checkpoints).latest()
+    seen = json.loads((latest / "meta.json").read_text())["images_seen"] if latest else 0
+    if seen < total:
+        raise RuntimeError(f"training stopped at {seen} of {total} images (preempted?); run the "
+                           "study again to continue it")
     _write_json(done, {"fingerprint": spec.config.fingerprint(), "seconds": time.time() - start,
-                       "images": int(round(spec.config.train.total_kimg * 1000))})
+                       "images": total})
 
 
 def sample_run(study: StudyConfig, spec: RunSpec, device: str, progress: bool) -> None:
+    import shutil
+
     from ambient_dist import sampling
     from ambient_dist.metrics import samples as S
     net, cfg, weights = S.load_denoiser(spec.run_dir, device=device)
+    meta = spec.run_dir / "samples" / S.META_NAME
+    if meta.is_file() and json.loads(meta.read_text()).get("weights_sha") != S.file_digest(weights):
+        shutil.rmtree(meta.parent)  # made before the run trained on: the study owns this folder
     S.sample_run(net, weights, spec.run_dir / "samples", study.evaluation.num_samples,
                  cfg.sampling.seed, sampling.SamplerSettings.for_run(cfg),
                  batch=study.evaluation.batch, device=device, progress=progress)

@@ -116,3 +116,17 @@ def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsy
     assert "checksum mismatch" in again["failures"]["ambient-0.5-n12-s0"]
     assert again["rows"][0]["kid"]["values"] == by_run["ddpm"]["kid"]["values"]
     assert "## Failed runs" in (out / "report.md").read_text()
+
+    # A longer schedule: ddpm continues from its checkpoint (not from scratch), and its samples,
+    # made from the shorter run's weights, are replaced rather than reused.
+    longer = {**TOY, "runs": TOY["runs"][:1],
+              "overrides": [o.replace("train.total_kimg=0.096", "train.total_kimg=0.128")
+                            for o in TOY["overrides"]]}
+    old_sha = json.loads((runs["ddpm"] / "samples" / "samples.json").read_text())["weights_sha"]
+    assert study.main([str(write(tmp_path, longer, "longer.yaml")), "--out", str(out), "--device", "cpu"]) == 0
+    log = train_log.read_text()
+    assert "resuming from" in log and "at 96 images" in log
+    assert json.loads((runs["ddpm"] / "study-train.json").read_text())["images"] == 128
+    new_sha = json.loads((runs["ddpm"] / "samples" / "samples.json").read_text())["weights_sha"]
+    assert new_sha != old_sha
+    assert json.loads((runs["ddpm"] / "study-eval.json").read_text())["weights_sha"] == new_sha
