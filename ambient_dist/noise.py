@@ -205,5 +205,6 @@ def check_image_range(x: torch.Tensor, name: str, tolerance: float = 1e-5) -> No
     if lo >= 0.0:
         raise ImageRangeError(
             f"{name}: every value lies in [{lo:g}, {hi:g}] within [0, 1]; looks like [0, 1] "
-            "units (the `* 2 - 1` is missing), which silently halves the noise. Images must be "
-            "in [-1, 1]: convert with x * 2 - 1 (or uint8 / 127.5 - 1)")
+            "units (the `* 2 - 1` is missing: the results would silently differ, and training "
+            "would see half the noise). Images must be in [-1, 1]: convert with x * 2 - 1 (or "
+            "uint8 / 127.5 - 1)")

@@ -1,6 +1,6 @@
 """A memorization study: the paper's Tables 1-2 and Figures 1 and 3 from one study file.
 
-    python launchers/study.py configs/study-fashion-mnist-cpu.yaml
+    python launchers/study.py configs/studies/fashion-mnist-cpu.yaml
 
 A study file names a base experiment config, the training-set sizes, the runs (plain DDPM is
 `method: ambient, sigma_tn: 0`; Algorithm 1 at several sigma_tn; the noise-only and masking
@@ -239,7 +239,7 @@ def _run_spec(study: StudyConfig, base: Path, out_dir: Path, r: StudyRun, size: 
     try:
         cfg = load_config(base, overrides + ["data.shards="], check_paths=False)
     except ConfigError as e:
-        raise StudyError(f"runs[{r.name}]: {e}") from None
+        raise StudyError(f"runs[{r.name}] of the study file (overrides on {base.name}): {e}") from None
     shards = out_dir / "shards" / shard_tag(r, size, seed, cfg)
     cfg = dataclasses.replace(cfg, name=name, data=dataclasses.replace(cfg.data, shards=str(shards)))
     return RunSpec(r, size, seed, name, run_dir, shards, cfg)

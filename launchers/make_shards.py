@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--label-field", default="", help="img2dataset shards: json field holding the label")
     p.add_argument("--config", help="experiment YAML: take sigma_tn, form, resolution, channels from it")
     p.add_argument("--resolution", type=int, default=None, help="output size in pixels (default 32)")
-    p.add_argument("--channels", type=int, default=None, choices=[0, 1, 3], help="0 = the source's own")
+    p.add_argument("--channels", type=int, default=None, choices=[0, 1, 3], help="1 or 3; 0 = the source's own (1 for MNIST / Fashion-MNIST idx files, 3 for "
+                        "everything else, grey image folders included)")
     p.add_argument("--fit", default="auto", choices=FIT_MODES, help="resize+centre-crop, or pad")
     p.add_argument("--sigma-tn", type=float, default=None, help="noise level of the copies (default 0.5)")
     p.add_argument("--form", default=None, choices=["edm", "vp"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a memorization study (the paper's Tables 1-2, Figures 1 and 3) from one study file.
 
-    python launchers/study.py configs/study-fashion-mnist-cpu.yaml
+    python launchers/study.py configs/studies/fashion-mnist-cpu.yaml
     python launchers/study.py STUDY.yaml --out studies/mine --jobs 8 --device cuda
     python launchers/study.py STUDY.yaml --report-only        # rewrite report.md from what is done
     python launchers/study.py STUDY.yaml --check              # validate every run's config, then exit

@@ -36,7 +36,7 @@ def write(tmp_path, study, name="study.yaml") -> Path:
 @pytest.mark.parametrize("change, message", [
     ({"runs": [{"name": "a", "sigma": 0.5}]}, r"runs\[0\]\.sigma: unknown key \(did you mean 'sigma_tn'\?\)"),
     ({"evaluaton": {}}, "evaluaton: unknown key"),
-    ({"runs": [{"name": "n", "method": "noise_only", "sigma_tn": 0.0}]}, r"runs\[n\]: objective.sigma_tn: must be > 0"),
+    ({"runs": [{"name": "n", "method": "noise_only", "sigma_tn": 0.0}]}, r"runs\[n\] of the study file \(overrides on fashion-mnist-300.yaml\): objective.sigma_tn: must be > 0"),
     ({"runs": [{"name": "x", "overrides": ["train.batchh=3"]}]}, "train.batchh: unknown key"),
     ({"data": {"source": "/no/such/dataset"}}, "data.source: '/no/such/dataset'"),
     ({"base": "/no/such.yaml"}, "base: config file /no/such.yaml not found"),

@@ -116,13 +116,20 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    try:
-        S.sample_run(net, weights, path, num, cfg.sampling.seed,
-                     sampling.SamplerSettings.for_run(cfg), batch=opts.batch,
-                     rank=rank, world=world, device=opts.device, progress=opts.progress)
-    except S.SampleStoreError as e:
-        raise S.SampleStoreError(f"{e}. If the run trained on since they were made, evaluate its "
-                                 "current weights with --resample (replaces them)") from None
+    meta = path / S.META_NAME
+    if meta.is_file():
+        made_from, now = json.loads(meta.read_text()).get("weights_sha"), S.file_digest(weights)
+        if made_from != now:
+            raise S.SampleStoreError(
+                f"{path} holds samples of other weights (weights_sha {made_from} there; the run's "
+                f"{weights.name} is {now} now: it trained on since): pass --resample to replace "
+                f"them with samples of the current weights, or evaluate those samples as they are "
+                f"with --samples {path}")
+    made = S.sample_run(net, weights, path, num, cfg.sampling.seed,
+                        sampling.SamplerSettings.for_run(cfg), batch=opts.batch,
+                        rank=rank, world=world, device=opts.device, progress=opts.progress)
+    if made and rank == 0:
+        print(f"made {made} samples in {path} (missing from its {num})", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
