@@ -545,7 +545,8 @@ class MaskingLoss:
         _check_first_batch(self, clean)
         c = self.cfg
         _check_sigma_data(c, net)
-        sigma = (draw_normal([clean.shape[0]], generator, clean.device) * c.P_std + c.P_mean).exp()
+        sigma, _ = sample_lognormal_sigma(clean.shape[0], c.P_mean, c.P_std, 0.0, "threshold",
+                                          generator, clean.device)
         if eps is None:
             eps = draw_normal(clean.shape, generator, clean.device)
         keep = draw_uniform(clean.shape, generator, clean.device) >= c.mask_delta

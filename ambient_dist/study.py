@@ -307,9 +307,9 @@ def sample_run(study: StudyConfig, spec: RunSpec, device: str, progress: bool) -
     from ambient_dist import sampling
     from ambient_dist.metrics import samples as S
     net, cfg, weights = S.load_denoiser(spec.run_dir, device=device)
-    meta = spec.run_dir / "samples" / S.META_NAME
-    if meta.is_file() and json.loads(meta.read_text()).get("weights_sha") != S.file_digest(weights):
-        shutil.rmtree(meta.parent)  # made before the run trained on: the study owns this folder
+    meta = S.recorded_meta(spec.run_dir / "samples")
+    if meta is not None and meta.get("weights_sha") != S.file_digest(weights):
+        shutil.rmtree(spec.run_dir / "samples")  # made before the run trained on: the study owns it
     S.sample_run(net, weights, spec.run_dir / "samples", study.evaluation.num_samples,
                  cfg.sampling.seed, sampling.SamplerSettings.for_run(cfg),
                  batch=study.evaluation.batch, device=device, progress=progress)
@@ -326,13 +326,11 @@ class _References:
 
     def images(self, spec: RunSpec):
         """(train [n], calibration held-out, attraction held-out, quality held-out) float32 [-1, 1]."""
-        from ambient_dist import data
-        from ambient_dist.data.augment import to_model_units
+        from ambient_dist.data import load_model_images
         key = str(spec.shards)
-        if key not in self._images:
-            as_t = lambda a: to_model_units(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous())  # noqa: E731
-            train = as_t(data.load_images(spec.shards, "train")[1][: spec.size])
-            held = as_t(data.load_images(spec.shards, "heldout")[1])
+        if key not in self._images:  # one shard set's images at a time: runs come in order
+            train = load_model_images(spec.shards, "train", spec.size)
+            held = load_model_images(spec.shards, "heldout")
             ev = self.study.evaluation
             self._images = {key: (train, held[: ev.calibration_images], held[: ev.attraction_images],
                                   held[: ev.quality_reference])}
@@ -368,15 +366,15 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
     from ambient_dist.metrics import samples as S
     from ambient_dist.metrics.features import as_model_units, extract
     from ambient_dist.metrics.kid import kernel_inception_distance
-    from ambient_dist.metrics.memorization import denoiser_attraction, memorization_summary
+    from ambient_dist.metrics.memorization import memorization_summary, network_attraction
 
     out_path = spec.run_dir / "study-eval.json"
-    net, cfg, weights = S.load_denoiser(spec.run_dir, device=device)
-    weights_sha = S.file_digest(weights)
+    weights_sha = S.file_digest(S.resolve_weights(spec.run_dir, None))
     if out_path.is_file():
         old = json.loads(out_path.read_text())
         if old.get("weights_sha") == weights_sha and old.get("num_samples") == study.evaluation.num_samples:
             return old
+    net, cfg, _ = S.load_denoiser(spec.run_dir, device=device)
     ev = study.evaluation
     _, generated, _ = S.read_samples(spec.run_dir / "samples")
     if len(generated) != ev.num_samples:
@@ -399,16 +397,8 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
                "reference": f"{len(ref_feats)} held-out real images (never trained on)",
                "extractor": refs.inception().name}
 
-    settings = sampling.SamplerSettings.for_run(cfg)
-    shape = tuple(attraction_held.shape[1:])
-    masked = sampling.method_denoiser(net, settings, range(len(attraction_held)), shape, 0, device)
-
-    def denoise(x, sigma):
-        s = torch.full((len(x),), sigma, dtype=torch.float32, device=device)
-        return masked(x.to(device), s, None)
-    # The mask-conditioned denoiser holds one mask per held-out image: one batch for all.
-    attraction = denoiser_attraction(denoise, attraction_held, train, ev.attraction_sigmas,
-                                     batch=len(attraction_held), keep_outputs=True)
+    attraction = network_attraction(net, sampling.SamplerSettings.for_run(cfg), attraction_held,
+                                    train, ev.attraction_sigmas, device, keep_outputs=True)
     figure = attraction["per_sigma"][f"{ev.figure_sigma:g}"]
     torch.save({"outputs": figure.pop("outputs")[: ev.figure_rows],
                 "nearest": figure["nearest_index"][: ev.figure_rows]},

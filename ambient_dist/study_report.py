@@ -236,8 +236,7 @@ def figure3(study, specs_by_group: dict, train: torch.Tensor, heldout: torch.Ten
 
 
 def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Path:
-    from ambient_dist import data
-    from ambient_dist.data.augment import to_model_units
+    from ambient_dist.data import load_model_images
     from ambient_dist.metrics import samples as S
 
     groups: dict[str, list] = {}
@@ -261,9 +260,8 @@ def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Pat
         figure1(rows, figs / "figure1_quality_vs_memorization.png")
         figures["Figure 1: quality vs memorization"] = "figures/figure1_quality_vs_memorization.png"
         spec0 = next(iter(first_spec.values()))
-        as_t = lambda a: to_model_units(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous())  # noqa: E731
-        train = as_t(data.load_images(spec0.shards, "train")[1][: spec0.size])
-        held = as_t(data.load_images(spec0.shards, "heldout")[1][: study.evaluation.attraction_images])
+        train = load_model_images(spec0.shards, "train", spec0.size)
+        held = load_model_images(spec0.shards, "heldout", study.evaluation.attraction_images)
         if figure3(study, first_spec, train, held, figs / "figure3_denoiser_attraction.png"):
             figures["Figure 3: denoiser attraction"] = "figures/figure3_denoiser_attraction.png"
         curves = {}

@@ -10,9 +10,10 @@
     resident / webdataset_loader / dali_loader   the three ways of fetching the same batches
 """
 from .loader import Batch, TrainLoader, build_loader
-from .shards import ShardError, ShardOptions, ShardSet, check_manifest, load_images, make_shards, read_manifest
+from .shards import (ShardError, ShardOptions, ShardSet, check_manifest, load_images, load_model_images,
+                     make_shards, read_manifest)
 from .sources import SourceError, open_source
 
 __all__ = ["Batch", "TrainLoader", "build_loader", "ShardError", "ShardOptions", "ShardSet",
-           "check_manifest", "load_images", "make_shards", "read_manifest", "SourceError",
+           "check_manifest", "load_images", "load_model_images", "make_shards", "read_manifest", "SourceError",
            "open_source"]

@@ -670,6 +670,14 @@ class ShardSet:
                       self.decode_label(i, meta))
 
 
+def load_model_images(shards_dir: str | os.PathLike, split: str = "train", limit: int = 0) -> torch.Tensor:
+    """The first `limit` (0 = all) images of a split as float32 [N, C, H, W] in [-1, 1] (the
+    training images in stored order, whose prefix is data.subset; or the held-out ones)."""
+    _, images, _ = load_images(shards_dir, split)
+    images = images[: limit or len(images)]
+    return to_model_units(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+
+
 def load_images(shards_dir: str | os.PathLike, split: str = "train", verify: bool = True
                 ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
     """All images of a split: (keys, uint8 [N, H, W, C], int64 labels [N] or None).

@@ -170,3 +170,5 @@ class DeepSpeedTrainer(Trainer):
         self.ema.load_state_dict({k[4:]: v for k, v in mine.items() if k.startswith("ema.")})
         self._set_rng_states({k[4:]: v.cpu() for k, v in mine.items() if k.startswith("rng.")})
         self._set_progress(meta)
+        self._saved_loader_state = torch.load(path / "state.pt", map_location="cpu",
+                                              weights_only=True).get("loader")

@@ -27,7 +27,7 @@ import torch
 
 from ambient_dist import data, metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.data.augment import GeometricAugment, to_model_units
+from ambient_dist.data.augment import GeometricAugment
 from ambient_dist.engine.checkpoint import (Checkpoint, CheckpointManager, check_resume_compatible,
                                             export_safetensors_atomic)
 from ambient_dist.engine.distributed import DistInfo, any_rank_true
@@ -112,6 +112,7 @@ class Trainer:
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
+        self._saved_loader_state: Optional[dict] = None  # the checkpoint's, set by _restore
         if resume_from is not None:
             self._restore(resume_from)
         self.loader = self._build_loader()
@@ -276,7 +277,7 @@ class Trainer:
     def _check_same_data(self, path: Path) -> None:
         """Refuse to resume on other data: the method trains on ONE fixed noisy copy per image
         for the whole run, and remade shards (another noise seed, say) would swap every copy."""
-        saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("loader")
+        saved = self._saved_loader_state  # set by _restore
         diffs = self.loader.data_differences(saved) if saved else []
         if diffs:
             raise ConfigError(
@@ -315,6 +316,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         self._set_rng_states(ckpt.rng)
         self._set_progress(ckpt.meta)
+        self._saved_loader_state = ckpt.state.get("loader")
 
     def ema_state_full(self) -> dict[str, torch.Tensor]:
         """The whole model's EMA weights (collective under ZeRO-3, where each rank has a part)."""
@@ -342,7 +344,8 @@ class Trainer:
         (None elsewhere) or, with every_rank, the same images on every rank. Each image has
         its own seed (sampling.seed, index), so the grid is the same at any batch size;
         class-conditional networks cycle through the classes."""
-        net = net or self.ema_network()  # every rank takes part in gathering the EMA
+        if net is None:
+            net = self.ema_network()  # every rank takes part in gathering the EMA
         if self.rank != 0 and not every_rank:
             return None
         indices = list(range(num_images))
@@ -358,28 +361,11 @@ class Trainer:
     def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The images trained on (data.subset takes a prefix of the stored order) and the
         held-out images (never trained on), float32 [N, C, H, W] in [-1, 1]."""
-        def as_tensor(images) -> torch.Tensor:
-            return to_model_units(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
         shards = self.cfg.data.shards
-        _, train, _ = data.load_images(shards, "train")
-        train = as_tensor(train[: self.cfg.data.subset or len(train)])
+        train = data.load_model_images(shards, "train", self.cfg.data.subset)
         if not data.read_manifest(shards).get("heldout"):
             return train, None
-        _, heldout, _ = data.load_images(shards, "heldout")
-        return train, as_tensor(heldout[: self.cfg.evaluation.heldout_images])
-
-    def denoiser_attraction(self, net, heldout: torch.Tensor, train: torch.Tensor) -> dict:
-        """metrics.denoiser_attraction of the EMA network `net` (as the method samples with it)."""
-        settings = sampling.SamplerSettings.for_run(self.cfg)
-        shape = tuple(heldout.shape[1:])
-        denoiser = sampling.method_denoiser(net, settings, range(len(heldout)), shape, 0, self.device)
-        sigmas = [s for s in metrics.ATTRACTION_SIGMAS if s >= settings.sigma_min]
-
-        def denoise(x, sigma):
-            with torch.no_grad():
-                s = torch.full((len(x),), sigma, device=self.device)
-                return denoiser(x.to(self.device), s, None)
-        return metrics.denoiser_attraction(denoise, heldout, train, sigmas, batch=len(heldout))
+        return train, data.load_model_images(shards, "heldout", self.cfg.evaluation.heldout_images)
 
     def finish(self) -> Optional[dict]:
         """Export the EMA, write samples.png and memorization.json; return the summary
@@ -400,7 +386,9 @@ class Trainer:
                 images, train_images, heldout_images,
                 dataclasses.replace(ev, memorization_features="pixels"), self.device)
         if heldout_images is not None and not self.cfg.text.model_path:  # a pixel denoiser
-            summary["attraction"] = self.denoiser_attraction(net, heldout_images[:128], train_images)
+            summary["attraction"] = metrics.network_attraction(
+                net, sampling.SamplerSettings.for_run(self.cfg), heldout_images[:128], train_images,
+                metrics.ATTRACTION_SIGMAS, self.device)
         if self.rank != 0:
             return None
         save_image_grid(images, self.run_dir / "samples.png")

@@ -16,4 +16,4 @@ uses everything.
 """
 from ambient_dist.metrics.features import FeatureError, build_extractor, extract  # noqa: F401
 from ambient_dist.metrics.memorization import (  # noqa: F401
-    ATTRACTION_SIGMAS, denoiser_attraction, memorization_summary, nearest_neighbours)
+    ATTRACTION_SIGMAS, denoiser_attraction, memorization_summary, nearest_neighbours, network_attraction)

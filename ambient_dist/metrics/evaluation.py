@@ -16,7 +16,6 @@ Only rank 0 writes files; every rank takes part in the feature extraction.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,8 +76,7 @@ def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
 
 def _recorded_count(path: Path) -> int:
     """How many samples samples.json says the set holds (0 without one)."""
-    meta = path / S.META_NAME
-    return int(json.loads(meta.read_text()).get("num", 0)) if meta.is_file() else 0
+    return int((S.recorded_meta(path) or {}).get("num", 0))
 
 
 def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path, torch.Tensor]:
@@ -116,9 +114,9 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    meta = path / S.META_NAME
-    if meta.is_file():
-        made_from, now = json.loads(meta.read_text()).get("weights_sha"), S.file_digest(weights)
+    meta = S.recorded_meta(path)
+    if meta is not None:
+        made_from, now = meta.get("weights_sha"), S.file_digest(weights)
         if made_from != now:
             raise S.SampleStoreError(
                 f"{path} holds samples of other weights (weights_sha {made_from} there; the run's "

@@ -254,6 +254,23 @@ def denoiser_attraction(denoise, heldout: torch.Tensor, train: torch.Tensor,
     return out
 
 
+@torch.no_grad()
+def network_attraction(net, settings, heldout: torch.Tensor, train: torch.Tensor, sigmas,
+                       device="cpu", keep_outputs: bool = False) -> dict:
+    """denoiser_attraction of a trained network as its method samples with it
+    (sampling.method_denoiser: the masking baseline's fixed masks, one per held-out image);
+    sigmas below settings.sigma_min (noise-only: sigma_tn, never learned) are left out."""
+    from ambient_dist import sampling
+    denoiser = sampling.method_denoiser(net, settings, range(len(heldout)), tuple(heldout.shape[1:]),
+                                        0, device)
+
+    def denoise(x, sigma):
+        return denoiser(x.to(device), torch.full((len(x),), sigma, device=device), None)
+    # One batch: the masked denoiser holds one mask per held-out image.
+    return denoiser_attraction(denoise, heldout, train, [s for s in sigmas if s >= settings.sigma_min],
+                               batch=len(heldout), keep_outputs=keep_outputs)
+
+
 def attraction_noise(shape, seed: int, index: int) -> torch.Tensor:
     """The noise added to held-out image `index` by denoiser_attraction (the same for every model)."""
     from ambient_dist.noise import key_seed

@@ -114,6 +114,12 @@ class SampleMeta:
     labels: str               # "none", "cycle" (n % classes) or "class=<k>"
 
 
+def recorded_meta(root: str | os.PathLike) -> Optional[dict]:
+    """The samples.json of a sample folder (what made its images), or None without one."""
+    path = Path(root) / META_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def file_digest(path: Path) -> str:
     return sha256_file(path)[:16]
 

@@ -212,7 +212,8 @@ class TextTraining:
         """Images 0..num_images-1 from the EMA U-Net (`net`, if already gathered), guided by
         the training captions (or the prompt file), on rank 0 (None elsewhere) or, with
         every_rank, on every rank."""
-        net = net or self.ema_network()  # every rank takes part in gathering the EMA
+        if net is None:
+            net = self.ema_network()  # every rank takes part in gathering the EMA
         if self.rank != 0 and not every_rank:
             return None
         bf16 = self.cfg.train.precision == "bf16"
