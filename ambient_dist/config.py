@@ -259,6 +259,10 @@ class TextConfig:
 class ExperimentConfig:
     name: str = "experiment"
     description: str = ""
+    # What is trained (engine.task): "image" = a pixel or latent EDM-family network on shards,
+    # "text" = Stable Diffusion's U-Net on latent shards with captions. "auto" (the default, and
+    # what configs written before this field mean) resolves at load time from text.model_path.
+    task: Literal["auto", "image", "text"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -431,6 +435,8 @@ def from_dict(raw: dict, source: str = "", check_paths: bool = True) -> Experime
         cfg = _build(ExperimentConfig, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{e} [{source}]" if source else str(e)) from None
+    if cfg.task == "auto":
+        cfg.task = "text" if cfg.text.model_path else "image"
     validate(cfg, source=source, check_paths=check_paths)
     return cfg
 
@@ -466,6 +472,11 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(o.sigma_data > 0, "objective.sigma_data", f"must be > 0, got {o.sigma_data}")
     c(0 <= o.t_n < 1000, "objective.t_n", f"must be a timestep index in [0, 1000), got {o.t_n}")
     _validate_method(cfg, c)
+    c(cfg.task != "text" or bool(cfg.text.model_path), "task",
+      "'text' fine-tunes a Stable Diffusion U-Net: set text.model_path to its diffusers directory")
+    c(cfg.task != "image" or not cfg.text.model_path, "task",
+      f"'image' trains our own networks, but text.model_path is set ({cfg.text.model_path}); "
+      "set task=text (or leave task out) to fine-tune that model")
     c(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution",
       f"must be a multiple of 8 and >= 8, got {d.resolution}")
     c(d.channels >= 1, "data.channels", f"must be >= 1, got {d.channels}")

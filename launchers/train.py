@@ -44,9 +44,6 @@ def main(argv=None) -> int:
         cfg = load_config(config_path, args.overrides, check_paths=not args.describe)
         # Imported after the config is known good: this pulls in torch and the networks.
         from ambient_dist.engine.run import describe, run_training
-        if cfg.text.model_path:  # Stable Diffusion fine-tuning (ambient_dist.text, docs/text.md)
-            from ambient_dist.text.text_trainer import describe_text as describe
-            from ambient_dist.text.text_trainer import run_text_training as run_training
         if args.describe:
             print(describe(cfg))
             return 0

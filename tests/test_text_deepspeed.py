@@ -1,7 +1,7 @@
 """Text-conditional training on two ranks under DeepSpeed ZeRO-2 with bf16 (CPU, gloo, 127.0.0.1 only).
 
 Each rank is its own process with RANK / WORLD_SIZE / MASTER_ADDR in the environment, as a
-cluster launcher starts them; the engine's DeepSpeedTrainer runs with TextTraining mixed in.
+cluster launcher starts them; the engine's Trainer runs the text task on the DeepSpeed backend.
 """
 import json
 import os

@@ -1,8 +1,7 @@
 """Text-conditional training: the epsilon form of the latent loss, the mitigations, a few
 training steps through launchers/train.py, guided sampling and the diffusers export.
 
-Single process only: the engine's Trainer has no multi-rank path for external networks yet,
-so no two-rank ZeRO-2 test here. The Monte Carlo unbiasedness of the ambient v target is
+Single process here; test_text_deepspeed.py runs the text task on two DeepSpeed ranks. The Monte Carlo unbiasedness of the ambient v target is
 tested in test_objective.py (test_latent_v_targets_have_posterior_mean) and not repeated.
 """
 import json
@@ -20,7 +19,7 @@ from ambient_dist.objective import LatentVAmbientLoss
 from ambient_dist.text.mitigations import CaptionDropout, PredictionMagnitudeFilter, TextEmbeddingNoise
 from ambient_dist.text.sampling import TextSamplerSettings, sample_images
 from ambient_dist.text.sd_models import load_components
-from ambient_dist.text.text_trainer import LatentEpsAmbientLoss, TextAmbientLoss, unet_network
+from ambient_dist.text.loss import LatentEpsAmbientLoss, TextAmbientLoss, unet_network
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,6 +20,7 @@ from ambient_dist.data import ShardOptions
 from ambient_dist.engine import trainer as trainer_mod
 from ambient_dist.engine.run import check_output_dir, find_resume_point
 from ambient_dist.engine.checkpoint import CheckpointManager
+from ambient_dist.engine.run import build_trainer
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
 from helpers import random_grey_shards
@@ -90,7 +91,7 @@ def test_quickstart_path_from_config_to_samples_and_memorization(shards, tmp_pat
 def test_tensorboard_has_the_promised_scalars(shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = toy_config(shards, tmp_path)
-    Trainer(cfg, tmp_path / "run").train()
+    build_trainer(cfg, tmp_path / "run").train()
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/all", "loss/clean", "loss/ambient", "objective/ambient_fraction",
@@ -104,7 +105,7 @@ def test_tensorboard_has_the_promised_scalars(shards, tmp_path):
 
 
 def _state(trainer: Trainer) -> dict:
-    return {**{f"net.{k}": v.clone() for k, v in trainer.net.state_dict().items()},
+    return {**{f"net.{k}": v.clone() for k, v in trainer.backend.module.state_dict().items()},
             **{f"ema.{k}": v.clone() for k, v in trainer.ema.state_dict().items()}}
 
 
@@ -114,21 +115,21 @@ def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path, augmentation)
     # Dropout and x-flips are on, so the global RNG, the noise generator and the loader
     # position all have to be restored for this to hold (and the augmentation draws too).
     cfg = toy_config(shards, tmp_path, **augmentation)
-    straight = Trainer(cfg, tmp_path / "a")
+    straight = build_trainer(cfg, tmp_path / "a")
     losses_straight = [straight.train_step().item() for _ in range(6)]
 
-    first = Trainer(cfg, tmp_path / "b")
+    first = build_trainer(cfg, tmp_path / "b")
     losses_resumed = [first.train_step().item() for _ in range(3)]
     first.save_checkpoint()
     del first
-    second = Trainer(cfg, tmp_path / "b", resume_from=CheckpointManager(tmp_path / "b", 3).latest())
+    second = build_trainer(cfg, tmp_path / "b", resume_from=CheckpointManager(tmp_path / "b", 3).latest())
     assert second.images_seen == 24
     losses_resumed += [second.train_step().item() for _ in range(3)]
 
     assert losses_resumed == losses_straight
     a, b = _state(straight), _state(second)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    opt_a, opt_b = straight.optimizer.state_dict(), second.optimizer.state_dict()
+    opt_a, opt_b = straight.backend.optimizer.state_dict(), second.backend.optimizer.state_dict()
     for p in opt_a["state"]:
         assert torch.equal(opt_a["state"][p]["exp_avg_sq"], opt_b["state"][p]["exp_avg_sq"])
 
@@ -137,21 +138,21 @@ def test_augmented_run_pictures_what_the_loss_read(shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = toy_config(shards, tmp_path, **{"augment.p": 1.0, "network.augment_dim": 8,
                                           "train.total_kimg": 0.016})
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     trainer.train()
     picture = Image.open(tmp_path / "run" / "augmentation.png")
     assert picture.size == (3 * 16, 3 * 16)  # the 8 images of the first micro-batch, 3x3 grid
     assert "augmentation" in EventAccumulator(str(tmp_path / "run")).Reload().Tags()["images"]
-    assert trainer.augment.recorded is None and not trainer.augment.record  # once only
+    assert trainer.task.augment.recorded is None and not trainer.task.augment.record  # once only
 
 
 def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
     short = toy_config(shards, tmp_path, **{"train.total_kimg": 0.024})
     long = toy_config(shards, tmp_path, **{"train.total_kimg": 0.048})
-    Trainer(short, tmp_path / "b").train()
-    resumed = Trainer(long, tmp_path / "b", resume_from=find_resume_point(tmp_path / "b", "auto"))
+    build_trainer(short, tmp_path / "b").train()
+    resumed = build_trainer(long, tmp_path / "b", resume_from=find_resume_point(tmp_path / "b", "auto"))
     resumed.train()
-    straight = Trainer(long, tmp_path / "a")
+    straight = build_trainer(long, tmp_path / "a")
     straight.train()
     a, b = _state(straight), _state(resumed)
     assert resumed.images_seen == straight.images_seen == 48
@@ -160,10 +161,10 @@ def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
 
 def test_resume_refuses_options_that_change_the_trajectory(shards, tmp_path):
     cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
-    Trainer(cfg, tmp_path / "r").train()
+    build_trainer(cfg, tmp_path / "r").train()
     changed = toy_config(shards, tmp_path, **{"objective.sigma_tn": 1.0})
     with pytest.raises(ConfigError, match="objective.sigma_tn: 0.5 -> 1.0"):
-        Trainer(changed, tmp_path / "r", resume_from=find_resume_point(tmp_path / "r", "auto"))
+        build_trainer(changed, tmp_path / "r", resume_from=find_resume_point(tmp_path / "r", "auto"))
 
 
 def test_checkpoints_from_before_an_option_existed_resume_at_its_default(tmp_path):
@@ -179,7 +180,7 @@ def test_checkpoints_from_before_an_option_existed_resume_at_its_default(tmp_pat
 
 def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(shards, tmp_path):
     assert find_resume_point(tmp_path / "new", "auto") is None
-    Trainer(toy_config(shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()
+    build_trainer(toy_config(shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()
     with pytest.raises(ConfigError, match="--resume auto"):
         find_resume_point(tmp_path / "r", None)
     with pytest.raises(ConfigError, match="no checkpoint"):
@@ -188,7 +189,7 @@ def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(shards, tmp_
 
 def test_sigterm_checkpoints_and_stops_cleanly(shards, tmp_path, monkeypatch):
     cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 10})
-    trainer = Trainer(cfg, tmp_path / "r")
+    trainer = build_trainer(cfg, tmp_path / "r")
     real_step = trainer.train_step
 
     def step_then_preempt():
@@ -204,15 +205,15 @@ def test_sigterm_checkpoints_and_stops_cleanly(shards, tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(shards, tmp_path, monkeypatch):
-    trainer = Trainer(toy_config(shards, tmp_path), tmp_path / "r")
+    trainer = build_trainer(toy_config(shards, tmp_path), tmp_path / "r")
     trainer.train_step()
-    real_loss = trainer.loss_fn
+    real_loss = trainer.task.loss_fn
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
-    trainer.loss_fn = poisoned
+    trainer.task.loss_fn = poisoned
     before = _state(trainer)
     trainer.train_step()
     after = _state(trainer)
@@ -227,14 +228,14 @@ def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(shards, tmp_p
 def test_bf16_channels_last_and_accumulation_step(shards, tmp_path):
     cfg = toy_config(shards, tmp_path, **{"train.precision": "bf16", "train.channels_last": True,
                                           "train.batch_per_gpu": 4, "optimizer.grad_clip": 1.0})
-    trainer = Trainer(cfg, tmp_path / "r")
+    trainer = build_trainer(cfg, tmp_path / "r")
     assert trainer.accumulation == 2
-    before = [p.detach().clone() for p in trainer.net.parameters()]
+    before = [p.detach().clone() for p in trainer.backend.module.parameters()]
     losses = [trainer.train_step() for _ in range(3)]
     assert all(torch.isfinite(loss) for loss in losses)
     assert trainer.images_seen == 24 and trainer.loader.samples_seen == 24
-    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())  # fp32 master weights
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.net.parameters()))
+    assert all(p.dtype == torch.float32 for p in trainer.backend.module.parameters())  # fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.backend.module.parameters()))
 
 
 def test_output_directory_problems_are_reported_before_training(tmp_path):
@@ -268,10 +269,10 @@ def test_launcher_reports_config_errors_by_key(capsys, tmp_path):
 def test_resume_at_another_world_size_stops_with_a_clear_message(shards, tmp_path):
     from ambient_dist.engine.distributed import DistInfo
     cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
-    Trainer(cfg, tmp_path / "r").train()
+    build_trainer(cfg, tmp_path / "r").train()
     two_ranks = DistInfo(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="written by 1 ranks; this run has 2"):
-        Trainer(cfg, tmp_path / "r", dist_info=two_ranks,
+        build_trainer(cfg, tmp_path / "r", dist_info=two_ranks,
                 resume_from=find_resume_point(tmp_path / "r", "auto"))
 
 

@@ -12,6 +12,7 @@ exactly where a run that had consumed S samples (all ranks together) stood.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,12 +28,24 @@ from .shards import ShardError, ShardSet, check_manifest, read_masks
 
 @dataclass
 class Batch:
+    """One rank's micro-batch. The loader that yields it owns its device and dtype: every
+    tensor is already on the training device, images float32. `to` only changes the memory
+    format of the image tensors (the network's choice, e.g. channels_last)."""
     keys: list[str]
-    clean: torch.Tensor              # float32 [B, C, H, W] in [-1, 1]
+    clean: torch.Tensor              # float32 [B, C, H, W] in [-1, 1] (or VAE latents, scaled)
     noisy: torch.Tensor              # float32 [B, C, H, W], the fixed noisy copies (same flips)
-    labels: Optional[torch.Tensor]   # float32 one-hot [B, num_classes], or None
+    labels: Optional[torch.Tensor]   # float32 one-hot [B, num_classes] (class-conditional), or None
     # float32 0/1 [B, C, H, W]: each image's fixed inpainting mask (same flips), masking only
     mask: Optional[torch.Tensor] = None
+    # float32 [B, tokens, dim]: the text embedding a text-conditional U-Net attends to, or None
+    cond: Optional[torch.Tensor] = None
+
+    def to(self, memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
+        """The same batch with its image tensors in `memory_format` (no copy if they are)."""
+        def fmt(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.contiguous(memory_format=memory_format)
+        return dataclasses.replace(self, clean=fmt(self.clean), noisy=fmt(self.noisy),
+                                   mask=fmt(self.mask))
 
 
 class PlannedLoader:

@@ -1,9 +1,11 @@
 """Training engine: the loop, EMA, checkpoints, learning-rate schedule, logging.
 
-    run.py         run_training(cfg, run_dir, resume): the whole job (what launchers/train.py
-                   calls); describe(cfg): what `train.py --describe` prints
-    trainer.py     Trainer: the loop (single process, plain PyTorch)
-    deepspeed_engine.py  DeepSpeedTrainer: the same loop on DeepSpeed (ZeRO 1/2/3, bf16)
+    run.py         run_training(cfg, run_dir, resume): the whole job (what ambient-train
+                   calls), build_trainer, finish (end of run); describe(cfg): --describe
+    trainer.py     Trainer: the loop, EMA, schedule, stop flag, checkpoint cadence
+    task.py        Task: what is trained (ImageTask; text.task.TextTask)
+    backend.py     Backend: how a step runs (PlainBackend: single-process PyTorch)
+    deepspeed_backend.py  DeepSpeedBackend: ZeRO 1/2/3, bf16 master weights
     distributed.py rank / world size from any launcher, process group, small collectives
     ema.py         EMA with EDM semantics (half-life in images, ramp-up)
     checkpoint.py  atomic checkpoints (safetensors + weights-only state), keep last K

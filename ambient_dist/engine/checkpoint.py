@@ -45,7 +45,9 @@ RESUMABLE_CHANGES = ("name", "description", "train.total_kimg", "train.log_every
                      "train.checkpoint_every_kimg", "train.sample_every_kimg",
                      "train.keep_checkpoints", "train.run_root", "data.shards", "data.loader",
                      "data.workers", "sampling.", "evaluation.", "distributed.timeout_s",
-                     "train.cudnn_benchmark")
+                     "train.cudnn_benchmark",
+                     # follows from text.model_path (validated), and older checkpoints lack it
+                     "task")
 _NAME = re.compile(r"^ckpt-(\d+)$")
 
 

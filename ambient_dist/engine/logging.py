@@ -24,7 +24,11 @@ class TrainingStats:
     """Per-step figures of one logging interval; `summary()` returns the means and resets.
 
     Tensors are kept on their device and only reduced in `summary()`, so logging adds no
-    host-device synchronisation to the training step.
+    host-device synchronisation to the training step. With several ranks `summary()` is a
+    collective (every rank calls it at the same step): the losses per branch and the ambient
+    fraction are over the whole global batch, not rank 0's share of it. The gradient norm and
+    skipped steps are global already; the sigma histogram is rank 0's draws (a sample of the
+    same distribution).
     """
 
     def __init__(self):
@@ -48,20 +52,34 @@ class TrainingStats:
         elif grad_norm is not None:
             self.grad_norms.append(grad_norm.detach().float().reshape(()))
 
+    @staticmethod
+    def _sum_over_ranks(totals: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return totals
+
     @torch.no_grad()
     def summary(self) -> tuple[dict[str, float], Optional[torch.Tensor]]:
-        """(scalars, all sigmas of the interval) -- then start a new interval."""
+        """(scalars, this rank's sigmas of the interval) -- then start a new interval."""
         out: dict[str, float] = {"train/skipped_steps": float(self.skipped_steps)}
         sigmas = None
         if self.losses:
-            loss = torch.cat(self.losses).cpu()
-            ambient = torch.cat(self.ambient).cpu()
+            loss = torch.cat(self.losses)
+            ambient = torch.cat(self.ambient)
             sigmas = torch.cat(self.sigmas).cpu()
-            out["loss/all"] = loss.mean().item()
-            out["objective/ambient_fraction"] = ambient.float().mean().item()
-            for branch, mask in (("clean", ~ambient), ("ambient", ambient)):
-                if mask.any():
-                    out[f"loss/{branch}"] = loss[mask].mean().item()
+            amb = ambient.to(loss.dtype)
+            # (sum, count) of all / clean / ambient samples: one small all-reduce.
+            totals = self._sum_over_ranks(torch.stack([
+                loss.sum(), torch.tensor(float(loss.numel()), device=loss.device),
+                (loss * (1 - amb)).sum(), (1 - amb).sum(), (loss * amb).sum(), amb.sum()]).double())
+            total, n, clean, n_clean, amb_sum, n_amb = totals.tolist()
+            out["loss/all"] = total / n
+            out["objective/ambient_fraction"] = n_amb / n
+            if n_clean:
+                out["loss/clean"] = clean / n_clean
+            if n_amb:
+                out["loss/ambient"] = amb_sum / n_amb
         if self.grad_norms:
             out["train/grad_norm"] = torch.stack(self.grad_norms).mean().item()
         self.reset()

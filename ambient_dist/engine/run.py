@@ -1,12 +1,21 @@
-"""One training job from start to end: what launchers/train.py calls.
+"""One training job from start to end: what `ambient-train` (launchers/train.py) calls.
 
-`run_training(cfg, run_dir, resume)` joins the process group (if launched with several
-ranks), finds the checkpoint to continue from, checks the output directory can take the
-checkpoints, writes config.yaml and run.json, trains with the plain or the DeepSpeed
-trainer, and prints the memorization summary. `describe(cfg)` is `train.py --describe`.
+    run_training(cfg, run_dir, resume)
+        join the process group (if launched with several ranks)
+        -> find the checkpoint to continue from
+        -> build_trainer: the Task that cfg.task names (ImageTask | text TextTask) and the
+           Backend that distributed.engine names (PlainBackend | DeepSpeedBackend), given to
+           the one Trainer (engine/trainer.py)
+        -> check the output directory, write config.yaml and run.json
+        -> trainer.train()
+        -> finish(trainer): gather the EMA once, export ema.safetensors (and the task's own
+           exports), sample, write samples.png and memorization.json, print the summary
+
+`describe(cfg)` is `ambient-train --describe`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -20,9 +29,13 @@ from typing import Optional
 import torch
 import yaml
 
+from ambient_dist import metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
+from ambient_dist.engine.backend import PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.distributed import init_distributed, shutdown
+from ambient_dist.engine.distributed import DistInfo, init_distributed, shutdown
+from ambient_dist.engine.logging import save_image_grid
+from ambient_dist.engine.task import ImageTask
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
 from ambient_dist.models.flops import train_gflop_per_image
@@ -73,11 +86,75 @@ def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
 
 def describe(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML, the parameter count and the training cost per image."""
+    if cfg.task == "text":
+        from ambient_dist.text.task import describe_text
+        return describe_text(cfg)
     net = build_network(cfg)
     params = sum(p.numel() for p in net.parameters())
     gflop = train_gflop_per_image(net, cfg.data.resolution, cfg.data.channels, net.label_dim)
     return (yaml.safe_dump(to_dict(cfg), sort_keys=False)
             + f"parameters: {params}\ntrain GFLOP/image: {gflop:.2f}")
+
+
+def build_task(cfg: ExperimentConfig, device: torch.device):
+    """The Task that cfg.task names (engine/task.py)."""
+    if cfg.task == "text":
+        from ambient_dist.text.task import TextTask  # imports diffusers: only when asked for
+        return TextTask(cfg, device)
+    return ImageTask(cfg, device)
+
+
+def build_backend(cfg: ExperimentConfig, dist_info: DistInfo):
+    """The Backend that distributed.engine names (engine/backend.py)."""
+    if cfg.distributed.engine == "deepspeed":
+        from ambient_dist.engine.deepspeed_backend import DeepSpeedBackend
+        return DeepSpeedBackend(cfg, dist_info)
+    return PlainBackend(cfg, dist_info.device, cfg.accumulation_steps(dist_info.world_size))
+
+
+def build_trainer(cfg: ExperimentConfig, run_dir: str | os.PathLike,
+                  dist_info: Optional[DistInfo] = None, resume_from: Optional[Path] = None) -> Trainer:
+    """The Trainer with the task and backend the config asks for (a single CPU/GPU process
+    when dist_info is None)."""
+    dist_info = dist_info or DistInfo(
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return Trainer(cfg, run_dir, build_task(cfg, dist_info.device), build_backend(cfg, dist_info),
+                   dist_info, resume_from=resume_from)
+
+
+def finish(trainer: Trainer) -> Optional[dict]:
+    """End of run: export the EMA, write samples.png and memorization.json, and the task's own
+    exports; return the memorization summary on rank 0 (None on the others, which take part in
+    the collectives). The EMA is gathered once, for every consumer."""
+    cfg, task, rank0 = trainer.cfg, trainer.task, trainer.rank == 0
+    weights = trainer.ema_weights_full()  # a collective under ZeRO
+    trainer.export_ema(weights)
+    task.finish(weights, trainer.run_dir, rank0)
+    # The memorization summary splits its feature extraction over the ranks, so every rank
+    # needs the samples; they are identical everywhere (per-image seeds).
+    net = task.sampling_network(weights)
+    images = task.generate(net, cfg.sampling.num_images)
+    train_images, heldout_images = task.reference_images()
+    ev = cfg.evaluation
+    summary = metrics.memorization_summary(images, train_images, heldout_images, ev,
+                                           trainer.device, progress=rank0)
+    # Always also in pixel space (cheap, and free of a feature extractor's blind spots),
+    # and the denoiser attraction of held-out images (no sampling needed).
+    if ev.memorization_features != "pixels":
+        summary["pixels"] = metrics.memorization_summary(
+            images, train_images, heldout_images,
+            dataclasses.replace(ev, memorization_features="pixels"), trainer.device)
+    if heldout_images is not None and cfg.task == "image":  # a pixel or latent EDM denoiser
+        summary["attraction"] = metrics.network_attraction(
+            net, sampling.SamplerSettings.for_run(cfg), heldout_images[:128], train_images,
+            metrics.ATTRACTION_SIGMAS, trainer.device)
+    if not rank0:
+        return None
+    save_image_grid(images, trainer.run_dir / "samples.png")
+    tmp = trainer.run_dir / ".memorization.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, trainer.run_dir / "memorization.json")
+    return summary
 
 
 def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
@@ -121,9 +198,12 @@ def format_memorization(summary: dict) -> str:
 
 
 def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
-                 resume: Optional[str] = None, trainer_classes: Optional[dict] = None) -> Path:
+                 resume: Optional[str] = None) -> Path:
     """The whole job on this rank: join the process group, prepare the run directory, train
     (or continue), then report. Works the same as a plain process or under a launcher."""
+    if cfg.task == "text":
+        from ambient_dist.text.task import check_text_data
+        check_text_data(cfg)  # a clear error before the model is loaded
     info = init_distributed(cfg)
     try:
         validate_world(cfg, info.world_size)
@@ -132,13 +212,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
                               "distributed.engine=deepspeed (the plain engine is single-process)")
         run_dir = resolve_run_dir(cfg, run_dir)
         resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
-        if trainer_classes:  # {"none": class, "deepspeed": class}, e.g. the text trainers
-            trainer_class = trainer_classes[cfg.distributed.engine]
-        elif cfg.distributed.engine == "deepspeed":
-            from ambient_dist.engine.deepspeed_engine import DeepSpeedTrainer as trainer_class
-        else:
-            trainer_class = Trainer
-        trainer = trainer_class(cfg, run_dir, dist_info=info, resume_from=resume_from)
+        trainer = build_trainer(cfg, run_dir, dist_info=info, resume_from=resume_from)
         # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
         check_output_dir(run_dir, trainer.num_parameters * 4 * 4 * (cfg.train.keep_checkpoints + 1))
         if info.is_main:
@@ -147,7 +221,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
             if resume_from is not None:
                 print(f"resuming from {resume_from} at {trainer.images_seen} images")
         if trainer.train():
-            summary = trainer.finish()
+            summary = finish(trainer)
             if summary is not None:
                 print(format_memorization(summary))
                 print(f"run directory: {run_dir} (config.yaml, checkpoints/, ema.safetensors, "

@@ -1,23 +1,21 @@
-"""The training loop: network + ambient loss + data -> checkpoints, EMA, samples, report.
+"""The training loop: one class, read top to bottom (EDM's training_loop, in the same order).
 
-One `Trainer` runs one experiment in the style of EDM's training_loop: every step draws the
-global batch (in micro-batches when accumulating), computes the two-branch ambient loss with
-one network call per micro-batch, clips, steps the optimizer at the ramped learning rate and
-updates the EMA. Progress is counted in images, so schedules, intervals and resume points do
-not depend on the batch size.
+`Trainer` holds only the loop, the EMA, the learning-rate schedule, the stop flag and the
+checkpoint cadence. It is given two parts:
 
-A run directory (prepared by run.py) holds config.yaml, run.json, TensorBoard events,
-checkpoints/, augmentation.png when augmenting (the first batch as the loss read it) and, at the
-end, ema.safetensors (what sampling and evaluation load with the config.yaml beside it),
-samples.png and memorization.json.
+- a Task (engine/task.py): what is trained -- the network, the loss of one micro-batch, the
+  loader, and how EMA weights become samples (ImageTask, or text.task.TextTask);
+- a Backend (engine/backend.py): how a step runs -- backward, the optimizer step, the weights
+  the EMA averages, gathering them, and the checkpoint format (PlainBackend, DeepSpeedBackend).
 
-Resume is exact: model, EMA, optimizer, RNG states and the loader position are restored, so
-on CPU a resumed run produces bit for bit the losses of an uninterrupted one.
+Every step draws the global batch (in micro-batches when accumulating), computes the loss, lets
+the backend step, and updates the EMA. Progress is counted in images, so schedules, intervals
+and resume points do not depend on the batch size. Resume is exact: model, EMA, optimizer, RNG
+states and the loader position are restored, so on CPU a resumed run produces bit for bit the
+losses of an uninterrupted one. engine/run.py builds the parts and does the end-of-run work.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 from pathlib import Path
@@ -25,17 +23,15 @@ from typing import Optional
 
 import torch
 
-from ambient_dist import data, metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.data.augment import GeometricAugment
-from ambient_dist.engine.checkpoint import (Checkpoint, CheckpointManager, check_resume_compatible,
+from ambient_dist.engine.backend import Backend, TrainingState, read_meta
+from ambient_dist.engine.checkpoint import (CheckpointManager, check_resume_compatible,
                                             export_safetensors_atomic)
 from ambient_dist.engine.distributed import DistInfo, any_rank_true
 from ambient_dist.engine.ema import EMA, ema_beta
 from ambient_dist.engine.logging import RunLogger, TrainingStats, save_image_grid
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
-from ambient_dist.models import build_network
-from ambient_dist.objective import build_loss
+from ambient_dist.engine.task import Task
 
 # A run stops (with a message) after this many optimizer steps in a row were skipped for a
 # non-finite loss or gradient: one bad batch is noise, a long streak is a diverged run.
@@ -67,124 +63,55 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------------
-# The trainer.
-# ----------------------------------------------------------------------------------------
-
-def build_optimizer(params, cfg: ExperimentConfig, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-               fused=device.type == "cuda")
-
-
 class Trainer:
-    """Single-process PyTorch training. `DeepSpeedTrainer` (deepspeed_engine.py) overrides
-    the few hooks marked below: how the model and optimizer are set up, how a micro-batch
-    is back-propagated and a step applied, what the EMA averages, and checkpoint I/O."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike,
-                 dist_info: Optional[DistInfo] = None, resume_from: Optional[Path] = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.dist = dist_info or DistInfo(
-            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device, self.rank, self.world_size = self.dist.device, self.dist.rank, self.dist.world_size
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | os.PathLike, task: Task,
+                 backend: Backend, dist_info: DistInfo, resume_from: Optional[Path] = None):
+        self.cfg, self.run_dir, self.task, self.backend = cfg, Path(run_dir), task, backend
+        self.dist, self.device, self.rank = dist_info, dist_info.device, dist_info.rank
         t = cfg.train
-        self.micro_batch = cfg.micro_batch(self.world_size)
-        self.accumulation = cfg.accumulation_steps(self.world_size)
+        self.accumulation = cfg.accumulation_steps(dist_info.world_size)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
 
-        torch.manual_seed(t.seed)  # the initial weights: the same on every rank
-        net = self._build_network().to(self.device, memory_format=self.memory_format).train()
-        if t.compile:
-            # Compile the U-Net call the loss makes (net.raw); the module and its state_dict
-            # keys stay as they are, so checkpoints are the same with or without compile.
-            net.raw = torch.compile(net.raw)
+        # The network (the same initial weights on every rank), handed to the backend.
+        torch.manual_seed(t.seed)
+        net = task.build_network().to(self.device, memory_format=self.memory_format).train()
         self.num_parameters = sum(p.numel() for p in net.parameters())
-        self.loss_fn = self._build_loss()
-        self.augment = GeometricAugment(cfg.augment) if cfg.augment.p > 0 else None
-        self._setup_model(net)
-        self.ema = EMA(self._ema_live())
+        backend.setup(net)
+        self.ema = EMA(backend.ema_weights())
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
         # uses the global RNG (also saved). Each rank draws different noise.
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
-        self._saved_loader_state: Optional[dict] = None  # the checkpoint's, set by _restore
+
+        saved_loader_state = self._restore(resume_from) if resume_from is not None else None
+        self.loader = task.build_loader(self.rank, dist_info.world_size, self.images_seen)
         if resume_from is not None:
-            self._restore(resume_from)
-        self.loader = self._build_loader()
-        if resume_from is not None:
-            self._check_same_data(resume_from)
+            self._check_same_data(saved_loader_state, resume_from)
         self.batches = iter(self.loader)
         self.stats = TrainingStats()
 
-    # -- what is trained on what (ambient_dist.text.text_trainer overrides these) -------
-    def _build_network(self) -> torch.nn.Module:
-        return build_network(self.cfg)
-
-    def _build_loss(self):
-        return build_loss(self.cfg.objective)
-
-    def _build_loader(self):
-        """An iterator of data.Batch with state_dict(), resuming at self.images_seen."""
-        return data.build_loader(self.cfg, self.rank, self.world_size, self.device,
-                                 start_sample=self.images_seen)
-
-    # -- hooks: the plain PyTorch implementation -----------------------------------------
-    def _setup_model(self, net: torch.nn.Module) -> None:
-        self.net = net  # what the loss calls
-        self.optimizer = build_optimizer(net.parameters(), self.cfg, self.device)
-
-    def _ema_live(self) -> dict[str, torch.Tensor]:
-        """The live weights the EMA follows (the whole model here; a partition under ZeRO-3)."""
-        return self.net.state_dict()
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
-
-    def _apply_step(self, step_loss: torch.Tensor) -> tuple[bool, torch.Tensor]:
-        """Clip and step unless the loss or gradient is not finite -> (applied, grad norm)."""
-        params = [p for p in self.net.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # One host sync per step: a non-finite loss or gradient skips the update entirely.
-        finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-        if finite:
-            if self.cfg.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optimizer.grad_clip, grad_norm)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return finite, grad_norm
-
     # -- one optimizer step ------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.train.precision == "bf16")
-
     def train_step(self) -> torch.Tensor:
         """One step over the global batch; returns this rank's mean loss (a device scalar)."""
-        set_learning_rate(self.optimizer, learning_rate(self.cfg.optimizer, self.images_seen))
+        set_learning_rate(self.backend.optimizer, learning_rate(self.cfg.optimizer, self.images_seen))
         step_loss = torch.zeros((), device=self.device)
         for _ in range(self.accumulation):
-            batch = next(self.batches)
-            clean = batch.clean.to(self.device, memory_format=self.memory_format)
-            noisy = batch.noisy.to(self.device, memory_format=self.memory_format)
-            labels = None if batch.labels is None else batch.labels.to(self.device)
-            mask = None if batch.mask is None else batch.mask.to(self.device, memory_format=self.memory_format)
-            with self._autocast():
-                out = self.loss_fn(self.net, clean, noisy, labels, generator=self.noise_generator,
-                                   augment=self.augment, mask=mask)
-            self._backward(out.loss)
+            batch = next(self.batches).to(self.memory_format)
+            with self.backend.autocast():
+                out = self.task.loss(self.backend.module, batch, self.noise_generator,
+                                     backward_scale=1.0 / self.accumulation)
+            self.backend.backward(out.loss)
             step_loss += out.loss.detach() / self.accumulation
             self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
 
-        applied, grad_norm = self._apply_step(step_loss)
+        applied, grad_norm = self.backend.step(step_loss)
         if applied:
             t = self.cfg.train
-            beta = ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio)
-            self.ema.update(self._ema_live(), beta)
+            self.ema.update(self.backend.ema_weights(),
+                            ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio))
             self.bad_in_a_row = 0
         else:
             self.bad_steps += 1
@@ -211,8 +138,6 @@ class Trainer:
         total = int(round(t.total_kimg * 1000))
         logger = RunLogger(self.run_dir, total, self.images_seen, enabled=self.rank == 0)
         saved_at = self.images_seen if self.checkpoints.latest() else -1
-        if self.augment is not None and self.images_seen == 0:
-            self.augment.record = True  # picture of the first augmented batch, below
         try:
             with StopFlag() as stop:
                 while self.images_seen < total:
@@ -222,16 +147,15 @@ class Trainer:
                         stop.requested = stop.requested or "signal on another rank"
                         break
                     loss = self.train_step()
-                    if self.augment is not None and self.augment.recorded is not None:
-                        self._save_augmentation_picture(logger)
+                    self._publish_pictures(logger)
                     logger.progress(self.images_seen, None)
                     if self._crossed(t.log_every_kimg) or self.images_seen >= total:
-                        scalars, sigmas = self.stats.summary()
+                        scalars, sigmas = self.stats.summary()  # collective
                         logger.progress(self.images_seen, scalars.get("loss/all", loss.item()))
                         logger.log(self.images_seen, scalars, sigmas,
-                                   lr=self.optimizer.param_groups[0]["lr"])
+                                   lr=self.backend.optimizer.param_groups[0]["lr"])
                     if self._crossed(t.sample_every_kimg) and self.images_seen < total:
-                        grid = self.generate(min(16, self.cfg.sampling.num_images))
+                        grid = self.sample_grid(min(16, self.cfg.sampling.num_images))
                         if grid is not None:
                             logger.image("samples", grid, self.images_seen)
                     if self._crossed(t.checkpoint_every_kimg):
@@ -247,37 +171,64 @@ class Trainer:
             logger.close()
         return True
 
-    def _save_augmentation_picture(self, logger: RunLogger) -> None:
-        """augmentation.png: what the loss read in the first micro-batch after augmentation
-        (clean images for clean-branch samples, noisy copies for ambient ones)."""
-        images, self.augment.recorded = self.augment.recorded, None
+    def _publish_pictures(self, logger: RunLogger) -> None:
+        """<name>.png in the run directory and a TensorBoard image, for what the task shows."""
+        for name, images in self.task.pictures().items():
+            if self.rank == 0:
+                save_image_grid(images, self.run_dir / f"{name}.png")
+                logger.image(name, images, self.images_seen)
+
+    # -- the EMA as a whole model --------------------------------------------------------
+    def ema_weights_full(self) -> dict[str, torch.Tensor]:
+        """The whole model's EMA weights under the network's own keys (a collective: under
+        ZeRO each rank holds a slice). Gather once and pass it to every consumer."""
+        return self.backend.full_weights(self.ema.state_dict())
+
+    def sample_grid(self, num_images: int) -> Optional[torch.Tensor]:
+        """A few samples of the EMA network on rank 0 (None elsewhere), for TensorBoard."""
+        weights = self.ema_weights_full()
+        if self.rank != 0:
+            return None
+        return self.task.generate(self.task.sampling_network(weights), num_images)
+
+    def export_ema(self, weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """<run_dir>/ema.safetensors: what sampling and evaluation load (rank 0 writes)."""
+        weights = self.ema_weights_full() if weights is None else weights
+        path = self.run_dir / "ema.safetensors"
         if self.rank == 0:
-            save_image_grid(images, self.run_dir / "augmentation.png")
-            logger.image("augmentation", images, self.images_seen)
+            export_safetensors_atomic(weights, path, metadata={
+                "images_seen": str(self.images_seen), "fingerprint": self.cfg.fingerprint()})
+        return path
 
     # -- checkpoints -------------------------------------------------------------------
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        states = {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state()}
-        if self.device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(self.device)
-        return states
+    def save_checkpoint(self) -> Path:
+        state = TrainingState(ema=self.ema.state_dict(), rng=self._rng_states(),
+                              loader=self.loader.state_dict(), meta=self._meta())
+        path = self.backend.save(self.checkpoints, self.images_seen, state)
+        self.export_ema()
+        return path
 
-    def _meta(self) -> dict:
-        return {"images_seen": self.images_seen, "steps": self.steps, "bad_steps": self.bad_steps,
-                "world_size": self.world_size, "fingerprint": self.cfg.fingerprint(),
-                "config": to_dict(self.cfg)}
-
-    def _check_resumable(self, meta: dict, path: Path) -> None:
+    def _restore(self, path: Path) -> Optional[dict]:
+        """Continue from checkpoint `path`; returns the loader state it saved."""
+        meta = read_meta(path)
         check_resume_compatible(meta["config"], self.cfg, path)
-        if meta["world_size"] != self.world_size:
+        if meta["world_size"] != self.dist.world_size:
             raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks; this "
-                              f"run has {self.world_size}. Resume at the same world size (the "
+                              f"run has {self.dist.world_size}. Resume at the same world size (the "
                               "per-rank optimizer partitions and data positions depend on it).")
+        state = self.backend.load(path)
+        self.ema.load_state_dict(state.ema)
+        torch.set_rng_state(state.rng["torch"])
+        self.noise_generator.set_state(state.rng["noise"])
+        if "cuda" in state.rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state.rng["cuda"], self.device)
+        self.images_seen = meta["images_seen"]
+        self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
+        return state.loader
 
-    def _check_same_data(self, path: Path) -> None:
+    def _check_same_data(self, saved: Optional[dict], path: Path) -> None:
         """Refuse to resume on other data: the method trains on ONE fixed noisy copy per image
         for the whole run, and remade shards (another noise seed, say) would swap every copy."""
-        saved = self._saved_loader_state  # set by _restore
         diffs = self.loader.data_differences(saved) if saved else []
         if diffs:
             raise ConfigError(
@@ -286,113 +237,13 @@ class Trainer:
                 "method keeps one fixed noisy copy per image for the whole run, so it cannot "
                 "continue on remade shards: resume with the original shards, or start a new run")
 
-    def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
-        torch.set_rng_state(rng["torch"])
-        self.noise_generator.set_state(rng["noise"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"torch": torch.get_rng_state(), "noise": self.noise_generator.get_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
 
-    def _set_progress(self, meta: dict) -> None:
-        self.images_seen = meta["images_seen"]
-        self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
-
-    def save_checkpoint(self) -> Path:
-        path = self._write_checkpoint()
-        self.export_ema()
-        return path
-
-    def _write_checkpoint(self) -> Path:
-        ckpt = Checkpoint(
-            model=self.net.state_dict(), ema=self.ema.state_dict(), rng=self._rng_states(),
-            state={"optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict()},
-            meta=self._meta())
-        return self.checkpoints.save(ckpt, self.images_seen)
-
-    def _restore(self, path: Path) -> None:
-        ckpt = CheckpointManager.load(path, self.device)
-        self._check_resumable(ckpt.meta, path)
-        self.net.load_state_dict(ckpt.model)
-        self.ema.load_state_dict(ckpt.ema)
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self._set_rng_states(ckpt.rng)
-        self._set_progress(ckpt.meta)
-        self._saved_loader_state = ckpt.state.get("loader")
-
-    def ema_state_full(self) -> dict[str, torch.Tensor]:
-        """The whole model's EMA weights (collective under ZeRO-3, where each rank has a part)."""
-        return self.ema.state_dict()
-
-    def export_ema(self) -> Path:
-        """<run_dir>/ema.safetensors: the EMA weights under the network's own keys (rank 0)."""
-        state = self.ema_state_full()
-        path = self.run_dir / "ema.safetensors"
-        if self.rank == 0:
-            export_safetensors_atomic(state, path, metadata={
-                "images_seen": str(self.images_seen), "fingerprint": self.cfg.fingerprint()})
-        return path
-
-    # -- end of run: samples and the memorization summary ------------------------------
-    def ema_network(self) -> torch.nn.Module:
-        state = self.ema_state_full()
-        net = build_network(self.cfg).to(self.device).eval().requires_grad_(False)
-        net.load_state_dict(state)
-        return net
-
-    def generate(self, num_images: int, every_rank: bool = False,
-                 net: Optional[torch.nn.Module] = None) -> Optional[torch.Tensor]:
-        """Images 0..num_images-1 from the EMA weights with the EDM Heun sampler, on rank 0
-        (None elsewhere) or, with every_rank, the same images on every rank. Each image has
-        its own seed (sampling.seed, index), so the grid is the same at any batch size;
-        class-conditional networks cycle through the classes."""
-        if net is None:
-            net = self.ema_network()  # every rank takes part in gathering the EMA
-        if self.rank != 0 and not every_rank:
-            return None
-        indices = list(range(num_images))
-        labels = (torch.tensor(indices, device=self.device) % net.label_dim
-                  if net.label_dim else None)
-        bf16 = self.cfg.train.precision == "bf16"
-        return sampling.edm_sample(
-            net, indices, (net.img_channels, net.img_resolution, net.img_resolution),
-            seed=self.cfg.sampling.seed, labels=labels,
-            settings=sampling.SamplerSettings.for_run(self.cfg),
-            autocast_dtype=torch.bfloat16 if bf16 else None, device=self.device)
-
-    def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The images trained on (data.subset takes a prefix of the stored order) and the
-        held-out images (never trained on), float32 [N, C, H, W] in [-1, 1]."""
-        shards = self.cfg.data.shards
-        train = data.load_model_images(shards, "train", self.cfg.data.subset)
-        if not data.read_manifest(shards).get("heldout"):
-            return train, None
-        return train, data.load_model_images(shards, "heldout", self.cfg.evaluation.heldout_images)
-
-    def finish(self) -> Optional[dict]:
-        """Export the EMA, write samples.png and memorization.json; return the summary
-        (on rank 0; the other ranks take part in the collectives and return None)."""
-        self.export_ema()
-        # The memorization summary splits its feature extraction over the ranks, so every
-        # rank needs the samples; they are identical everywhere (per-image seeds).
-        net = self.ema_network()  # gathered once (a collective under ZeRO-3)
-        images = self.generate(self.cfg.sampling.num_images, every_rank=True, net=net)
-        train_images, heldout_images = self.reference_images()
-        ev = self.cfg.evaluation
-        summary = metrics.memorization_summary(images, train_images, heldout_images, ev,
-                                               self.device, progress=self.rank == 0)
-        # Always also in pixel space (cheap, and free of a feature extractor's blind spots),
-        # and the denoiser attraction of held-out images (no sampling needed).
-        if ev.memorization_features != "pixels":
-            summary["pixels"] = metrics.memorization_summary(
-                images, train_images, heldout_images,
-                dataclasses.replace(ev, memorization_features="pixels"), self.device)
-        if heldout_images is not None and not self.cfg.text.model_path:  # a pixel denoiser
-            summary["attraction"] = metrics.network_attraction(
-                net, sampling.SamplerSettings.for_run(self.cfg), heldout_images[:128], train_images,
-                metrics.ATTRACTION_SIGMAS, self.device)
-        if self.rank != 0:
-            return None
-        save_image_grid(images, self.run_dir / "samples.png")
-        tmp = self.run_dir / ".memorization.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        os.replace(tmp, self.run_dir / "memorization.json")
-        return summary
+    def _meta(self) -> dict:
+        return {"images_seen": self.images_seen, "steps": self.steps, "bad_steps": self.bad_steps,
+                "world_size": self.dist.world_size, "fingerprint": self.cfg.fingerprint(),
+                "config": to_dict(self.cfg)}

@@ -6,7 +6,8 @@
                   captions and optional text embeddings; their reader and loader
     mitigations   text-memorization mitigations: caption dropout (for guidance), noise on the
                   text embedding, dropping samples with a large text-conditional prediction
-    text_trainer  the U-Net adapter for the ambient latent loss and the training loop
+    loss          the text-conditional ambient loss (v or epsilon prediction) with the mitigations
+    task          TextTask: what the engine's Trainer trains when task: text
     sampling      classifier-free guided DDIM / Euler sampling from captions or a prompt file
     export        the fine-tuned U-Net as a diffusers directory StableDiffusionPipeline loads
     throughput    img/s of latent shards and training with random-weight models (tiny or SD 2.x size)

@@ -7,7 +7,7 @@
 "sd2" builds SD 2.x-sized models with random weights (sd_models.sd2_shaped_components: the
 real cost, no download), "tiny" the test stand-ins. Both go through the real code paths: the
 model is written as a diffusers directory, synthetic img2dataset shards (random images and
-captions) are turned into latent shards by make_latent_shards, and TextTrainer runs training
+captions) are turned into latent shards by make_latent_shards, and the engine's Trainer (task: text) runs training
 steps on them (gradient checkpointing on, as configured). Reported: img/s of each stage, timed
 after warm-up steps with the device synchronised, plus the machine. Figures are only
 comparable on the same machine in the same run.
@@ -56,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 def measure(size: str, resolution: int, images: int, batch: int, steps: int, precision: str,
             workdir: Path, device: torch.device) -> dict:
-    from .text_trainer import TextTrainer
+    from ambient_dist.engine.run import build_trainer
 
     components = tiny_components() if size == "tiny" else sd2_shaped_components()
     model = save_components(components, workdir / "model")
@@ -76,7 +76,7 @@ def measure(size: str, resolution: int, images: int, batch: int, steps: int, pre
                              "objective.sigma_tn=1", f"data.resolution={resolution}",
                              "data.xflip=false", f"train.batch={batch}", f"train.precision={precision}",
                              f"text.model_path={model}", "optimizer.lr=1.0e-6"])
-    trainer = TextTrainer(cfg, workdir / "run")
+    trainer = build_trainer(cfg, workdir / "run")
     for _ in range(2):  # warm-up: allocator, kernels, autotuning
         trainer.train_step()
     _sync(device)
@@ -87,7 +87,7 @@ def measure(size: str, resolution: int, images: int, batch: int, steps: int, pre
     train_s = time.perf_counter() - start
     return {
         "size": size, "resolution": resolution, "batch": batch, "precision": precision,
-        "unet_parameters": sum(p.numel() for p in trainer.net.parameters()),
+        "unet_parameters": trainer.num_parameters,
         "latent_shards_img_per_s": images / shard_s,
         "train_img_per_s": steps * batch / train_s,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
