@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ambient_dist.errors import UserError
+from ambient_dist.fileio import atomic_write_text
 
 
 class ConfigError(UserError):
@@ -602,7 +603,5 @@ def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config (every option, defaults included) into the run directory."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

@@ -13,7 +13,8 @@ draws it (bit for bit on a CPU; on a GPU up to the network's batch-size-dependen
 ~1e-7 with DDPM++ on an H200). The state is integrated in float64 (as EDM does: the steps near sigma_min subtract
 nearly equal numbers); the denoiser gets float32 input, optionally under autocast.
 
-Output is float32 and only roughly in [-1, 1]; `to_uint8` clamps when converting to pixels.
+Output is float32 and only roughly in [-1, 1]; `images.to_uint8` clamps when converting to pixels.
+Class-conditional networks get the labels of `class_labels` (image n: class n % classes).
 
 The baselines of objective.method sample differently (`SamplerSettings.for_run` sets it up):
 noise_only stops at sigma_min = sigma_tn, whose last (Euler) step to 0 returns the network's
@@ -199,6 +200,14 @@ def edm_sample(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence
     return x.float()
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 (same layout), the exact inverse of uint8 / 127.5 - 1."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def class_labels(indices: Sequence[int], label_dim: int, fixed: Optional[int] = None
+                 ) -> Optional[torch.Tensor]:
+    """The class of each image index: `fixed` if given, else n % label_dim, so that every
+    class is drawn equally often and image n has the same class in every sample set (the
+    end-of-training grid, launchers/sample.py, evaluation). int64 [len(indices)] on the CPU;
+    None for an unconditional network (label_dim 0)."""
+    if not label_dim:
+        return None
+    if fixed is not None:
+        return torch.full((len(indices),), fixed, dtype=torch.long)
+    return torch.tensor(list(indices), dtype=torch.long) % label_dim

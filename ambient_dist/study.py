@@ -250,9 +250,9 @@ def _run_spec(study: StudyConfig, base: Path, out_dir: Path, r: StudyRun, size: 
 # --------------------------------------------------------------------------------------
 
 def _write_json(path: Path, obj) -> None:
-    from ambient_dist.data.shards import write_json
+    from ambient_dist.fileio import atomic_write_json
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, obj)
+    atomic_write_json(path, obj)
 
 
 def make_run_shards(study: StudyConfig, spec: RunSpec, progress: bool) -> None:

@@ -286,8 +286,8 @@ def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Pat
               "quality_conclusions_rest_on": "KID", "rows": rows, "heldout": heldout,
               "conclusions": conclusions, "failures": failures, "figures": figures,
               "runs": {s.name: str(s.run_dir) for s in specs}}
-    from ambient_dist.data.shards import write_json
-    write_json(out_dir / "report.json", report)
+    from ambient_dist.fileio import atomic_write_json
+    atomic_write_json(out_dir / "report.json", report)
     md = out_dir / "report.md"
     md.write_text(markdown(study, rows, heldout, conclusions, failures, figures))
     return md

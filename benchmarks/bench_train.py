@@ -110,7 +110,7 @@ def train_gflop(cfg) -> float:
 
 
 def time_ours(cfg, ctx: Context, run_dir: Path, warmup: int, repeats: int) -> list[float]:
-    from ambient_dist.engine.distributed import DistInfo
+    from ambient_dist.distributed import DistInfo
     from ambient_dist.engine.run import build_trainer
     trainer = build_trainer(cfg, run_dir, dist_info=DistInfo(device=torch.device(ctx.device)))
     seconds = measure(trainer.train_step, repeats=repeats, warmup=warmup, device=ctx.device)

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
         return 0
     from ambient_dist.config import ExperimentConfig
-    from ambient_dist.engine.distributed import init_distributed, shutdown
+    from ambient_dist.distributed import init_distributed, shutdown
     info = init_distributed(ExperimentConfig())  # joins the process group under torchrun / mpirun
     device = str(info.device) if args.device == "auto" else args.device
     opts = ev.EvalOptions(

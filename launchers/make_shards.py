@@ -124,7 +124,7 @@ def make_latent(args, cfg, pick) -> int:
     """--latent: VAE-encode the images of the source (ambient_dist.text.latents)."""
     import torch
 
-    from ambient_dist.metrics.distributed import env_rank_world
+    from ambient_dist.distributed import env_rank_world
     from ambient_dist.text.latents import LatentShardOptions, make_latent_shards
     from ambient_dist.text.sd_models import ModelError, load_components
     model = args.model or (cfg.text.model_path if cfg is not None else "")

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import torch
 
     from ambient_dist import sampling
-    from ambient_dist.metrics import distributed as mdist
+    from ambient_dist import distributed as mdist
     from ambient_dist.metrics import samples as S
 
     rank, world, local_rank = mdist.env_rank_world()

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from ambient_dist.metrics import distributed as mdist
+        from ambient_dist import distributed as mdist
         from ambient_dist.metrics.samples import SampleStore, file_digest
         from ambient_dist.text import sampling as ts
         from ambient_dist.text.sd_models import ModelError, load_components

@@ -12,8 +12,9 @@ from PIL import Image
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import load_images, read_manifest
 from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_manifest, encode_npy,
-                                      make_shards, scan_tar, sha256_file)
+                                      make_shards, scan_tar)
 from ambient_dist.data.sources import SourceError, choose_subset, open_source
+from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.noise import make_noisy_copy
 from test_data_sources import random_images, write_cifar10_dir, write_folder, write_mnist_dir
 
@@ -212,7 +213,7 @@ def test_corrupt_tar_header(tmp_path):
 
 def _rewrite_shard(out, m, edit):
     """Rewrite shard 0 with `edit(name, data) -> data or None (drop)`, fix index + checksum."""
-    from ambient_dist.data.shards import write_index, write_json
+    from ambient_dist.data.shards import write_index
     entry = m["shards"][0]
     p = out / entry["name"]
     members = []
@@ -228,7 +229,7 @@ def _rewrite_shard(out, m, edit):
                 tar.addfile(info, io.BytesIO(data))
     write_index(scan_tar(p), out / entry["index"])
     entry["sha256"] = sha256_file(p)
-    write_json(out / "manifest.json", m)
+    atomic_write_json(out / "manifest.json", m)
 
 
 def test_missing_noisy_copy(tmp_path):
@@ -371,3 +372,19 @@ def test_non_finite_data_is_refused_when_written(tmp_path):
         finite_array(np.array([1.0, np.inf, np.nan], np.float16), "here", "noisy copy")
     ok = np.ones(3, np.float16)
     assert finite_array(ok, "here", "noisy copy") is ok
+
+
+def test_a_shard_tar_is_published_whole_or_not_at_all(tmp_path):
+    from ambient_dist.data.shards import ShardTar
+    path = tmp_path / "train-000000.tar"
+    with pytest.raises(RuntimeError):
+        with ShardTar(path) as shard:
+            shard.add("a.png", b"x")
+            raise RuntimeError("source image failed to decode")
+    assert list(tmp_path.iterdir()) == []  # neither the tar nor its temporary file
+    with ShardTar(path) as shard:
+        shard.add("a.png", b"x")
+        shard.add("a.json", b"{}")
+    entry = shard.publish([], None)
+    assert entry["samples"] == 1 and entry["sha256"] == sha256_file(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.idx", "train-000000.tar"]

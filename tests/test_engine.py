@@ -8,7 +8,7 @@ from ambient_dist.engine import checkpoint as ckpt_mod
 from ambient_dist.engine.checkpoint import (Checkpoint, CheckpointManager,
                                             export_safetensors_atomic)
 from ambient_dist.engine.ema import EMA, ema_beta
-from ambient_dist.engine.logging import TrainingStats, image_grid, save_image_grid
+from ambient_dist.engine.logging import TrainingStats
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
 
 
@@ -153,7 +153,7 @@ def test_crash_while_writing_leaves_previous_checkpoint_loadable(tmp_path, monke
 def test_crash_before_latest_is_updated_keeps_the_old_pointer_valid(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, keep=3)
     mgr.save(_checkpoint(1.0, 100), 100)
-    monkeypatch.setattr(ckpt_mod, "write_text_atomic",
+    monkeypatch.setattr(ckpt_mod, "atomic_write_text",
                         lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         mgr.save(_checkpoint(2.0, 200), 200)
@@ -234,12 +234,3 @@ def test_training_stats_are_over_the_whole_global_batch_not_rank_0s_share(tmp_pa
         assert scalars["objective/ambient_fraction"] == pytest.approx(0.5)
 
 
-def test_image_grid_layout_and_units(tmp_path):
-    images = torch.full((5, 1, 4, 6), -1.0)
-    images[4] = 1.0
-    grid = image_grid(images)  # 3 columns x 2 rows
-    assert grid.shape == (8, 18, 1) and grid.dtype.name == "uint8"
-    assert grid[0, 0, 0] == 0 and grid[4, 6, 0] == 255 and grid[4, 12, 0] == 0
-    from PIL import Image
-    path = save_image_grid(torch.zeros(4, 3, 8, 8), tmp_path / "g.png")
-    assert Image.open(path).size == (16, 16)

@@ -228,6 +228,43 @@ def test_sigterm_checkpoints_every_rank_and_resume_equals_uninterrupted(shards, 
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(shards, tmp_path):  # noqa: F811
+    # Until the EMA followed the fp32 master slices, every ZeRO 1-2 rank kept the EMA of the
+    # whole model, and configs had no `task`. Rewrite a checkpoint into that layout: resuming
+    # it must give, bit for bit, the run that was never interrupted.
+    from safetensors.torch import save_file
+    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.096,
+                                               "train.checkpoint_every_kimg": 0.048,
+                                               "train.keep_checkpoints": 3})
+    train_ranks(["--config", str(config), "name=straight"])
+    straight, old = tmp_path / "runs" / "straight", tmp_path / "runs" / "old"
+    shutil.copytree(straight, old)
+    shutil.rmtree(old / "checkpoints" / "ckpt-000000000096")
+    (old / "checkpoints" / "latest").write_text("ckpt-000000000048")
+    ckpt = old / "checkpoints" / "ckpt-000000000048"
+    shapes = {k: v.shape for k, v in load_file(str(straight / "ema.safetensors")).items()}
+    parts = [load_file(str(ckpt / f"rank{r:05d}.safetensors")) for r in (0, 1)]
+    rewritten = 0
+    for rank in (0, 1):
+        earlier = dict(parts[rank])
+        for key, value in parts[rank].items():
+            if key.startswith("ema.") and value.shape != shapes[key[4:]]:
+                # Two ranks: rank 0 holds the front of the flat weights, rank 1 the rest.
+                whole = torch.cat([parts[0][key].reshape(-1), parts[1][key].reshape(-1)])
+                earlier[key] = whole.view(shapes[key[4:]])
+                rewritten += 1
+        save_file(earlier, str(ckpt / f"rank{rank:05d}.safetensors"))
+    assert rewritten > 20
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["config"]["task"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+    train_ranks(["--config", str(config), "name=old", "--resume", "auto"])
+    a, b = load_file(str(straight / "ema.safetensors")), load_file(str(old / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_path):  # noqa: F811
     # Under ZeRO-3 each rank averages only its partition of every parameter, and the
     # partitions are gathered for the export. With a zero half-life the EMA is exactly the

@@ -6,7 +6,7 @@ import torch
 
 from ambient_dist.config import SamplingConfig
 from ambient_dist.sampling import (
-    SamplerSettings, classifier_free_guidance, edm_sample, edm_sigma_steps, to_uint8)
+    SamplerSettings, class_labels, classifier_free_guidance, edm_sample, edm_sigma_steps)
 
 MU, STD = 0.3, 0.4   # the data: N(MU, STD^2 I)
 
@@ -115,11 +115,11 @@ def test_autocast_dtype_reaches_the_denoiser():
     assert seen and all(seen)
 
 
-def test_to_uint8_inverts_the_pixel_mapping_and_clamps():
-    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    assert torch.equal(to_uint8(u8.float() / 127.5 - 1), u8)
-    out = to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.5]))
-    assert out.tolist() == [0, 0, 128, 255, 255] and out.dtype == torch.uint8
+def test_class_labels_cycle_through_the_classes_by_image_index():
+    assert class_labels([0, 1, 5, 12], 5).tolist() == [0, 1, 0, 2]
+    assert class_labels([3, 4], 10, fixed=7).tolist() == [7, 7]
+    assert class_labels([3, 4], 0) is None and class_labels([3], 0, fixed=1) is None
+    assert class_labels(range(3), 2).dtype == torch.long
 
 
 def test_noise_only_sampling_stops_at_sigma_tn_and_returns_the_estimate_there():

@@ -267,7 +267,7 @@ def test_launcher_reports_config_errors_by_key(capsys, tmp_path):
 
 
 def test_resume_at_another_world_size_stops_with_a_clear_message(shards, tmp_path):
-    from ambient_dist.engine.distributed import DistInfo
+    from ambient_dist.distributed import DistInfo
     cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
     build_trainer(cfg, tmp_path / "r").train()
     two_ranks = DistInfo(rank=0, world_size=2)

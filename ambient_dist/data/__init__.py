@@ -6,14 +6,16 @@
               load_images(shards_dir, split) and check_manifest(manifest, cfg)
     order     the data order shared by all loaders: a pure function of (seed, epoch)
     augment   uint8 -> [-1, 1] conversion and the flip applied to clean and noisy alike
-    loader    Batch, the loader base class with its resume counter, build_loader(cfg, ...)
+    loader    Batch, the loader base classes with their resume counter
     resident / webdataset_loader / dali_loader   the three ways of fetching the same batches
+    build     build_loader(cfg, rank, world_size, device): the one cfg.data.loader names
 """
-from .loader import Batch, TrainLoader, build_loader
+from .build import build_loader
+from .loader import Batch, TrainLoader
 from .shards import (ShardError, ShardOptions, ShardSet, check_manifest, load_images, load_model_images,
-                     make_shards, read_manifest)
+                     load_pixel_images, make_shards, read_manifest)
 from .sources import SourceError, open_source
 
 __all__ = ["Batch", "TrainLoader", "build_loader", "ShardError", "ShardOptions", "ShardSet",
-           "check_manifest", "load_images", "load_model_images", "make_shards", "read_manifest", "SourceError",
-           "open_source"]
+           "check_manifest", "load_images", "load_model_images", "load_pixel_images", "make_shards",
+           "read_manifest", "SourceError", "open_source"]

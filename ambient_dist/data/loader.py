@@ -1,14 +1,12 @@
-"""What every training loader shares: the `Batch` it yields, the resume state, and the factory.
+"""What every training loader shares: the `Batch` it yields and the resume state.
 
 `PlannedLoader` (order, rank plan, resume counter) is also the base of the latent loader in
-`text.latents`; `TrainLoader` adds what the pixel loaders share.
-
-`build_loader(cfg, rank, world_size, device, start_sample=0)` opens the shard directory named
-by `cfg.data.shards`, verifies it and checks its manifest against the config, and returns the
-loader chosen by `cfg.data.loader`. Each loader is an endless iterator of this rank's
-micro-batches; which samples those are is fixed by `order.SampleOrder` / `order.RankPlan`, so
-the three loaders yield identical batches and a loader built with `start_sample=S` continues
-exactly where a run that had consumed S samples (all ranks together) stood.
+`text.latents`; `TrainLoader` adds what the pixel loaders share (resident, webdataset_loader,
+dali_loader subclass it; `data.build.build_loader` picks one). Each loader is an endless
+iterator of this rank's micro-batches; which samples those are is fixed by
+`order.SampleOrder` / `order.RankPlan`, so the three loaders yield identical batches and a
+loader built with `start_sample=S` continues exactly where a run that had consumed S samples
+(all ranks together) stood.
 """
 from __future__ import annotations
 
@@ -155,20 +153,3 @@ class TrainLoader(PlannedLoader):
 
     def _next_batch(self, step: int) -> Batch:
         raise NotImplementedError
-
-
-def build_loader(cfg: ExperimentConfig, rank: int, world_size: int, device,
-                 start_sample: int = 0) -> TrainLoader:
-    """The loader named by cfg.data.loader for this rank (see module docstring)."""
-    if not cfg.data.shards:
-        raise ShardError("data.shards: no shard directory set (make one with launchers/make_shards.py)")
-    kind = cfg.data.loader
-    if kind == "resident":
-        from .resident import ResidentLoader as cls
-    elif kind == "webdataset":
-        from .webdataset_loader import WebDatasetLoader as cls
-    elif kind == "dali":
-        from .dali_loader import DaliLoader as cls
-    else:
-        raise ShardError(f"data.loader: unknown loader {kind!r}")
-    return cls(cfg, rank, world_size, device, start_sample=start_sample)

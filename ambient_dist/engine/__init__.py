@@ -6,12 +6,12 @@
     task.py        Task: what is trained (ImageTask; text.task.TextTask)
     backend.py     Backend: how a step runs (PlainBackend: single-process PyTorch)
     deepspeed_backend.py  DeepSpeedBackend: ZeRO 1/2/3, bf16 master weights
-    distributed.py rank / world size from any launcher, process group, small collectives
     ema.py         EMA with EDM semantics (half-life in images, ramp-up)
     checkpoint.py  atomic checkpoints (safetensors + weights-only state), keep last K
     lr.py          learning-rate ramp
     logging.py     TensorBoard scalars/histograms/images and the tqdm progress line
 
-The submodules are imported where used (not here), so that the building blocks do not pull
+Rank / world size and the small collectives live one layer lower, in ambient_dist.distributed
+(shared with metrics). The submodules are imported where used (not here), so that the building blocks do not pull
 in the networks, data and metrics packages.
 """

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.data.shards import atomic_write_bytes
+from ambient_dist.fileio import atomic_path, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -69,16 +69,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path,
               str(path), metadata=metadata)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def export_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
                               metadata: Optional[dict[str, str]] = None) -> None:
     """Write one safetensors file (e.g. the EMA export) via a temp file and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors(tensors, tmp, metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_tensors(tensors, tmp, metadata)
 
 
 @dataclass
@@ -126,7 +121,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        write_text_atomic(self.root / "latest", name + "\n")
+        atomic_write_text(self.root / "latest", name + "\n")
         self._prune(keep_name=name)
         return final
 

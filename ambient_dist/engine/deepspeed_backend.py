@@ -40,9 +40,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ambient_dist.config import ConfigError, ExperimentConfig
+from ambient_dist.distributed import DistInfo, barrier
 from ambient_dist.engine.backend import TrainingState, build_optimizer
 from ambient_dist.engine.checkpoint import CheckpointManager, save_tensors
-from ambient_dist.engine.distributed import DistInfo, barrier
 
 DS_TAG = "deepspeed"
 # Printing DeepSpeed's own per-step line is our logger's job.

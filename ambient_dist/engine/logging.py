@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from ambient_dist.sampling import to_uint8
+from ambient_dist.images import image_grid
 
 
 class TrainingStats:
@@ -84,28 +82,6 @@ class TrainingStats:
             out["train/grad_norm"] = torch.stack(self.grad_norms).mean().item()
         self.reset()
         return out, sigmas
-
-
-def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> one uint8 [rows*H, cols*W, C] mosaic (C = 1 or 3)."""
-    n, c, h, w = images.shape
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    pixels = to_uint8(images.detach().cpu())
-    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
-    grid[:n] = pixels
-    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    return grid.numpy()
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path) -> Path:
-    path = Path(path)
-    grid = image_grid(images)
-    mode_image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    mode_image.save(tmp)
-    tmp.replace(path)
-    return path
 
 
 class RunLogger:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -31,12 +30,13 @@ import yaml
 
 from ambient_dist import metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
+from ambient_dist.distributed import DistInfo, init_distributed, shutdown
 from ambient_dist.engine.backend import PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.distributed import DistInfo, init_distributed, shutdown
-from ambient_dist.engine.logging import save_image_grid
 from ambient_dist.engine.task import ImageTask
 from ambient_dist.engine.trainer import Trainer
+from ambient_dist.fileio import atomic_write_json
+from ambient_dist.images import save_image_grid
 from ambient_dist.models import build_network
 from ambient_dist.models.flops import train_gflop_per_image
 
@@ -151,9 +151,7 @@ def finish(trainer: Trainer) -> Optional[dict]:
     if not rank0:
         return None
     save_image_grid(images, trainer.run_dir / "samples.png")
-    tmp = trainer.run_dir / ".memorization.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, trainer.run_dir / "memorization.json")
+    atomic_write_json(trainer.run_dir / "memorization.json", summary, indent=2, default=float)
     return summary
 
 
@@ -168,9 +166,7 @@ def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> Non
     info = {"config": to_dict(cfg), "fingerprint": cfg.fingerprint(), "world_size": world_size,
             "git_revision": git_revision(), "python": sys.version.split()[0],
             "torch": torch.__version__, "host": platform.node(), "argv": sys.argv}
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, run_dir / "run.json")
+    atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
 def format_memorization(summary: dict) -> str:

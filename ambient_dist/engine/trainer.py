@@ -24,14 +24,15 @@ from typing import Optional
 import torch
 
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
+from ambient_dist.distributed import DistInfo, any_rank_true
 from ambient_dist.engine.backend import Backend, TrainingState, read_meta
 from ambient_dist.engine.checkpoint import (CheckpointManager, check_resume_compatible,
                                             export_safetensors_atomic)
-from ambient_dist.engine.distributed import DistInfo, any_rank_true
 from ambient_dist.engine.ema import EMA, ema_beta
-from ambient_dist.engine.logging import RunLogger, TrainingStats, save_image_grid
+from ambient_dist.engine.logging import RunLogger, TrainingStats
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
 from ambient_dist.engine.task import Task
+from ambient_dist.images import save_image_grid
 
 # A run stops (with a message) after this many optimizer steps in a row were skipped for a
 # non-finite loss or gradient: one bad batch is noise, a long streak is a diverged run.

@@ -9,8 +9,8 @@
     report.py         report.json / report.md and the figures
     samples.py        sampling at scale: model loading, rank split, resumable PNG / shard store
     evaluation.py     one evaluation, samples -> report (what launchers/evaluate.py runs)
-    distributed.py    rank / slice / gather helpers shared by the above and the launchers
 
+Rank, slice and gather helpers live in ambient_dist.distributed (shared with the engine).
 The training loop calls `memorization_summary` at the end of a run; launchers/evaluate.py
 uses everything.
 """

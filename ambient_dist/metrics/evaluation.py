@@ -4,7 +4,7 @@
 
     1. the generated images: a sample folder / shards, or a run directory (its samples/,
        generated first with `samples.generate` when missing)
-    2. the training images (data.load_images(shards, "train"), the run's data.subset prefix)
+    2. the training images (data.load_pixel_images(shards, "train"), the run's data.subset prefix)
        and the held-out images, if the shards have them
     3. memorization_summary in the chosen feature space (features split over ranks)
     4. FID against the reference set's cached statistics (default: every training-shard
@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
-from ambient_dist.metrics import distributed as mdist
+from ambient_dist import data
+from ambient_dist import distributed as ranks
 from ambient_dist.metrics import fid as fidlib
 from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
@@ -61,11 +62,6 @@ class EvalOptions:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ambient_dist" / "fid"
-
-
-def _as_tensor(images) -> torch.Tensor:
-    """uint8 [N, H, W, C] numpy -> uint8 [N, C, H, W] tensor (converted per batch later)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
@@ -108,7 +104,7 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
     import shutil
 
     from ambient_dist import sampling
-    rank, world, _ = mdist.env_rank_world()
+    rank, world, _ = ranks.env_rank_world()
     net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
     if opts.resample and rank == 0 and path.exists():
         shutil.rmtree(path)
@@ -133,21 +129,20 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
 
 
 def _reference_images(shards: str, cfg: Optional[ExperimentConfig], heldout_limit: int):
-    from ambient_dist import data
-    _, train_all, _ = data.load_images(shards, "train")
+    """(every training image, the run's data.subset prefix of them, the held-out images or
+    None), uint8 [N, C, H, W]; the subset is a view of the first, not a copy."""
+    train_all = data.load_pixel_images(shards, "train")
     subset = cfg.data.subset if cfg else 0
-    train = _as_tensor(train_all[: subset or len(train_all)])
     heldout = None
     if data.read_manifest(shards).get("heldout"):
-        _, held, _ = data.load_images(shards, "heldout")
-        heldout = _as_tensor(held[: heldout_limit or len(held)])
-    return _as_tensor(train_all), train, heldout
+        heldout = data.load_pixel_images(shards, "heldout", heldout_limit)
+    return train_all, train_all[: subset or len(train_all)], heldout
 
 
 def _batches(images: torch.Tensor, batch: int, desc: str = "", progress: bool = False):
     """This rank's share of `images`, in batches (for the streamed FID statistics)."""
-    rank, world = mdist.rank_and_world()
-    lo, hi = mdist.slice_bounds(len(images), rank, world)
+    rank, world = ranks.rank_and_world()
+    lo, hi = ranks.slice_bounds(len(images), rank, world)
     starts = range(lo, hi, batch)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
         yield images[start:min(start + batch, hi)]
@@ -177,8 +172,7 @@ def _fid_reference(opts: EvalOptions, full_train: torch.Tensor, shards: str):
             raise FileNotFoundError(f"--fid-reference {ref}: no such statistics file")
         return fidlib.load_statistics(Path(ref)), ref
     if (Path(ref) / "manifest.json").is_file():
-        from ambient_dist import data
-        return _as_tensor(data.load_images(ref, "train")[1]), ref
+        return data.load_pixel_images(ref, "train"), ref
     return S.read_samples(ref)[1], ref
 
 
@@ -197,7 +191,7 @@ def evaluate(opts: EvalOptions) -> dict:
                                  "config names data.shards)")
     sample_path, generated = _generated(opts, cfg)
     full_train, train, heldout = _reference_images(shards, cfg, eval_cfg.heldout_images)
-    rank, _ = mdist.rank_and_world()
+    rank, _ = ranks.rank_and_world()
 
     mem = memorization_summary(generated, train, heldout, eval_cfg, opts.device,
                                batch_size=opts.batch, progress=opts.progress)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ambient_dist.errors import UserError
 from ambient_dist.data.augment import to_model_units
-from ambient_dist.metrics import distributed as mdist
+from ambient_dist import distributed as ranks
 
 
 class FeatureError(UserError):
@@ -327,8 +327,8 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
 
     With a torch.distributed process group up, rank r embeds the r-th contiguous slice and
     the slices are gathered, so every rank returns the full matrix."""
-    rank, world = mdist.rank_and_world()
-    lo, hi = mdist.slice_bounds(len(images), rank, world)
+    rank, world = ranks.rank_and_world()
+    lo, hi = ranks.slice_bounds(len(images), rank, world)
     parts = []
     steps = range(lo, hi, batch_size)
     bar = tqdm(steps, desc=desc, unit="batch", disable=not progress or rank != 0,
@@ -341,7 +341,7 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
         local = extractor(images[:1]).cpu()[:0]
     if world == 1:
         return local
-    return mdist.gather_rows(local, len(images))
+    return ranks.gather_rows(local, len(images))
 
 
 def images_digest(images: torch.Tensor) -> str:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ambient_dist.metrics import distributed as mdist
+from ambient_dist import distributed as ranks
+from ambient_dist.fileio import atomic_path
 
 
 class FeatureMoments:
@@ -41,10 +42,10 @@ class FeatureMoments:
 
     def all_reduce(self) -> None:
         """Sum the moments of every rank (each rank saw a different slice of the images)."""
-        _, world = mdist.rank_and_world()
+        _, world = ranks.rank_and_world()
         if world == 1:
             return
-        dev = mdist._collective_device()
+        dev = ranks.collective_device()
         packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64),
                             self.total, self.outer.flatten()]).to(dev)
         dist.all_reduce(packed)
@@ -103,9 +104,8 @@ def stats_cache_path(cache_dir: str | os.PathLike, extractor_key: str, dataset_h
 
 def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, count=np.int64(count))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, mu=mu, sigma=sigma, count=np.int64(count))
 
 
 def load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -141,7 +141,7 @@ def reference_statistics(extractor, batches: Iterable[torch.Tensor], dataset_has
     if path is not None and path.is_file():
         return load_statistics(path)
     mu, sigma, count = streamed_statistics(extractor, batches)
-    rank, _ = mdist.rank_and_world()
+    rank, _ = ranks.rank_and_world()
     if path is not None and rank == 0:
         save_statistics(path, mu, sigma, count)
     return mu, sigma, count

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ambient_dist.metrics import distributed as mdist
+from ambient_dist import distributed as ranks
 from ambient_dist.metrics.features import build_extractor, extract, reference_features
 from ambient_dist.noise import check_image_range
 
@@ -85,18 +85,18 @@ def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, k: int = 1,
 
     Under a process group every rank passes the same queries and keys; rank r searches its
     contiguous slice of the keys and the per-rank candidates are merged (all_gather + top-k)."""
-    rank, world = mdist.rank_and_world()
+    rank, world = ranks.rank_and_world()
     if world == 1:
         return local_topk(queries, keys, k, device=device, **chunks)
     k = min(k, len(keys))
-    lo, hi = mdist.slice_bounds(len(keys), rank, world)
+    lo, hi = ranks.slice_bounds(len(keys), rank, world)
     vals, idx = local_topk(queries, keys[lo:hi], k, offset=lo, device=device, **chunks)
     # A slice shorter than k pads with -inf so every rank sends the same shape.
     pad = k - vals.shape[1]
     if pad:
         vals = torch.cat([vals, torch.full((len(queries), pad), -math.inf)], 1)
         idx = torch.cat([idx, torch.full((len(queries), pad), -1, dtype=torch.long)], 1)
-    dev = mdist._collective_device()
+    dev = ranks.collective_device()
     all_v = [torch.empty_like(vals, device=dev) for _ in range(world)]
     all_i = [torch.empty_like(idx, device=dev) for _ in range(world)]
     dist.all_gather(all_v, vals.to(dev))

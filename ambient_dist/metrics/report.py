@@ -26,18 +26,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ambient_dist.data.shards import atomic_write_bytes  # noqa: E402
-from ambient_dist.engine.logging import save_image_grid  # noqa: E402
+from ambient_dist.fileio import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+from ambient_dist.images import save_image_grid, to_uint8  # noqa: E402
 from ambient_dist.metrics.features import as_model_units  # noqa: E402
-from ambient_dist.sampling import to_uint8  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # matplotlib reads the format from it
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -166,8 +166,8 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    atomic_write_bytes(js, (json.dumps(report, indent=1) + "\n").encode())
-    atomic_write_bytes(md, markdown(report).encode())
+    atomic_write_json(js, report)
+    atomic_write_text(md, markdown(report))
     return js, md
 
 

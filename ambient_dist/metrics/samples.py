@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
-from ambient_dist.data.shards import atomic_write_bytes, encode_png, sha256_file
+from ambient_dist.data.shards import tar_member
 from ambient_dist.data.sources import decode_image_bytes
 from ambient_dist.errors import UserError
+from ambient_dist.fileio import atomic_write_bytes, sha256_file
+from ambient_dist.images import encode_png, to_uint8
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
@@ -201,20 +203,8 @@ class SampleStore:
                 if label is not None:
                     members.append((f"{n:06d}.cls", str(label).encode()))
                 for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
-                    tar.addfile(info, io.BytesIO(data))
+                    tar_member(tar, name, data, mode=0o644)  # reproducible bytes
         _write_atomic(self.shard_path(block.start // self.block), buf.getvalue())
-
-
-def class_labels(indices: list[int], label_dim: int, fixed: Optional[int]) -> Optional[torch.Tensor]:
-    """Class of image n: `fixed` if given, else n % classes (every class equally often, the
-    same convention as the end-of-training grid); None for unconditional networks."""
-    if not label_dim:
-        return None
-    if fixed is not None:
-        return torch.full((len(indices),), fixed, dtype=torch.long)
-    return torch.tensor(indices, dtype=torch.long) % label_dim
 
 
 def generate(net, store: SampleStore, num: int, batch: int, seed: int,
@@ -230,12 +220,12 @@ def generate(net, store: SampleStore, num: int, batch: int, seed: int,
         staged: dict = {}
         for start in range(0, len(pending), batch):
             indices = pending[start:start + batch]
-            labels = class_labels(indices, net.label_dim, fixed_class)
+            labels = sampling.class_labels(indices, net.label_dim, fixed_class)
             images = sampling.edm_sample(net, indices, shape, seed=seed,
                                          labels=None if labels is None else labels.to(device),
                                          settings=settings, guidance=guidance,
                                          autocast_dtype=autocast_dtype, device=device)
-            store.write(block, indices, sampling.to_uint8(images), labels, staged)
+            store.write(block, indices, to_uint8(images), labels, staged)
             bar.update(len(indices))
     bar.close()
     return total

@@ -19,6 +19,8 @@ from typing import Mapping
 
 import torch
 
+from ambient_dist.fileio import replace_directory
+
 from .sd_models import PARTS, SCHEDULER_PREDICTION, ModelError, read_scheduler_config
 
 
@@ -37,30 +39,19 @@ def export_pipeline(unet_weights: Mapping[str, torch.Tensor], base_model: str | 
     if missing or not (base / "model_index.json").is_file():
         raise ModelError(f"{base}: not a complete diffusers-format model (missing "
                          f"{', '.join(missing) or 'model_index.json'})")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for item in base.iterdir():
-        if item.name == "unet" or item.name.startswith("."):
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    with replace_directory(out_dir) as tmp:
+        for item in base.iterdir():
+            if item.name == "unet" or item.name.startswith("."):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
-    result = unet.load_state_dict({k: v.to(torch.float32) for k, v in unet_weights.items()}, strict=True)
-    del result  # strict=True already raised on missing or unexpected keys
-    unet.to(dtype).save_pretrained(tmp / "unet", safe_serialization=True)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
+        result = unet.load_state_dict({k: v.to(torch.float32) for k, v in unet_weights.items()}, strict=True)
+        del result  # strict=True already raised on missing or unexpected keys
+        unet.to(dtype).save_pretrained(tmp / "unet", safe_serialization=True)
 
-    sched = tmp / "scheduler" / "scheduler_config.json"
-    config = json.loads(sched.read_text())
-    config["prediction_type"] = SCHEDULER_PREDICTION[prediction]
-    sched.write_text(json.dumps(config, indent=2))
-
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+        sched = tmp / "scheduler" / "scheduler_config.json"
+        config = json.loads(sched.read_text())
+        config["prediction_type"] = SCHEDULER_PREDICTION[prediction]
+        sched.write_text(json.dumps(config, indent=2))
     return out_dir

@@ -35,7 +35,6 @@ import concurrent.futures as futures
 import io
 import json
 import os
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,10 +49,11 @@ from ambient_dist.data.loader import PlannedLoader
 from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
-    ShardSet, _finish_shard, _plan_hash, _prepare, _tar_member, _write_heldout, count_conversion,
-    encode_npy, encode_png, finite_array, merge_conversions, read_index, read_manifest, scan_tar,
-    sha256_file, write_json)
+    ShardSet, ShardWriter, count_conversion, encode_npy, finite_array,
+    merge_conversions, read_index, read_manifest, scan_tar)
 from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
+from ambient_dist.fileio import atomic_write_json, sha256_file
+from ambient_dist.images import encode_png
 from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
 
 from .sd_models import SDComponents
@@ -171,15 +171,15 @@ def _model_description(components: SDComponents) -> dict:
 class _LatentWriter:
     """Writes the shards of one rank, batch by batch through the VAE."""
 
-    def __init__(self, source: Source, out_dir: Path, opts: LatentShardOptions,
-                 components: SDComponents, device):
-        self.source, self.out_dir, self.opts, self.c = source, out_dir, opts, components
+    def __init__(self, shards: ShardWriter, opts: LatentShardOptions, components: SDComponents,
+                 device):
+        self.shards, self.source, self.opts, self.c = shards, shards.source, opts, components
         self.device = torch.device(device)
         self.pool = futures.ThreadPoolExecutor(max(opts.workers, 1))
 
     def _load_one(self, i: int):
         try:
-            record = _prepare(self.source, i, self.opts, 3)
+            record = self.shards.sample(i)
         except SourceError as e:
             if not self.opts.skip_bad:
                 raise
@@ -203,12 +203,11 @@ class _LatentWriter:
         return [r for r in loaded if isinstance(r, tuple)], [r for r in loaded if isinstance(r, dict)]
 
     def write(self, name: str, indices: list[int], bar: tqdm) -> dict:
-        final = self.out_dir / name
-        tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
         o, c = self.opts, self.c
         skipped, converted = [], {}
         captionless = 0
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with self.shards.shard(name) as shard:
+            final = shard.path
             for start in range(0, len(indices), o.batch_size):
                 records, bad = self._load(indices[start: start + o.batch_size])
                 skipped += bad
@@ -228,29 +227,23 @@ class _LatentWriter:
                 for j, (key, image, label, caption, meta) in enumerate(records):
                     where = f"{final}, key {key}"
                     noisy = make_noisy_copy(z0[j].float(), 0.0, o.noise_seed, key, "latent_v", o.t_n)
-                    _tar_member(tar, f"{key}.{CLEAN_EXT}", encode_png(image))
-                    _tar_member(tar, f"{key}.{NOISY_EXT}", encode_npy(
+                    shard.add(f"{key}.{CLEAN_EXT}", encode_png(image))
+                    shard.add(f"{key}.{NOISY_EXT}", encode_npy(
                         finite_array(noisy.numpy().astype(np.float16), where, "noisy latent")))
                     record = {"key": key, "label": label, "caption": caption or "", "meta": meta}
-                    _tar_member(tar, f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
+                    shard.add(f"{key}.{META_EXT}", json.dumps(record, sort_keys=True).encode())
                     count_conversion(converted, meta)
                     captionless += bool(meta.get("caption_missing"))
                     if not o.online:
-                        _tar_member(tar, f"{key}.{LATENT_EXT}",
-                                    encode_npy(finite_array(z0[j].numpy(), where, "VAE latent")))
+                        shard.add(f"{key}.{LATENT_EXT}",
+                                  encode_npy(finite_array(z0[j].numpy(), where, "VAE latent")))
                     if text is not None:
-                        _tar_member(tar, f"{key}.{TEXT_EXT}",
-                                    encode_npy(finite_array(text[j].numpy(), where, "text embedding")))
+                        shard.add(f"{key}.{TEXT_EXT}",
+                                  encode_npy(finite_array(text[j].numpy(), where, "text embedding")))
                 bar.update(len(records))
-        entry = _finish_shard(tmp, final, skipped, converted)
+        entry = shard.publish(skipped, converted)
         entry["captionless"] = captionless
         return entry
-
-
-@dataclass
-class _Job:  # the shape _plan_hash expects
-    name: str
-    indices: list[int]
 
 
 def _part_path(out_dir: Path, rank: int, world_size: int) -> Path:
@@ -270,26 +263,22 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
         raise ShardError(f"rank {rank} outside world size {world_size}")
     out_dir = Path(out_dir)
     train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
-    keys = [source.key(i) for i in train + heldout]
-    if len(set(keys)) != len(keys):
-        raise ShardError(f"{source.describe().get('path', source)}: two source images share a key "
-                         "(keys keep only [A-Za-z0-9_-]); rename one of them")
-    per = opts.samples_per_shard
-    jobs = [(f"train-{n:06d}.tar", train[s: s + per]) for n, s in enumerate(range(0, len(train), per))]
+    shards = ShardWriter(source, out_dir, opts.resolution, 3, opts.fit)
+    shards.check_unique_keys(train + heldout)
+    jobs = shards.jobs(train, opts.samples_per_shard)
     desc = {**source.describe(), "model": _model_description(components)}
-    plan = _plan_hash(desc, opts, [_Job(n, ix) for n, ix in jobs], [source.key(i) for i in heldout],
-                      source.key)
+    plan = shards.plan_hash(jobs, heldout, opts.content(), desc)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     part_path = _part_path(out_dir, rank, world_size)
     part_path.parent.mkdir(exist_ok=True)
-    done = _finished_shards(out_dir, part_path, plan, overwrite)
-    mine = [(n, ix) for k, (n, ix) in enumerate(jobs) if k % world_size == rank]
+    done = _finished_shards(shards, part_path, plan, overwrite)
+    mine = [(j.name, j.indices) for k, j in enumerate(jobs) if k % world_size == rank]
     part = {"plan": plan, "rank": rank, "world_size": world_size, "complete": False,
             "shards": [done[n] for n, _ in mine if n in done]}
-    write_json(part_path, part)
+    atomic_write_json(part_path, part)
 
-    writer = _LatentWriter(source, out_dir, opts, components, device)
+    writer = _LatentWriter(shards, opts, components, device)
     bar = tqdm(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
                desc=f"latent shards (rank {rank}/{world_size}) -> {out_dir}")
     bar.update(sum(len(ix) for n, ix in mine if n in done))
@@ -298,14 +287,14 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
             if name in done:
                 continue
             part["shards"].append(writer.write(name, indices, bar))
-            write_json(part_path, part)
+            atomic_write_json(part_path, part)
     finally:
         writer.pool.shutdown()
         bar.close()
     if rank == 0 and heldout:
-        part["heldout"] = _write_heldout(source, heldout, out_dir, opts, 3)
+        part["heldout"] = shards.write_heldout(heldout)
     part["complete"] = True
-    write_json(part_path, part)
+    atomic_write_json(part_path, part)
 
     vae_factor = components.vae_scale_factor
     alpha_tn, s_tn = ddpm_alpha_sigma(opts.t_n)
@@ -329,13 +318,13 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
                     "text": TEXT_EXT if opts.text_embeddings else None,
                     "noisy_dtype": "float16", "noisy_layout": "CHW"},
     }
-    return _assemble_manifest(out_dir, manifest, [n for n, _ in jobs], world_size, len(heldout))
+    return _assemble_manifest(out_dir, manifest, [j.name for j in jobs], world_size, len(heldout))
 
 
-def _finished_shards(out_dir: Path, part_path: Path, plan: str, overwrite: bool) -> dict[str, dict]:
+def _finished_shards(shards: ShardWriter, part_path: Path, plan: str, overwrite: bool) -> dict[str, dict]:
     """Shards this rank (or a complete earlier run) finished and whose checksum still holds."""
     entries = []
-    for path in (out_dir / MANIFEST_NAME, part_path):
+    for path in (shards.out_dir / MANIFEST_NAME, part_path):
         if not path.is_file() or overwrite:
             continue
         try:
@@ -346,12 +335,7 @@ def _finished_shards(out_dir: Path, part_path: Path, plan: str, overwrite: bool)
             raise ShardError(f"{path}: this directory holds latent shards made from a different "
                              "source, model or options; choose another --out or pass --overwrite")
         entries += old.get("shards", [])
-    done = {}
-    for e in entries:
-        p = out_dir / e["name"]
-        if p.exists() and (out_dir / e["index"]).exists() and sha256_file(p) == e["sha256"]:
-            done[e["name"]] = e
-    return done
+    return {e["name"]: e for e in entries if shards.finished(e)}
 
 
 def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_size: int,
@@ -377,7 +361,7 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
                           "converted": sum(manifest["converted"].values()),
                           "captionless_kept": sum(e.get("captionless", 0) for e in manifest["shards"])}
     manifest["complete"] = True
-    write_json(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 

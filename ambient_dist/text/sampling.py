@@ -8,7 +8,7 @@ Each step makes one U-Net call on the doubled batch [empty caption, caption] and
     pred = pred(z, "") + scale * (pred(z, c) - pred(z, ""))
 Image n starts from its own noise, seeded by (seed, n) exactly as the pixel samplers do
 (ambient_dist.sampling.PerImageNoise), so image n is the same at any batch size or rank.
-Output: float32 [N, 3, H, W] in about [-1, 1] (ambient_dist.sampling.to_uint8 for pixels).
+Output: float32 [N, 3, H, W] in about [-1, 1] (ambient_dist.images.to_uint8 for pixels).
 """
 from __future__ import annotations
 
@@ -126,9 +126,9 @@ def write_samples(components: SDComponents, store, prompts: Sequence[str], setti
     Writes prompts.txt beside them (line n = prompt of image n, for the CLIP score)."""
     import hashlib
 
-    from ambient_dist.data.shards import atomic_write_bytes
+    from ambient_dist.fileio import atomic_write_bytes
     from ambient_dist.metrics.samples import SampleMeta
-    from ambient_dist.sampling import to_uint8
+    from ambient_dist.images import to_uint8
     from tqdm.auto import tqdm
 
     num = len(prompts)

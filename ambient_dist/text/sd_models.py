@@ -249,25 +249,16 @@ def save_components(components: SDComponents, path: str | os.PathLike,
 
     Written into a temporary sibling and renamed into place, so an interrupted save never
     leaves a half-written model where a complete one is expected."""
-    import shutil
-
     from diffusers import StableDiffusionPipeline
 
+    from ambient_dist.fileio import replace_directory
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     scheduler = build_scheduler(components.scheduler_config, "ddim", prediction)
     pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    with replace_directory(path) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return path

@@ -23,8 +23,9 @@ import torch
 
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.data.loader import Batch
-from ambient_dist.data.shards import ShardError, write_json
+from ambient_dist.data.shards import ShardError
 from ambient_dist.engine.task import shard_reference_images
+from ambient_dist.fileio import atomic_write_json
 from ambient_dist.objective import LossOutput
 
 from .export import export_pipeline
@@ -139,7 +140,7 @@ class TextTask:
         export_pipeline(weights, self.cfg.text.model_path, path, self.cfg.text.prediction)
         filtered = self.loss_fn.filter_summary()
         if filtered is not None:
-            write_json(run_dir / FILTER_REPORT, filtered)
+            atomic_write_json(run_dir / FILTER_REPORT, filtered)
             print(f"prediction-magnitude filter (rank 0, this session): dropped "
                   f"{filtered['dropped']} of {filtered['samples']} samples; magnitudes "
                   + ", ".join(f"{k} {v:.3g}" for k, v in filtered["magnitude_percentiles"].items()))

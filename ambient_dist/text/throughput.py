@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ambient_dist.config import load_config
-from ambient_dist.data.shards import _tar_member
+from ambient_dist.data.shards import tar_member
 from ambient_dist.data.sources import open_source
 
 from .latents import LatentShardOptions, make_latent_shards
@@ -44,8 +44,8 @@ def write_synthetic_img2dataset(path: Path, count: int, resolution: int, seed: i
         for k in range(count):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(buf, "JPEG")
-            _tar_member(tar, f"{k:09d}.jpg", buf.getvalue())
-            _tar_member(tar, f"{k:09d}.txt", f"the cat number {k}".encode())
+            tar_member(tar, f"{k:09d}.jpg", buf.getvalue())
+            tar_member(tar, f"{k:09d}.txt", f"the cat number {k}".encode())
     return path
 
 

@@ -1,9 +1,11 @@
-"""Distributed set-up: launcher environments, and the DeepSpeed engine at 2 ranks on CPU."""
+"""ambient_dist.distributed: launcher environments, the single-process case, work slices."""
+import pytest
 import torch
 
 from ambient_dist.config import ExperimentConfig
-from ambient_dist.engine.distributed import (DistInfo, all_ranks_true, any_rank_true,
-                                             init_distributed, launcher_environment)
+from ambient_dist.distributed import (DistInfo, all_ranks_true, any_rank_true, env_rank_world,
+                                      init_distributed, launcher_environment, rank_and_world,
+                                      slice_bounds)
 
 
 def test_open_mpi_variables_are_mapped_to_torch_names_with_loopback_defaults():
@@ -39,3 +41,23 @@ def test_a_plain_process_is_one_rank_without_a_process_group(monkeypatch):
     assert not torch.distributed.is_initialized()
     one = DistInfo()
     assert any_rank_true(True, one) and not all_ranks_true(False, one)
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (2, 4), (0, 2), (7, 1)])
+def test_rank_slices_cover_every_item_once_in_rank_order(n, world):
+    bounds = [slice_bounds(n, r, world) for r in range(world)]
+    assert [i for a, b in bounds for i in range(a, b)] == list(range(n))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_env_rank_world_reads_the_launcher_without_a_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    assert env_rank_world() == (2, 3, 2)  # no local rank given: the global one
+    assert rank_and_world() == (0, 1)     # no process group joined
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    with pytest.raises(ValueError, match="RANK=3 is not in"):
+        env_rank_world()

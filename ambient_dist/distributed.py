@@ -1,6 +1,6 @@
-"""Process-group set-up for every way a job can be started.
+"""Ranks, process groups and small collectives: one home for training, sampling and evaluation.
 
-One function, `init_distributed(cfg)`, turns whatever the launcher left in the environment
+Process-group set-up for every way a job can be started. One function, `init_distributed(cfg)`, turns whatever the launcher left in the environment
 into a `DistInfo` (rank, world size, local rank, device) and, for more than one rank, an
 initialised torch.distributed process group:
 
@@ -16,6 +16,14 @@ MASTER_PORT to 29500. The backend is NCCL with CUDA and gloo on CPU; `distribute
 bounds every collective, so a dead rank ends the job with an error instead of hanging it.
 DS_ACCELERATOR=cpu is set when there is no GPU, before DeepSpeed is first imported, so that
 DeepSpeed does not go looking for one.
+
+Work of a known size (samples to make, images to extract features of) is split in contiguous
+slices: rank r gets [r*N/W, (r+1)*N/W) (`slice_bounds`), so gathering the slices in rank order
+(`gather_rows`) restores the original order. `env_rank_world` reads the launcher's rank
+without any process group (sample.py splits its work that way); `rank_and_world` asks the
+running process group.
+
+This module imports only the config (never engine or metrics, which both use it).
 """
 from __future__ import annotations
 
@@ -128,3 +136,50 @@ def any_rank_true(flag: bool, info: DistInfo) -> bool:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) if none."""
+    env = launcher_environment()
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"launcher environment: RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world, int(env.get("LOCAL_RANK", rank))
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world) of the running process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def slice_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n items (shares differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for the running process group's collectives."""
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's contiguous slice (rank order) -> [total, ...] on the CPU.
+
+    Slices differ by at most one row; each is padded to the longest for all_gather."""
+    _, world = rank_and_world()
+    dev = collective_device()
+    longest = max(b - a for a, b in (slice_bounds(total, r, world) for r in range(world)))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: len(local)] = local.to(dev)
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded)
+    pieces = []
+    for r, block in enumerate(blocks):
+        a, b = slice_bounds(total, r, world)
+        pieces.append(block[: b - a].cpu())
+    return torch.cat(pieces)
