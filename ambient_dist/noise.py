@@ -11,12 +11,19 @@ loader that draws a copy would otherwise shift every later random draw of the ru
     make_noisy_copy(x0, sigma_tn, ...)     the copy for each objective form (edm / vp / latent_v)
     check_image_range(x, name)             rejects images that are not in [-1, 1] units
 
-Schedules shared by the objective, the noisy-copy writer and the Stable Diffusion adapter:
+Per-step random draws (the training step's noise levels, eps, augmentation parameters, text
+embedding noise), from a caller's generator so that a test can replay them:
+
+    draw_normal(shape, generator, device), draw_uniform(...), draw_randint(high, shape, ...)
+
+Schedules shared by the objective, the preconditioning, the noisy-copy writer and the Stable
+Diffusion adapter (each defined here only):
 
     ddpm_alphas_cumprod()   Stable Diffusion's DDPM schedule (scaled_linear betas, 1000 steps)
     ddpm_alpha_sigma(t)     (alpha_t, s_t) = (sqrt(abar_t), sqrt(1 - abar_t)) of that schedule
     vp_alpha_sigma(sigma)   VE sigma -> (alpha, s) of the variance-preserving form
     vp_sigma(t), vp_t(sigma) EDM's VP schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
+                            (defaults VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T: EDM's VPPrecond)
 
 Units: images are in [-1, 1] (uint8 / 127.5 - 1) and every sigma is in those units. For the
 "vp" form the config's sigma_tn is still the VE noise level; the VP copy is the VE copy scaled
@@ -25,9 +32,8 @@ by alpha_tn = 1 / sqrt(1 + sigma_tn^2) (shared spec, objective.md section 3).
 from __future__ import annotations
 
 import hashlib
-import math
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -39,6 +45,11 @@ NOISE_FORMS = ("edm", "vp", "latent_v")
 DDPM_STEPS = 1000
 DDPM_BETA_START = 0.00085
 DDPM_BETA_END = 0.012
+
+# EDM's VP schedule (Song et al. 2021's beta_d, beta_min) and its smallest time.
+VP_BETA_D = 19.9
+VP_BETA_MIN = 0.1
+VP_EPSILON_T = 1e-5
 
 
 class ImageRangeError(UserError):
@@ -86,6 +97,33 @@ def keyed_mask(shape: Sequence[int], dataset_seed: int, key: str, corruption: fl
 
 
 # --------------------------------------------------------------------------------------
+# Per-step random draws. With a generator, draws come from it (on its device) so a test can
+# replay them; without one, from the global RNG of `device`. The result is on `device`.
+# --------------------------------------------------------------------------------------
+
+def _draw(fn: Callable, shape: Sequence[int], generator: Optional[torch.Generator],
+          device) -> torch.Tensor:
+    where = generator.device if generator is not None else device
+    return fn(tuple(shape), generator=generator, device=where).to(device)
+
+
+def draw_normal(shape: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """float32 N(0, 1) of `shape` on `device`."""
+    return _draw(torch.randn, shape, generator, device)
+
+
+def draw_uniform(shape: Sequence[int], generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """float32 U[0, 1) of `shape` on `device`."""
+    return _draw(torch.rand, shape, generator, device)
+
+
+def draw_randint(high: int, shape: Sequence[int], generator: Optional[torch.Generator],
+                 device) -> torch.Tensor:
+    """int64 uniform on {0, ..., high - 1} of `shape` on `device`."""
+    return _draw(lambda size, **kw: torch.randint(0, high, size, **kw), shape, generator, device)
+
+
+# --------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------
 
@@ -127,13 +165,18 @@ def vp_alpha_sigma(sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Ten
     return alpha, sigma * alpha
 
 
-def vp_sigma(t: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
-    """EDM's VP schedule: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t in (0, 1]."""
+def vp_sigma(t: torch.Tensor | float, beta_d: float = VP_BETA_D,
+             beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """EDM's VP schedule: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t in (0, 1].
+
+    Same dtype as a tensor t (a Python float becomes a float32 tensor, as torch.as_tensor does).
+    """
     t = torch.as_tensor(t)
     return torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()
 
 
-def vp_t(sigma: torch.Tensor | float, beta_d: float, beta_min: float) -> torch.Tensor:
+def vp_t(sigma: torch.Tensor | float, beta_d: float = VP_BETA_D,
+         beta_min: float = VP_BETA_MIN) -> torch.Tensor:
     """Inverse of `vp_sigma`: the t at which the VP schedule reaches VE noise level sigma."""
     sigma = torch.as_tensor(sigma)
     return ((beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)).sqrt() - beta_min) / beta_d

@@ -1,123 +1,116 @@
 """The ambient training objective (Algorithm 1 of the shared spec, objective.md sections 2-4).
 
-Below the noise level of the fixed noisy copies the model learns from clean images as usual;
-above it, only from the one noisy copy x_tn of each image. Per sample:
+Below the noise level sigma_tn of the fixed noisy copies the model learns from clean images
+as usual; above it, only from the one noisy copy x_tn of each image. The first section below
+is the definition, the spec's two branches written literally; everything after it computes
+the same numbers in a form that one network call and two fused passes can serve.
 
-    clean   (sigma <  sigma_tn):  x_in = x0   + sigma * eps
-                                  loss = lambda(sigma) || D(x_in; sigma) - x0 ||^2
-    ambient (sigma >= sigma_tn):  x_in = x_tn + sqrt(sigma^2 - sigma_tn^2) * eps
-                                  loss = lambda(sigma) || a D(x_in; sigma) + b x_in - x_tn ||^2
-                                  a = (sigma^2 - sigma_tn^2) / sigma^2,  b = sigma_tn^2 / sigma^2
+    1. The definition        literal_edm_ambient_loss (plain_edm_loss: its sigma_tn = 0 limit)
+    2. The same, in the form the kernels take
+                             StepCoefficients and one builder per form (EDM/VE, VP, latent v)
+    3. The two-pass seam     TwoBranchKernel (pass 1 network input, pass 2 residual loss and
+                             dF), its reference implementation REFERENCE, select_kernel
+    4. The training distribution of noise levels and branches (sample_lognormal_sigma, ...)
+    5. The loss classes      build_loss(cfg.objective) -> loss_fn(net, clean, noisy, ...)
 
-Both are minimised by D = E[x0 | x_in], because E[x_tn | x_in] = a E[x0 | x_in] + b x_in.
-
-Every form (EDM/VE, VP, latent v-prediction) is reduced to per-sample coefficients
-(`StepCoefficients`, docs/INTERFACES.md) so that one pair of passes, and the fused kernels
-that replace them on a GPU, serve all of them:
-
-    src    = clean or noisy (per sample)     x_in = P src + Q eps     net_in = c_in x_in
-    F      = net.raw(net_in, c_noise, labels)          (ONE network call for the mixed batch)
-    r      = A F + B x_in + C src            loss_i = weight_i * sum(r^2)    loss = mean_i
-
-Contents, in reading order: drawing sigma and the branch, the coefficient builders for each
-form, the reference passes (what the kernels are tested against), the loss classes, and the
-literal formulas the tests compare against.
+The seam, and why its arrows point one way: this module defines the protocol and the plain
+PyTorch implementation every other one is tested against. The fused implementations (Triton,
+CUDA) live in the ambient_dist.kernels package, which imports this module (for the protocol,
+the reference and the selection error), never the reverse at import time. `select_kernel`
+returns an object; for a fused kind it imports ambient_dist.kernels inside the call, once,
+and asks its `fused_kernel(kind, device)` factory for the object. After that the loss holds
+the object and calls its methods: no string is dispatched again. A new implementation is a
+subclass of TwoBranchKernel in ambient_dist.kernels plus a case in that factory
+(docs/INTERFACES.md).
 """
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from ambient_dist.config import ObjectiveConfig
-from ambient_dist.noise import (DDPM_STEPS, check_image_range, ddpm_alpha_sigma, vp_alpha_sigma,
-                                vp_sigma, vp_t)
+from ambient_dist.errors import UserError
+from ambient_dist.noise import (DDPM_STEPS, check_image_range, ddpm_alpha_sigma, draw_normal,
+                                draw_randint, draw_uniform, vp_alpha_sigma, vp_sigma, vp_t)
+
+if TYPE_CHECKING:  # annotations only: the kernels import this module without the config's yaml
+    from ambient_dist.config import ObjectiveConfig
+
 
 # --------------------------------------------------------------------------------------
-# Random draws. With a generator, draws come from it (on its device) so a test can replay
-# them; without one, from the global RNG of the data's device.
+# 1. The definition: the spec's two branches (section 2), literally
 # --------------------------------------------------------------------------------------
 
-
-def _draw(fn: Callable, shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    where = generator.device if generator is not None else device
-    return fn(tuple(shape), generator=generator, device=where).to(device)
-
-
-def draw_normal(shape, generator, device) -> torch.Tensor:
-    return _draw(torch.randn, shape, generator, device)
+def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
-def draw_uniform(shape, generator, device) -> torch.Tensor:
-    return _draw(torch.rand, shape, generator, device)
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] to broadcast over one sample's elements."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+def literal_edm_ambient_loss(net, x0: torch.Tensor, x_tn: torch.Tensor, sigma: torch.Tensor,
+                             ambient: torch.Tensor, sigma_tn: float, eps: torch.Tensor,
+                             labels=None) -> torch.Tensor:
+    """The ambient loss, per sample [B] (float32), as the spec states it:
 
+        clean   (sigma <  sigma_tn):  x_in = x0   + sigma * eps
+                                      loss = lambda(sigma) || D(x_in; sigma) - x0 ||^2
+        ambient (sigma >= sigma_tn):  x_in = x_tn + sqrt(sigma^2 - sigma_tn^2) * eps
+                                      loss = lambda(sigma) || a D(x_in; sigma) + b x_in - x_tn ||^2
+                                      a = (sigma^2 - sigma_tn^2) / sigma^2,  b = sigma_tn^2 / sigma^2
 
-def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
-                           rule: str, generator=None, device="cpu"):
-    """Noise levels and branches for one batch: (sigma float32 [B], ambient bool [B]).
-
-    "threshold": sigma = exp(P_mean + P_std xi), xi ~ N(0, 1); ambient iff sigma >= sigma_tn
-                 (the clean fraction is Phi((ln sigma_tn - P_mean) / P_std)).
-    "uniform":   each sample is ambient with probability 1/2, and its sigma is drawn from the
-                 same log-normal restricted to its side, by inverting the CDF (no rejection
-                 loop, so the cost and the number of draws are fixed).
-    sigma_tn = 0 means no noisy copies: every sample is clean and sigma is the plain EDM draw,
-    whatever the rule, so the objective is the plain one given the same random draws.
+    Both are minimised by D = E[x0 | x_in], because E[x_tn | x_in] = a E[x0 | x_in] + b x_in.
+    One network call serves the mixed batch; sum over pixels, mean over the batch is the
+    caller's. net(x, sigma, labels) is the preconditioned denoiser D with `sigma_data`;
+    x0, x_tn, eps: [B, C, H, W]; sigma: [B]; ambient: bool [B]. Training computes the same
+    numbers through StepCoefficients and a TwoBranchKernel (sections 2-3); the tests hold
+    them to this function, and benchmarks/baselines.py trains with it as written.
     """
-    if sigma_tn <= 0 or rule == "threshold":
-        sigma = (draw_normal([batch], generator, device) * P_std + P_mean).exp()
-        ambient = sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
-        return sigma, ambient
-    if rule != "uniform":
-        raise ValueError(f"objective.branch_rule: unknown rule {rule!r} (threshold, uniform)")
-    ambient = draw_uniform([batch], generator, device) < 0.5
-    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
+    s = _per_sample(sigma, x0)
+    amb = _per_sample(ambient, x0)
+    x_in = torch.where(amb, x_tn + (s ** 2 - sigma_tn ** 2).clamp(min=0).sqrt() * eps, x0 + s * eps)
+    D = net(x_in, sigma, labels)
+    a, b = (s ** 2 - sigma_tn ** 2) / s ** 2, sigma_tn ** 2 / s ** 2
+    r = torch.where(amb, a * D + b * x_in - x_tn, D - x0)
+    return edm_weight(sigma, net.sigma_data) * r.square().sum(dim=tuple(range(1, x0.ndim)))
 
 
-def _lognormal_on_side(ambient: torch.Tensor, P_mean: float, P_std: float, sigma_tn: float,
-                       generator, device) -> torch.Tensor:
-    """sigma [B] from the log-normal restricted to sigma >= sigma_tn where `ambient`, to
-    sigma <= sigma_tn elsewhere, by inverting the CDF (one uniform draw per sample)."""
-    u = draw_uniform([ambient.shape[0]], generator, device).double()
-    # float64: the inverse CDF is evaluated near 0 and 1, where float32 runs out of digits.
-    p_tn = float(_normal_cdf(torch.tensor((math.log(sigma_tn) - P_mean) / P_std, dtype=torch.float64)))
-    p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
-    sigma = (P_mean + P_std * torch.special.ndtri(p)).exp().float()
-    # Rounding (and the clamp) can put sigma a hair over the boundary; pin it to its side.
-    return _pin_to_side(sigma, ambient, sigma_tn)
-
-
-def sample_noise_only_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
-                            generator=None, device="cpu"):
-    """The noise-only baseline's levels: (sigma [B] from the log-normal restricted to
-    sigma >= sigma_tn, ambient all True). Every sample takes the ambient branch."""
-    ambient = torch.ones(batch, dtype=torch.bool, device=device)
-    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
-
-
-def _pin_to_side(sigma: torch.Tensor, ambient: torch.Tensor, sigma_tn: float) -> torch.Tensor:
-    """sigma >= sigma_tn where ambient, <= sigma_tn elsewhere."""
-    bound = torch.full_like(sigma, sigma_tn)
-    return torch.where(ambient, torch.maximum(sigma, bound), torch.minimum(sigma, bound))
+def plain_edm_loss(net, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                   labels=None) -> torch.Tensor:
+    """Plain EDM per-sample loss [B]: lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2, the
+    objective the definition above must reproduce bit for bit at sigma_tn = 0 (every sample
+    clean), given the same draws. Written on its own, as EDM states it, to be that check."""
+    s = _per_sample(sigma, x0)
+    D = net(x0 + s * eps, sigma, labels)
+    return edm_weight(sigma, net.sigma_data) * (D - x0).square().sum(dim=tuple(range(1, x0.ndim)))
 
 
 # --------------------------------------------------------------------------------------
-# Per-sample coefficients of the generic two-branch form
+# 2. The same, in the form the kernels take: per-sample coefficients of one generic form
 # --------------------------------------------------------------------------------------
 
 @dataclass
 class StepCoefficients:
-    """Per-sample coefficients of one training step; every field is [B] (float32 but `ambient`).
+    """The definition, in the form the kernels take: per-sample coefficients of one step.
 
-    x_in = P src + Q eps, net_in = c_in x_in, r = A F + B x_in + C src, loss_i = weight sum(r^2).
-    `sigma` is the (VE-equivalent) noise level, for logging; `c_noise` what the network sees.
+    Every form (EDM/VE, VP, latent v-prediction) reduces to
+
+        src    = noisy copy if ambient else clean      x_in = P src + Q eps     net_in = c_in x_in
+        F      = raw network(net_in, c_noise, labels)  (ONE call for the mixed batch)
+        r      = A F + B x_in + C src                  loss_i = weight_i * sum(r^2)
+
+    so that one pair of passes serves all of them. Every field is [B] (float32 but `ambient`,
+    bool). `sigma` is the (VE-equivalent) noise level, for logging; `c_noise` what the network
+    sees. For the EDM form, with D = c_skip x_in + c_out F: clean A = c_out, B = c_skip, C = -1
+    is lambda || D - x0 ||^2; ambient A = a c_out, B = a c_skip + b, C = -1 is
+    lambda || a D + b x_in - x_tn ||^2 (edm_coefficients).
     """
     P: torch.Tensor
     Q: torch.Tensor
@@ -129,11 +122,6 @@ class StepCoefficients:
     ambient: torch.Tensor
     sigma: torch.Tensor
     c_noise: torch.Tensor
-
-
-def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
 def _ambient_ratios(sigma: torch.Tensor, sigma_tn: float):
@@ -231,13 +219,65 @@ def latent_v_coefficients(t: torch.Tensor, ambient: torch.Tensor, t_n: int,
         ambient=ambient, sigma=f32(s_t / alpha_t), c_noise=t.float())
 
 
+
 # --------------------------------------------------------------------------------------
-# The two passes, in plain PyTorch: the reference the fused kernels are tested against
+# 3. The two-pass seam: the protocol, its reference implementation, the selection
 # --------------------------------------------------------------------------------------
 
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] -> [B, 1, 1, ...] to broadcast over one sample's elements."""
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
+KERNEL_KINDS = ("auto", "reference", "triton", "cuda")
+
+
+class KernelChoiceError(UserError):
+    """objective.kernel names an implementation that does not exist or cannot run here."""
+
+
+class TwoBranchKernel(abc.ABC):
+    """The two passes around the ONE network call of a training step (section 2's form).
+
+        pass 1  network_input: net_in = c_in (P src + Q eps), src chosen per sample
+        (the caller runs F = network(net_in, c_noise, labels))
+        pass 2  residual_loss: loss_i = weight_i sum((A F + B x_in + C src)^2), differentiable
+                in F; an implementation may produce dF in the same pass (the fused ones do)
+
+    Shapes: clean, noisy, eps, F, net_in are [B, ...] alike (images [B, C, H, W], latents);
+    coefs fields are [B]. noisy may be None when no sample is ambient. eps is a tensor, or a
+    counter-based noise request with a `.normal_like(like)` method (ambient_dist.kernels'
+    PhiloxNoise), which the fused input pass draws in-kernel and the reference materialises.
+    Arithmetic is float32 whatever the storage (float64 inputs: float64).
+
+    Subclasses set `name` and implement the two passes; `loss` composes them.
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def network_input(self, coefs: StepCoefficients, clean: torch.Tensor,
+                      noisy: Optional[torch.Tensor], eps) -> torch.Tensor:
+        """Pass 1: net_in = c_in (P src + Q eps), shaped like clean."""
+
+    @abc.abstractmethod
+    def residual_loss(self, coefs: StepCoefficients, F: torch.Tensor, net_in: torch.Tensor,
+                      clean: torch.Tensor, noisy: Optional[torch.Tensor], *,
+                      backward_scale: float = 1.0) -> torch.Tensor:
+        """Pass 2: the per-sample loss [B], whose backward reaches F.
+
+        backward_scale: the factor the caller multiplies the batch MEAN of this loss by before
+        calling backward (1/accumulation steps; DeepSpeed divides by them itself), so the
+        incoming gradient per sample is backward_scale / B. An implementation that writes dF
+        in the forward pass writes it for that gradient; the gradient is exact whatever the
+        caller does, but the expected one costs no rescaling pass. The value is unaffected.
+        """
+
+    def loss(self, network: Callable, coefs: StepCoefficients, clean: torch.Tensor,
+             noisy: Optional[torch.Tensor], eps, labels=None, *,
+             backward_scale: float = 1.0) -> torch.Tensor:
+        """Per-sample loss [B]: pass 1, ONE call network(net_in, coefs.c_noise, labels), pass 2."""
+        net_in = self.network_input(coefs, clean, noisy, eps)
+        F = network(net_in, coefs.c_noise, labels)
+        return self.residual_loss(coefs, F, net_in, clean, noisy, backward_scale=backward_scale)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
 
 
 def _source(coefs: StepCoefficients, clean: torch.Tensor, noisy: Optional[torch.Tensor]):
@@ -246,77 +286,125 @@ def _source(coefs: StepCoefficients, clean: torch.Tensor, noisy: Optional[torch.
     return torch.where(_per_sample(coefs.ambient, clean), noisy, clean)
 
 
-def _noisy_input(coefs, clean, noisy, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_in, net_in) = (P src + Q eps, c_in x_in)."""
-    x_in = _per_sample(coefs.P, clean) * _source(coefs, clean, noisy) + _per_sample(coefs.Q, eps) * eps
-    return x_in, _per_sample(coefs.c_in, x_in) * x_in
+class ReferenceKernel(TwoBranchKernel):
+    """The two passes in plain PyTorch; autograd does the backward (backward_scale is not
+    needed). The definition every other implementation is tested against, and what runs on
+    a CPU. Use the instance REFERENCE."""
 
+    name = "reference"
 
-def reference_network_input(coefs: StepCoefficients, clean: torch.Tensor,
-                            noisy: Optional[torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
-    """Pass 1: net_in = c_in (P src + Q eps), src chosen per sample by `coefs.ambient`."""
-    return _noisy_input(coefs, clean, noisy, eps)[1]
+    @staticmethod
+    def _inputs(coefs, clean, noisy, eps) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_in, net_in) = (P src + Q eps, c_in x_in)."""
+        if not isinstance(eps, torch.Tensor):   # counter-based noise: draw it as a tensor here
+            eps = eps.normal_like(clean)
+        x_in = _per_sample(coefs.P, clean) * _source(coefs, clean, noisy) + _per_sample(coefs.Q, eps) * eps
+        return x_in, _per_sample(coefs.c_in, x_in) * x_in
 
+    def network_input(self, coefs, clean, noisy, eps):
+        return self._inputs(coefs, clean, noisy, eps)[1]
 
-def reference_residual_loss(coefs: StepCoefficients, F: torch.Tensor, net_in: torch.Tensor,
-                            clean: torch.Tensor, noisy: Optional[torch.Tensor],
-                            x_in: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pass 2: per-sample loss [B] = weight * sum over elements of (A F + B x_in + C src)^2.
+    def residual_loss(self, coefs, F, net_in, clean, noisy, *, backward_scale=1.0,
+                      x_in: Optional[torch.Tensor] = None):
+        """x_in (reference only): pass 1's exact x_in, if the caller still holds it. Otherwise
+        it is recovered as net_in / c_in, which is exact only to an ulp; `loss` passes it, which
+        keeps sigma_tn = 0 bit for bit the plain EDM loss."""
+        if x_in is None:
+            x_in = net_in / _per_sample(coefs.c_in, net_in)
+        src = _source(coefs, clean, noisy)
+        r = _per_sample(coefs.A, F) * F + _per_sample(coefs.B, x_in) * x_in + _per_sample(coefs.C, src) * src
+        return coefs.weight * r.square().sum(dim=tuple(range(1, r.ndim)))
 
-    x_in is recovered as net_in / c_in unless the caller still holds it; passing it keeps the
-    result bit-exact (the division is only exact to an ulp), which sigma_tn = 0 relies on.
-    """
-    if x_in is None:
-        x_in = net_in / _per_sample(coefs.c_in, net_in)
-    src = _source(coefs, clean, noisy)
-    r = _per_sample(coefs.A, F) * F + _per_sample(coefs.B, x_in) * x_in + _per_sample(coefs.C, src) * src
-    return coefs.weight * r.square().sum(dim=tuple(range(1, r.ndim)))
-
-
-# The seam for the fused kernels: objective.kernel picks "reference" or a kernel
-# implementation from the top-level `kernels` package, if it provides one.
-_KERNEL_API = ("select_impl", "network_input", "residual_loss")
-
-
-def select_kernel_impl(kind: str, device) -> str:
-    """"reference", or the name of the `kernels` implementation to use for `kind` on `device`."""
-    if kind == "reference":
-        return "reference"
-    try:
-        import kernels
-    except ImportError:
-        kernels = None
-    if kernels is None or not all(hasattr(kernels, f) for f in _KERNEL_API):
-        if kind == "auto":
-            return "reference"
-        raise RuntimeError(f"objective.kernel={kind!r}: the kernels package provides no fused "
-                           "kernels (use 'auto' or 'reference')")
-    return kernels.select_impl(kind, device)
-
-
-def two_branch_loss(network: Callable, coefs: StepCoefficients, clean: torch.Tensor,
-                    noisy: Optional[torch.Tensor], eps: torch.Tensor, labels=None,
-                    impl: str = "reference") -> torch.Tensor:
-    """Per-sample loss [B]: pass 1, ONE call network(net_in, c_noise, labels), pass 2.
-
-    eps: a tensor like clean, or a kernels.PhiloxNoise (counter-based noise, see kernels/).
-    """
-    if impl == "reference":
-        if not isinstance(eps, torch.Tensor):   # a kernels.PhiloxNoise: draw it here instead
-            import kernels
-            eps = kernels.normal_like(eps, clean)
-        x_in, net_in = _noisy_input(coefs, clean, noisy, eps)
+    def loss(self, network, coefs, clean, noisy, eps, labels=None, *, backward_scale=1.0):
+        # As TwoBranchKernel.loss, but pass 2 gets pass 1's exact x_in.
+        x_in, net_in = self._inputs(coefs, clean, noisy, eps)
         F = network(net_in, coefs.c_noise, labels)
-        return reference_residual_loss(coefs, F, net_in, clean, noisy, x_in=x_in)
-    import kernels
-    noisy = clean if noisy is None else noisy   # the kernels always take both tensors
-    net_in = kernels.network_input(coefs, clean, noisy, eps, impl)
-    F = network(net_in, coefs.c_noise, labels)
-    return kernels.residual_loss(coefs, F, net_in, (clean, noisy), impl)
+        return self.residual_loss(coefs, F, net_in, clean, noisy, x_in=x_in)
+
+
+REFERENCE = ReferenceKernel()
+
+
+def select_kernel(kind: str = "auto", device=None) -> TwoBranchKernel:
+    """The implementation of the two passes for `kind` (objective.kernel) on `device`.
+
+    "reference": REFERENCE. "auto": REFERENCE off a GPU; on a GPU the CUDA extension if it
+    builds, else Triton, else REFERENCE. "triton" / "cuda": that one (Triton also runs on a
+    CPU under TRITON_INTERPRET=1, for tests). Raises KernelChoiceError for an unknown kind or
+    one that cannot run on `device`, RuntimeError with the compiler's message when the CUDA
+    extension fails to build. Call once per device and keep the object.
+    """
+    if kind not in KERNEL_KINDS:
+        raise KernelChoiceError(f"objective.kernel: {kind!r} is not one of {', '.join(KERNEL_KINDS)}")
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if kind == "reference" or (kind == "auto" and not on_gpu):
+        return REFERENCE
+    # The one place this module reaches into the kernels package: lazily, to construct.
+    from ambient_dist import kernels
+    return kernels.fused_kernel(kind, device)
 
 
 # --------------------------------------------------------------------------------------
-# Loss classes: build with build_loss(cfg.objective), call per micro-batch
+# 4. The training distribution of noise levels and branches (part of the method: which
+#    sigma each sample sees and so which branch it takes; the draws come from noise.py)
+# --------------------------------------------------------------------------------------
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def sample_lognormal_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
+                           rule: str, generator=None, device="cpu"):
+    """Noise levels and branches for one batch: (sigma float32 [B], ambient bool [B]).
+
+    "threshold": sigma = exp(P_mean + P_std xi), xi ~ N(0, 1); ambient iff sigma >= sigma_tn
+                 (the clean fraction is Phi((ln sigma_tn - P_mean) / P_std)).
+    "uniform":   each sample is ambient with probability 1/2, and its sigma is drawn from the
+                 same log-normal restricted to its side, by inverting the CDF (no rejection
+                 loop, so the cost and the number of draws are fixed).
+    sigma_tn = 0 means no noisy copies: every sample is clean and sigma is the plain EDM draw,
+    whatever the rule, so the objective is the plain one given the same random draws.
+    """
+    if sigma_tn <= 0 or rule == "threshold":
+        sigma = (draw_normal([batch], generator, device) * P_std + P_mean).exp()
+        ambient = sigma >= sigma_tn if sigma_tn > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+        return sigma, ambient
+    if rule != "uniform":
+        raise ValueError(f"objective.branch_rule: unknown rule {rule!r} (threshold, uniform)")
+    ambient = draw_uniform([batch], generator, device) < 0.5
+    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
+
+
+def _lognormal_on_side(ambient: torch.Tensor, P_mean: float, P_std: float, sigma_tn: float,
+                       generator, device) -> torch.Tensor:
+    """sigma [B] from the log-normal restricted to sigma >= sigma_tn where `ambient`, to
+    sigma <= sigma_tn elsewhere, by inverting the CDF (one uniform draw per sample)."""
+    u = draw_uniform([ambient.shape[0]], generator, device).double()
+    # float64: the inverse CDF is evaluated near 0 and 1, where float32 runs out of digits.
+    p_tn = float(_normal_cdf(torch.tensor((math.log(sigma_tn) - P_mean) / P_std, dtype=torch.float64)))
+    p = torch.where(ambient, p_tn + u * (1.0 - p_tn), u * p_tn).clamp(1e-15, 1.0 - 1e-15)
+    sigma = (P_mean + P_std * torch.special.ndtri(p)).exp().float()
+    # Rounding (and the clamp) can put sigma a hair over the boundary; pin it to its side.
+    return _pin_to_side(sigma, ambient, sigma_tn)
+
+
+def sample_noise_only_sigma(batch: int, P_mean: float, P_std: float, sigma_tn: float,
+                            generator=None, device="cpu"):
+    """The noise-only baseline's levels: (sigma [B] from the log-normal restricted to
+    sigma >= sigma_tn, ambient all True). Every sample takes the ambient branch."""
+    ambient = torch.ones(batch, dtype=torch.bool, device=device)
+    return _lognormal_on_side(ambient, P_mean, P_std, sigma_tn, generator, device), ambient
+
+
+def _pin_to_side(sigma: torch.Tensor, ambient: torch.Tensor, sigma_tn: float) -> torch.Tensor:
+    """sigma >= sigma_tn where ambient, <= sigma_tn elsewhere."""
+    bound = torch.full_like(sigma, sigma_tn)
+    return torch.where(ambient, torch.maximum(sigma, bound), torch.minimum(sigma, bound))
+
+
+
+# --------------------------------------------------------------------------------------
+# 5. Loss classes: build with build_loss(cfg.objective), call per micro-batch
 # --------------------------------------------------------------------------------------
 
 @dataclass
@@ -348,7 +436,7 @@ class _AmbientLoss:
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
-        self._impl: dict[str, str] = {}
+        self._kernels: dict[str, TwoBranchKernel] = {}   # chosen once per device
         self._units_checked = not self.checks_pixel_units
 
     def draw_levels(self, batch: int, device, generator=None):
@@ -372,15 +460,20 @@ class _AmbientLoss:
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
                  generator: Optional[torch.Generator] = None, eps=None,
-                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None
-                 ) -> LossOutput:
+                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None,
+                 backward_scale: float = 1.0) -> LossOutput:
         """eps: optional noise to use instead of drawing it -- a tensor shaped like clean, or
-        a kernels.PhiloxNoise, which the fused input pass draws in-kernel (no eps tensor is
-        written or read) and which is the same per sample however the batch is split.
+        an ambient_dist.kernels.PhiloxNoise, which the fused input pass draws in-kernel (no eps
+        tensor is written or read) and which is the same per sample however the batch is split.
 
         augment: optional data.augment.GeometricAugment. It runs once the branches are drawn
         (it needs them: resampling transforms go to clean-branch samples only) and its labels
-        condition the network."""
+        condition the network.
+
+        backward_scale: the factor the caller multiplies the returned `loss` by before
+        backward (1/accumulation steps, also under DeepSpeed, which divides by them itself).
+        The fused kernels write dF for it in their forward pass, saving a rescaling pass; the
+        reported loss is the unscaled mean either way (TwoBranchKernel.residual_loss)."""
         if mask is not None:
             raise ValueError(f"objective.method={self.cfg.method!r} takes no inpainting masks "
                              "(these shards were made for objective.method=masking)")
@@ -399,12 +492,16 @@ class _AmbientLoss:
                              f"{tuple(clean.shape)}")
         # noisy may stay float16 (as stored): both passes read it as is and compute in float32.
         coefs = self.coefficients(net, level, ambient)
-        device = str(clean.device)
-        if device not in self._impl:
-            self._impl[device] = select_kernel_impl(self.cfg.kernel, clean.device)
-        per_sample = two_branch_loss(network, coefs, clean, noisy, eps, labels,
-                                     self._impl[device])
+        per_sample = self.kernel(clean.device).loss(network, coefs, clean, noisy, eps, labels,
+                                                    backward_scale=backward_scale)
         return LossOutput(per_sample.mean(), per_sample, coefs.ambient, coefs.sigma)
+
+    def kernel(self, device) -> TwoBranchKernel:
+        """The two-pass implementation for `device` (select_kernel(cfg.kernel, device), once)."""
+        key = str(device)
+        if key not in self._kernels:
+            self._kernels[key] = select_kernel(self.cfg.kernel, device)
+        return self._kernels[key]
 
 
 def _check_sigma_data(cfg: ObjectiveConfig, net) -> None:
@@ -490,8 +587,7 @@ class LatentVAmbientLoss(_AmbientLoss):
             ambient_t = c.t_n + 1 + (u * (DDPM_STEPS - 1 - c.t_n)).floor()
             t = torch.where(ambient, ambient_t, clean_t).long().clamp(0, DDPM_STEPS - 1)
             return t, ambient
-        t = _draw(lambda shape, **kw: torch.randint(0, DDPM_STEPS, shape, **kw), [batch],
-                  generator, device)
+        t = draw_randint(DDPM_STEPS, [batch], generator, device)
         ambient = (t > c.t_n) & (c.sigma_tn > 0)
         return t, ambient
 
@@ -532,8 +628,9 @@ class MaskingLoss:
 
     def __call__(self, net, clean: torch.Tensor, noisy: Optional[torch.Tensor], labels=None,
                  generator: Optional[torch.Generator] = None, eps=None,
-                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None
-                 ) -> LossOutput:
+                 augment: Optional[Callable] = None, mask: Optional[torch.Tensor] = None,
+                 backward_scale: float = 1.0) -> LossOutput:
+        # backward_scale: accepted for the common call signature; autograd needs no hint here.
         if mask is None:
             raise ValueError("objective.method=masking needs each image's fixed inpainting mask: "
                              "make the shards with make_shards --mask-corruption P")
@@ -559,8 +656,8 @@ class MaskingLoss:
 
 
 def build_loss(cfg: ObjectiveConfig):
-    """The loss object for `cfg.method` and `cfg.form`:
-    loss_fn(net, clean, noisy, labels, generator, mask=None) -> LossOutput."""
+    """The loss object for `cfg.method` and `cfg.form`: loss_fn(net, clean, noisy, labels,
+    generator=None, eps=None, augment=None, mask=None, backward_scale=1.0) -> LossOutput."""
     if cfg.method == "noise_only":
         return NoiseOnlyLoss(cfg)
     if cfg.method == "masking":
@@ -569,28 +666,3 @@ def build_loss(cfg: ObjectiveConfig):
     if cfg.form not in forms:
         raise ValueError(f"objective.form: unknown form {cfg.form!r} ({', '.join(forms)})")
     return forms[cfg.form](cfg)
-
-
-# --------------------------------------------------------------------------------------
-# The spec's formulas written literally (for tests and docs; not used in training)
-# --------------------------------------------------------------------------------------
-
-def plain_edm_loss(net, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                   labels=None) -> torch.Tensor:
-    """Plain EDM per-sample loss [B]: lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2."""
-    s = _per_sample(sigma, x0)
-    D = net(x0 + s * eps, sigma, labels)
-    return edm_weight(sigma, net.sigma_data) * (D - x0).square().sum(dim=tuple(range(1, x0.ndim)))
-
-
-def literal_edm_ambient_loss(net, x0: torch.Tensor, x_tn: torch.Tensor, sigma: torch.Tensor,
-                             ambient: torch.Tensor, sigma_tn: float, eps: torch.Tensor,
-                             labels=None) -> torch.Tensor:
-    """Section 2 verbatim, per sample [B]: clean ||D - x0||^2, ambient ||a D + b x_in - x_tn||^2."""
-    s = _per_sample(sigma, x0)
-    amb = _per_sample(ambient, x0)
-    x_in = torch.where(amb, x_tn + (s ** 2 - sigma_tn ** 2).clamp(min=0).sqrt() * eps, x0 + s * eps)
-    D = net(x_in, sigma, labels)
-    a, b = (s ** 2 - sigma_tn ** 2) / s ** 2, sigma_tn ** 2 / s ** 2
-    r = torch.where(amb, a * D + b * x_in - x_tn, D - x0)
-    return edm_weight(sigma, net.sigma_data) * r.square().sum(dim=tuple(range(1, x0.ndim)))

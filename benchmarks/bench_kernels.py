@@ -1,7 +1,7 @@
 """The two-branch objective step (pass 1, pass 2, backward to F): fused kernels vs PyTorch.
 
 On a GPU, for DDPM++ 32x32 batch 512, 64x64 batch 256 and 4x64x64 latents batch 256:
-    step time, fused (the implementation select_impl("auto") picks) vs eager reference
+    step time, fused (the implementation select_kernel("auto") picks) vs eager reference
     step time, fused vs torch.compile of the reference
     achieved GB/s vs a device copy of the same byte count (the bytes the fused design must
         move; the fraction of a large copy's bandwidth is stored as an extra field)
@@ -9,11 +9,11 @@ and the objective's share of a whole training step (U-Net forward+backward, bf16
 fused against eager: DDPM++ at 32x32 batch 256 and 64x64 batch 64 (EDM's FFHQ-64 network), and
 the Stable Diffusion 2 U-Net (random weights) on 4x64x64 latents batch 16.
 
-On a CPU the kernels do not run (select_impl gives the reference), so the figure is the
+On a CPU the kernels do not run (select_kernel gives the reference), so the figure is the
 reference objective at a tiny size against a naive eager version that computes both branches
 for every sample and selects afterwards: a regression check of the reference, in ratios.
 
-The measurement code is kernels/gpu_check.py's (one definition of the step, the byte count,
+The measurement code is ambient_dist.kernels.gpu_check's (kernels/gpu_check.py) (one definition of the step, the byte count,
 the baselines and the device timer); this module turns its rows into harness results.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.harness import Context, measure, median, release_device_memory, result
-from kernels import gpu_check, select_impl
+from ambient_dist.kernels import gpu_check
+from ambient_dist.objective import select_kernel
 
 
 def naive_step(F, clean, noisy, eps, c):
@@ -57,7 +58,7 @@ def run_cpu(ctx: Context) -> list[dict]:
 
 
 def run_gpu(ctx: Context) -> list[dict]:
-    impl = select_impl("auto", ctx.device)
+    impl = select_kernel("auto", ctx.device).name
     # gpu_check's timer: CUDA events like harness.measure, but with the stream held by a sleep
     # kernel while the host queues each repeat, so small steps are timed as device work (in
     # training the U-Net hides the launch overhead) rather than as Python launch latency.

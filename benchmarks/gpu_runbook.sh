@@ -63,13 +63,18 @@ elif compgen -G ".whl/*.whl" > /dev/null; then
 else
     echo "no .whl/ carried: bench_loaders and the SD 2 row of bench_distributed may fail" | tee "$OUT/pip.log"
 fi
+# The checkout is not installed there: give ambient_dist its kernels subpackage the way an
+# install does (pyproject maps kernels/ to ambient_dist.kernels), in this throwaway copy only.
+if ! "$PYTHON" -c "import ambient_dist.kernels" 2>/dev/null && [[ ! -e ambient_dist/kernels ]]; then
+    ln -s ../kernels ambient_dist/kernels
+fi
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
 echo "== kernels/gpu_check.py (t=$(elapsed) s)"
 if (( GPU_CHECK_S <= 0 )); then
     echo "skipped (GPU_CHECK_S=0)"
 elif [[ -f kernels/gpu_check.py ]]; then
-    timeout -k 10 "$GPU_CHECK_S" "$PYTHON" -m kernels.gpu_check --out "$OUT/gpu_check.json" \
+    timeout -k 10 "$GPU_CHECK_S" "$PYTHON" -m ambient_dist.kernels.gpu_check --out "$OUT/gpu_check.json" \
         --budget-s $(( GPU_CHECK_S * 2 / 3 )) \
         --device "$DEVICE" "${SIZE[@]}" \
         || echo "gpu_check ended with status $? (its report, if any, is in gpu_check.json/.md)"

@@ -9,13 +9,14 @@
 PyTorch/CUDA versions, so an edited source or a new PyTorch builds afresh instead of loading a
 stale library; ranks that start together wait on PyTorch's build lock rather than race (the
 ninja-free build gives each process a private directory and moves the library in atomically).
-Build ahead of time (e.g. at install, where nvcc is present): `python -m kernels.cuda_ext`.
+Build ahead of time (e.g. at install, where nvcc is present):
+`python -m ambient_dist.kernels.cuda_ext`.
 
 Without ninja (which torch's load() requires), `build_without_ninja` runs the same three
 compiler steps by hand.
 
 `available()` says whether the build works here (no CUDA device, no nvcc or a compiler error:
-False, with the reason given once as a warning), which is how select_impl("auto") decides.
+False, with the reason given once as a warning), which is how kind "auto" decides.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.philox import PhiloxNoise
+from .philox import PhiloxNoise
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 KERNEL_SOURCE = SOURCE_DIR / "two_branch.cu"
@@ -181,7 +182,7 @@ def _storage(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 class CudaBackend:
-    """The extension behind the backend interface of kernels/fused.py ([B, N] views)."""
+    """The extension behind the backend interface of fused.py ([B, N] views)."""
 
     def __init__(self, module) -> None:
         self.module = module
@@ -239,6 +240,6 @@ def load_backend() -> CudaBackend:
 
 
 if __name__ == "__main__":
-    # Build ahead of time: `python -m kernels.cuda_ext` (prints where the library went).
+    # Build ahead of time: `python -m ambient_dist.kernels.cuda_ext` (prints where the library went).
     mod = load(verbose="-v" in sys.argv)
     print(f"built {mod.__name__} in {cache_dir() / build_name()}")

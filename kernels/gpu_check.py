@@ -1,8 +1,8 @@
 """One-shot GPU check of the fused two-branch kernels: build, verify, time. Sized for < 5 min.
 
-    python -m kernels.gpu_check --out gpu_check.json        (repo root on PYTHONPATH)
+    python -m ambient_dist.kernels.gpu_check --out gpu_check.json
 
-1. build   the CUDA extension (kernels/cuda_ext.py) and the Triton kernels; build times.
+1. build   the CUDA extension (cuda_ext.py) and the Triton kernels; build times.
 2. verify  each implementation against the PyTorch reference evaluated in float64 on fresh
            random inputs: float32 / bfloat16 / float16 storage, odd sizes, batch 1, a row
            misaligned for vector loads, every branch mix and sigma at sigma_tn (A = 0), atomic
@@ -39,13 +39,11 @@ import traceback
 import types
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
-import kernels
-from kernels import PhiloxNoise
+from ambient_dist.objective import REFERENCE, select_kernel
+
+from .philox import PhiloxNoise
 
 # (name, batch, per-sample shape) of the timed steps.
 # (name, batch, per-sample shape, compare with torch.compile): compiling costs ~20 s a shape,
@@ -60,34 +58,8 @@ CASES_QUICK = [(3, (3, 5, 7), "mixed"), (1, (1, 1, 1), "ambient"), (4, (2, 3, 3)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-# --------------------------------------------------------------------------------------
-# The reference (ambient_dist.objective), with a stated fallback so a bare machine still runs
-# --------------------------------------------------------------------------------------
-
-def load_reference():
-    try:
-        from ambient_dist.objective import reference_network_input, reference_residual_loss
-        return reference_network_input, reference_residual_loss, "ambient_dist.objective"
-    except Exception as e:  # e.g. pyyaml missing on the GPU machine
-        note = f"inline formulas (ambient_dist.objective not importable: {e!r})"
-
-    def col(v, like):
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-    def src_of(c, clean, noisy):
-        return torch.where(col(c.ambient, clean), noisy, clean)
-
-    def network_input(c, clean, noisy, eps):
-        return col(c.c_in, clean) * (col(c.P, clean) * src_of(c, clean, noisy) + col(c.Q, eps) * eps)
-
-    def residual_loss(c, F, net_in, clean, noisy):
-        r = col(c.A, F) * F + col(c.B, F) * (net_in / col(c.c_in, F)) + col(c.C, F) * src_of(c, clean, noisy)
-        return c.weight * r.square().flatten(1).sum(1)
-
-    return network_input, residual_loss, note
-
-
-REF_INPUT, REF_LOSS, REF_SOURCE = load_reference()
+# The reference the kernels are held to: ambient_dist.objective's PyTorch implementation.
+REF_INPUT, REF_LOSS = REFERENCE.network_input, REFERENCE.residual_loss
 
 
 # --------------------------------------------------------------------------------------
@@ -156,9 +128,10 @@ def verify_case(impl, batch, shape, mix, dtype, device, seed, deterministic=Fals
     if noisy_dtype is not None:      # e.g. float16 noisy copies, read as stored
         noisy = noisy.to(noisy_dtype)
     poison(device, clean.numel() * 4)
-    net_in = kernels.network_input(c, clean, noisy, eps, impl, out_dtype=out_dtype)
+    kernel = select_kernel(impl, device)
+    net_in = kernel.network_input(c, clean, noisy, eps, out_dtype=out_dtype)
     Fg = F.detach().clone().requires_grad_()
-    loss = kernels.residual_loss(c, Fg, net_in, (clean, noisy), impl, deterministic=deterministic)
+    loss = kernel.residual_loss(c, Fg, net_in, clean, noisy, deterministic=deterministic)
     weights = torch.full((batch,), 1.0 / batch, device=device) if upstream is None else upstream(batch, device)
     (grad,) = torch.autograd.grad(loss, Fg, weights)
     # The reference in float64, fed exactly the values the kernels read.
@@ -188,14 +161,15 @@ def verify_noise(impl, device, quick) -> list[dict]:
     clean, noisy, _, _ = tensors(batch, shape, torch.float32, device, g)
     noise = PhiloxNoise(seed=0x1234_5678_9ABC, step=1_000_003, first_sample=17)
     poison(device, clean.numel() * 4)
-    eps = kernels.network_input(c, clean, noisy, noise, impl)
-    ref = kernels.normal_like(noise, clean)
+    kernel = select_kernel(impl, device)
+    eps = kernel.network_input(c, clean, noisy, noise)
+    ref = noise.normal_like(clean)
     half = batch // 2
     parts = []
     for lo, hi in ((0, half), (half, batch)):
         part = types.SimpleNamespace(**{k: v[lo:hi] for k, v in vars(c).items()})
-        parts.append(kernels.network_input(part, clean[lo:hi], noisy[lo:hi],
-                                           PhiloxNoise(noise.seed, noise.step, noise.first_sample + lo), impl))
+        parts.append(kernel.network_input(part, clean[lo:hi], noisy[lo:hi],
+                                          PhiloxNoise(noise.seed, noise.step, noise.first_sample + lo)))
     split_equal = bool(torch.equal(torch.cat(parts), eps))
     abs_err = float((eps - ref).abs().max()) if torch.isfinite(eps).all() else math.inf
     flat = eps.flatten().double()
@@ -300,8 +274,9 @@ def time_shape(name, batch, shape, dtype, impls, device, measure, compile_ref, q
         return net_in, torch.autograd.grad(loss, F)[0]
 
     def run_fused(impl, noise):
-        net_in = kernels.network_input(c, clean, noisy, noise, impl)
-        loss = kernels.residual_loss(c, F, net_in, (clean, noisy), impl).mean()
+        kernel = select_kernel(impl, device)
+        net_in = kernel.network_input(c, clean, noisy, noise)
+        loss = kernel.residual_loss(c, F, net_in, clean, noisy).mean()
         return net_in, torch.autograd.grad(loss, F)[0]
 
     results, host = {}, {}
@@ -417,8 +392,9 @@ def step_share(impls, device, measure, quick, resolution=32, batch=256, channel_
     coef_args = (c.P, c.Q, c.c_in, c.A, c.B, c.C, c.weight, c.ambient)
     steps = {"eager": lambda: torch.autograd.grad(reference_step(F, clean, noisy, eps, *coef_args)[1], F)}
     for impl in impls:
-        steps[impl] = lambda impl=impl: torch.autograd.grad(kernels.residual_loss(
-            c, F, kernels.network_input(c, clean, noisy, eps, impl), (clean, noisy), impl).mean(), F)
+        kernel = select_kernel(impl, device)
+        steps[impl] = lambda kernel=kernel: torch.autograd.grad(kernel.residual_loss(
+            c, F, kernel.network_input(c, clean, noisy, eps), clean, noisy).mean(), F)
     for label, fn in steps.items():
         t, _ = measure(fn, **(dict(repeats=3, inner=2, warmup=1) if quick else dict(repeats=7, inner=10, warmup=3)))
         rows.append({"what": f"objective ({label}), {res}x{res}", "batch": batch, "time_ms": t * 1e3,
@@ -472,7 +448,8 @@ class Report:
 def environment(device) -> dict:
     info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "device": str(device), "reference": REF_SOURCE}
+            "cuda": torch.version.cuda, "device": str(device),
+            "reference": "ambient_dist.objective.REFERENCE"}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -486,11 +463,11 @@ def environment(device) -> dict:
 
 
 class BackgroundBuild:
-    """kernels.cuda_ext.load() in a thread (the compilers run as subprocesses, off the GIL)."""
+    """cuda_ext.load() in a thread (the compilers run as subprocesses, off the GIL)."""
 
     def __init__(self) -> None:
         import threading
-        from kernels import cuda_ext
+        from . import cuda_ext
         self.error: BaseException | None = None
         self.seconds = None
         t0 = time.monotonic()
@@ -516,7 +493,7 @@ class BackgroundBuild:
 def build(impl, device) -> dict:
     t0 = time.monotonic()
     if impl == "cuda":
-        from kernels import cuda_ext
+        from . import cuda_ext
         cuda_ext.load()
     # First calls compile (Triton JIT) or load; a tiny problem, both dtypes of each pass.
     for dtype in (torch.float32, torch.bfloat16):

@@ -62,6 +62,11 @@ class PhiloxNoise:
     def step_words(self) -> tuple[int, int]:
         return self.step & MASK32, (self.step >> 32) & MASK32
 
+    def normal_like(self, like: torch.Tensor) -> torch.Tensor:
+        """This noise as a float32 tensor shaped like `like` ([B, ...]): what the reference
+        implementation (ambient_dist.objective.REFERENCE) uses in place of the in-kernel draw."""
+        return normal_like(self, like)
+
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # a * b < 2^64; int64 wraps modulo 2^64, so the bit pattern is the unsigned product.

@@ -23,12 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.philox import PhiloxNoise
+from .philox import PhiloxNoise
 
 # Block of elements per program on a GPU when no block of 1024-4096 divides the sample; the
 # interpreter prefers the largest block (fewer Python-level program launches).
 GPU_BLOCK = 2048
 INTERPRETER_MAX_BLOCK = 16384
+# backward(): an incoming-gradient ratio within this of 1 counts as 1 (the dF written in the
+# forward pass is already right). 2^-20, 8 float32 ulps of 1: autograd may form the incoming
+# gradient as a product with a rounded reciprocal (CUDA divides by a scalar that way), the
+# forward pass as a quotient. The CUDA kernels use the same value (cuda/two_branch.h).
+UNIT_RATIO_TOLERANCE = tl.constexpr(2.0 ** -20)
 
 
 @triton.jit
@@ -118,7 +123,7 @@ def _residual_loss_kernel(f_ptr, net_in_ptr, clean_ptr, noisy_ptr, grad_ptr, los
     r = a * f + b * x_in + c * src
     r = tl.where(in_bounds, r, 0.0)
     if WRITE_GRAD:
-        # d(mean_i loss_i)/dF with grad_scale = 1/B; kernels/fused.py rescales otherwise.
+        # d(backward_scale * mean_i loss_i)/dF: grad_scale = backward_scale / B (fused.py).
         g = (2.0 * grad_scale) * weight * a * r
         tl.store(grad_ptr + row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_bounds)
     partial = weight * tl.sum(r * r, axis=0)
@@ -141,14 +146,14 @@ def _scale_block(grad_ptr, out_ptr, row, block, ratio, numel, BLOCK: tl.constexp
 def _rescale_rows_kernel(grad_ptr, out_ptr, upstream_ptr, expected, numel,
                          BLOCK: tl.constexpr, IN_PLACE: tl.constexpr, COMPUTE: tl.constexpr):
     # backward(): out = dF * upstream / expected per sample. In place, each program checks its
-    # own sample's factor, so the common case (factor exactly 1) reads no gradient at all and
-    # needs no device-to-host sync to find out.
+    # own sample's factor, so the common case (factor 1: the caller's backward_scale was given
+    # to the forward pass) reads no gradient at all and needs no device-to-host sync.
     block = tl.program_id(0)
     sample = tl.program_id(1)
     row = sample.to(tl.int64) * numel
     ratio = tl.load(upstream_ptr + sample).to(COMPUTE) / expected
     if IN_PLACE:
-        if ratio != 1.0:
+        if tl.abs(ratio - 1.0) > UNIT_RATIO_TOLERANCE:
             _scale_block(grad_ptr, out_ptr, row, block, ratio, numel, BLOCK, COMPUTE)
     else:
         _scale_block(grad_ptr, out_ptr, row, block, ratio, numel, BLOCK, COMPUTE)
@@ -236,7 +241,8 @@ def residual_loss(a, b, c, c_in, weight, ambient, f, net_in, clean, noisy,
 
 
 def rescale_rows(grad, upstream, expected, in_place, block=None):
-    """grad * upstream[i] / expected per sample; in place, rows with factor exactly 1 are skipped."""
+    """grad * upstream[i] / expected per sample; in place, rows whose factor is 1 (within
+    UNIT_RATIO_TOLERANCE) are skipped."""
     batch, numel = grad.shape
     blk = _block_size(numel, block)
     out = grad if in_place else torch.empty_like(grad)

@@ -1,7 +1,8 @@
-"""The fused two-branch kernels (kernels/) against the PyTorch reference of ambient_dist.objective.
+"""The fused two-branch kernels (ambient_dist.kernels, the kernels/ folder) against the PyTorch
+reference of ambient_dist.objective, through the objective's two-pass protocol.
 
 Two halves:
-- In this process: the dispatcher's choice on a CPU, the Philox noise definition (known-answer
+- In this process: the selection on a CPU, the Philox noise definition (known-answer
   vectors, batch-split invariance), the reference path, the CUDA source compiling with nvcc,
   and (in a child without the interpreter) the Triton kernels compiling to sm_90 PTX.
 - In ONE child process with TRITON_INTERPRET=1: the Triton kernels themselves. `triton.jit`
@@ -23,12 +24,11 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
+from ambient_dist.kernels import FusedKernel, PhiloxNoise, philox_normal
+from ambient_dist.kernels.philox import philox4x32
 from ambient_dist.models.precond import EDMPrecond
-from ambient_dist.objective import (edm_coefficients, reference_network_input,
-                                    reference_residual_loss, two_branch_loss)
-from kernels import PhiloxNoise, philox_normal
-from kernels.philox import philox4x32
+from ambient_dist.objective import (REFERENCE, KernelChoiceError, TwoBranchKernel,
+                                    edm_coefficients, select_kernel)
 
 REPO = Path(__file__).resolve().parent.parent
 SIGMA_TN = 0.5
@@ -89,7 +89,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def reference_loss_and_grad(coefs, F, net_in, clean, noisy, weights=None):
     """Per-sample loss and dF by autograd of the reference, in float64."""
     F64 = F.detach().double().requires_grad_()
-    loss = reference_residual_loss(coefs, F64, net_in.double(), clean.double(), noisy.double())
+    loss = REFERENCE.residual_loss(coefs, F64, net_in.double(), clean.double(), noisy.double())
     upstream = torch.full_like(loss, 1.0 / loss.numel()) if weights is None else weights.double()
     (grad,) = torch.autograd.grad(loss, F64, upstream)
     return loss.detach(), grad
@@ -99,23 +99,25 @@ def reference_loss_and_grad(coefs, F, net_in, clean, noisy, weights=None):
 # In-process tests
 # --------------------------------------------------------------------------------------
 
-def test_dispatcher_on_cpu(monkeypatch):
+def test_selection_on_cpu(monkeypatch):
+    # (Under the interpreter "triton" gives a FusedKernel: the child-process case below.)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kernels.select_impl("auto", "cpu") == "reference"
-    assert kernels.select_impl("auto", torch.device("cpu")) == "reference"
-    assert kernels.select_impl("reference", "cpu") == "reference"
-    with pytest.raises(ValueError, match="objective.kernel: 'cuda' needs a CUDA device"):
-        kernels.select_impl("cuda", "cpu")
-    with pytest.raises(ValueError, match="objective.kernel: 'triton' needs a CUDA device"):
-        kernels.select_impl("triton", "cpu")
-    with pytest.raises(ValueError, match="objective.kernel: 'fast' is not one of"):
-        kernels.select_impl("fast", "cpu")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.select_impl("triton", "cpu") == "triton"
+    from ambient_dist import kernels
+    assert select_kernel("auto", "cpu") is REFERENCE
+    assert kernels.fused_kernel("auto", torch.device("cpu")) is REFERENCE
+    with pytest.raises(KernelChoiceError, match="objective.kernel: 'cuda' needs a CUDA device"):
+        select_kernel("cuda", "cpu")
+    if kernels._triton_importable():
+        with pytest.raises(KernelChoiceError, match="objective.kernel: 'triton' needs a CUDA device"):
+            select_kernel("triton", "cpu")
+    with pytest.raises(KernelChoiceError, match="objective.kernel: 'fast' is not one of"):
+        select_kernel("fast", "cpu")
+    with pytest.raises(KernelChoiceError, match="'reference' is not a fused kernel"):
+        kernels.fused_kernel("reference", "cpu")
 
 
 def test_cuda_extension_reports_why_it_is_unavailable():
-    from kernels import cuda_ext
+    from ambient_dist.kernels import cuda_ext
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present; the GPU check covers the build")
     assert cuda_ext.available() is False
@@ -151,15 +153,18 @@ def test_philox_noise_is_normal_and_independent_of_the_batch_split():
         PhiloxNoise(seed=-1, step=0)
 
 
-def test_reference_path_matches_objective_and_takes_philox_noise():
-    coefs, clean, noisy, eps, F = problem("mixed")
-    net_in = kernels.network_input(coefs, clean, noisy, eps, "reference")
-    assert torch.equal(net_in, reference_network_input(coefs, clean, noisy, eps))
-    loss = kernels.residual_loss(coefs, F, net_in, (clean, noisy), "reference")
-    assert torch.equal(loss, reference_residual_loss(coefs, F, net_in, clean, noisy))
+def test_reference_passes_compose_and_take_philox_noise():
+    coefs, clean, noisy, eps, _ = problem("mixed")
+    net = make_net()
+    # loss() is pass 1, one network call, pass 2 (with pass 1's exact x_in).
+    net_in = REFERENCE.network_input(coefs, clean, noisy, eps)
+    by_passes = REFERENCE.residual_loss(coefs, net.raw(net_in, coefs.c_noise), net_in, clean, noisy)
+    composed = REFERENCE.loss(net.raw, coefs, clean, noisy, eps)
+    assert rel_err(composed, by_passes) < 1e-6
     noise = PhiloxNoise(seed=5, step=1)
-    seeded = kernels.network_input(coefs, clean, noisy, noise, "reference")
-    assert torch.equal(seeded, reference_network_input(coefs, clean, noisy, kernels.normal_like(noise, clean)))
+    seeded = REFERENCE.network_input(coefs, clean, noisy, noise)
+    assert torch.equal(seeded, REFERENCE.network_input(coefs, clean, noisy, noise.normal_like(clean)))
+    assert torch.equal(noise.normal_like(clean), philox_normal(noise, 4, clean[0].numel()).reshape(clean.shape))
 
 
 def test_reference_gradcheck_float64():
@@ -167,11 +172,11 @@ def test_reference_gradcheck_float64():
     net_in = clean * 0.3
     F = F.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "reference"), (F,))
+        lambda f: REFERENCE.residual_loss(coefs, f, net_in, clean, noisy), (F,))
 
 
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    from kernels import cuda_ext
+    from ambient_dist.kernels import cuda_ext
     if cuda_ext.find_nvcc() is None:
         pytest.skip("nvcc not found on this machine: the CUDA source is compiled by the GPU check")
     # Compile-only: the kernels and launchers need CUDA headers alone, not PyTorch's CUDA build.
@@ -186,7 +191,7 @@ import re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.triton_two_branch as K
+import ambient_dist.kernels.triton_two_branch as K
 f32, target = "*fp32", GPUTarget("cuda", 90, 32)
 
 def ptx(fn, sig, const, aligned):
@@ -242,7 +247,7 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
 def test_fused_kernels_on_gpu(impl):
     # CPU twins: the interpreted Triton cases below and gpu_check_script_runs_at_toy_size.
-    from kernels import gpu_check
+    from ambient_dist.kernels import gpu_check
     rows = gpu_check.verify(impl, torch.device("cuda"), quick=False)
     rows += gpu_check.verify_noise(impl, torch.device("cuda"), quick=False)
     bad = [r for r in rows if not r["ok"]]
@@ -271,15 +276,28 @@ def triton_case(fn):
     return fn
 
 
+def triton() -> FusedKernel:
+    """The Triton implementation, as objective.kernel='triton' selects it (interpreter on)."""
+    return select_kernel("triton", "cpu")
+
+
+@triton_case
+def selection_returns_the_triton_object():
+    kernel = triton()
+    assert isinstance(kernel, FusedKernel) and isinstance(kernel, TwoBranchKernel)
+    assert kernel.name == "triton" and callable(kernel.loss)
+    assert select_kernel("auto", "cpu") is REFERENCE       # auto never interprets on a CPU
+
+
 @triton_case
 def forward_and_gradient_fp32_every_branch_mix():
     for mix in ("clean", "ambient", "mixed", "edge"):
         coefs, clean, noisy, eps, F = problem(mix)
-        net_in = kernels.network_input(coefs, clean, noisy, eps, "triton")
-        ref_in = reference_network_input(coefs, clean.double(), noisy.double(), eps.double())
+        net_in = triton().network_input(coefs, clean, noisy, eps)
+        ref_in = REFERENCE.network_input(coefs, clean.double(), noisy.double(), eps.double())
         assert net_in.dtype == torch.float32 and rel_err(net_in, ref_in) < 1e-5, mix
         Fg = F.clone().requires_grad_()
-        loss = kernels.residual_loss(coefs, Fg, net_in, (clean, noisy), "triton")
+        loss = triton().residual_loss(coefs, Fg, net_in, clean, noisy)
         ref_loss, ref_grad = reference_loss_and_grad(coefs, F, net_in, clean, noisy)
         assert rel_err(loss, ref_loss) < 1e-5, (mix, rel_err(loss, ref_loss))
         loss.mean().backward()
@@ -292,12 +310,12 @@ def forward_and_gradient_fp32_every_branch_mix():
 @triton_case
 def forward_bf16_within_1e_2():
     coefs, clean, noisy, eps, F = problem("mixed", dtype=torch.bfloat16, shape=(3, 8, 8))
-    net_in = kernels.network_input(coefs, clean, noisy, eps, "triton")
+    net_in = triton().network_input(coefs, clean, noisy, eps)
     assert net_in.dtype == torch.bfloat16
-    ref_in = reference_network_input(coefs, clean.double(), noisy.double(), eps.double())
+    ref_in = REFERENCE.network_input(coefs, clean.double(), noisy.double(), eps.double())
     assert rel_err(net_in, ref_in) < 1e-2
     Fg = F.clone().requires_grad_()
-    loss = kernels.residual_loss(coefs, Fg, net_in, (clean, noisy), "triton")
+    loss = triton().residual_loss(coefs, Fg, net_in, clean, noisy)
     assert loss.dtype == torch.float32         # accumulated in float32 whatever the storage
     ref_loss, ref_grad = reference_loss_and_grad(coefs, F, net_in, clean, noisy)
     assert rel_err(loss, ref_loss) < 1e-2
@@ -306,16 +324,16 @@ def forward_bf16_within_1e_2():
     # float16 noisy copies beside float32 images (as the loader stores them): read as they are.
     coefs, clean, noisy, eps, F = problem("mixed")
     noisy16 = noisy.half()
-    net_in = kernels.network_input(coefs, clean, noisy16, eps, "triton")
+    net_in = triton().network_input(coefs, clean, noisy16, eps)
     assert net_in.dtype == torch.float32
-    assert rel_err(net_in, reference_network_input(coefs, clean, noisy16.float(), eps)) < 1e-5
-    loss = kernels.residual_loss(coefs, F, net_in, (clean, noisy16), "triton")
-    assert rel_err(loss, reference_residual_loss(coefs, F, net_in, clean, noisy16.float())) < 1e-5
+    assert rel_err(net_in, REFERENCE.network_input(coefs, clean, noisy16.float(), eps)) < 1e-5
+    loss = triton().residual_loss(coefs, F, net_in, clean, noisy16)
+    assert rel_err(loss, REFERENCE.residual_loss(coefs, F, net_in, clean, noisy16.float())) < 1e-5
     # bfloat16 network input from float32 images (autocast-style), without a separate cast.
     coefs, clean, noisy, eps, _ = problem("mixed")
-    net_bf = kernels.network_input(coefs, clean, noisy, eps, "triton", out_dtype=torch.bfloat16)
+    net_bf = triton().network_input(coefs, clean, noisy, eps, out_dtype=torch.bfloat16)
     assert net_bf.dtype == torch.bfloat16
-    assert rel_err(net_bf, reference_network_input(coefs, clean, noisy, eps)) < 1e-2
+    assert rel_err(net_bf, REFERENCE.network_input(coefs, clean, noisy, eps)) < 1e-2
 
 
 @triton_case
@@ -323,11 +341,11 @@ def batch_of_one_and_sizes_not_multiple_of_the_block():
     for batch, shape, block in ((1, (3, 5, 7), None), (1, (1, 1, 1), None), (3, (3, 5, 7), 16),
                                 (2, (1, 13, 3), 8)):
         coefs, clean, noisy, eps, F = problem("mixed", batch=batch, shape=shape, seed=batch)
-        net_in = kernels.network_input(coefs, clean, noisy, eps, "triton", block=block)
-        assert rel_err(net_in, reference_network_input(coefs, clean, noisy, eps)) < 1e-5
+        net_in = triton().network_input(coefs, clean, noisy, eps, block=block)
+        assert rel_err(net_in, REFERENCE.network_input(coefs, clean, noisy, eps)) < 1e-5
         for deterministic in (False, True):
             Fg = F.clone().requires_grad_()
-            loss = kernels.residual_loss(coefs, Fg, net_in, (clean, noisy), "triton",
+            loss = triton().residual_loss(coefs, Fg, net_in, clean, noisy,
                                          deterministic=deterministic, block=block)
             ref_loss, ref_grad = reference_loss_and_grad(coefs, F, net_in, clean, noisy)
             assert rel_err(loss, ref_loss) < 1e-5, (batch, shape, block, deterministic)
@@ -338,49 +356,92 @@ def batch_of_one_and_sizes_not_multiple_of_the_block():
 @triton_case
 def deterministic_reduction_is_reproducible_and_agrees_with_atomics():
     coefs, clean, noisy, eps, F = problem("mixed", batch=3, shape=(3, 16, 16))
-    net_in = kernels.network_input(coefs, clean, noisy, eps, "triton")
-    runs = [kernels.residual_loss(coefs, F, net_in, (clean, noisy), "triton", deterministic=True, block=64)
+    net_in = triton().network_input(coefs, clean, noisy, eps)
+    runs = [triton().residual_loss(coefs, F, net_in, clean, noisy, deterministic=True, block=64)
             for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-    atomic = kernels.residual_loss(coefs, F, net_in, (clean, noisy), "triton", deterministic=False, block=64)
+    atomic = triton().residual_loss(coefs, F, net_in, clean, noisy, deterministic=False, block=64)
     assert rel_err(atomic, runs[0]) < 1e-5
-    assert rel_err(runs[0], reference_residual_loss(coefs, F, net_in, clean, noisy)) < 1e-5
+    assert rel_err(runs[0], REFERENCE.residual_loss(coefs, F, net_in, clean, noisy)) < 1e-5
 
 
 @triton_case
 def gradient_for_any_upstream_weighting():
     # The kernel writes dF for loss.mean(); a sum, a loss scale or per-sample weights rescale it.
     coefs, clean, noisy, eps, F = problem("mixed")
-    net_in = kernels.network_input(coefs, clean, noisy, eps, "triton")
+    net_in = triton().network_input(coefs, clean, noisy, eps)
     for upstream in (torch.ones(4), torch.tensor([0.5, -2.0, 0.0, 3.0]), torch.full((4,), 1024.0 / 4)):
         Fg = F.clone().requires_grad_()
-        loss = kernels.residual_loss(coefs, Fg, net_in, (clean, noisy), "triton")
+        loss = triton().residual_loss(coefs, Fg, net_in, clean, noisy)
         loss.backward(upstream)
         _, ref_grad = reference_loss_and_grad(coefs, F, net_in, clean, noisy, weights=upstream)
         assert rel_err(Fg.grad, ref_grad) < 1e-5
     # A pre-selected source tensor instead of (clean, noisy).
     src = torch.where(coefs.ambient.reshape(-1, 1, 1, 1), noisy, clean)
-    one = kernels.residual_loss(coefs, F, net_in, src, "triton")
-    assert rel_err(one, reference_residual_loss(coefs, F, net_in, clean, noisy)) < 1e-5
+    one = triton().residual_loss(coefs, F, net_in, src, None)
+    assert rel_err(one, REFERENCE.residual_loss(coefs, F, net_in, clean, noisy)) < 1e-5
+
+
+class RescaleSpy:
+    """The Triton backend, recording for each backward() whether rescale_rows changed dF."""
+
+    def __init__(self):
+        import ambient_dist.kernels.triton_two_branch as K
+        self.K, self.changed = K, []
+        self.network_input, self.residual_loss = K.network_input, K.residual_loss
+
+    def rescale_rows(self, grad, upstream, expected, in_place, block=None):
+        before = grad.clone()
+        out = self.K.rescale_rows(grad, upstream, expected, in_place, block)
+        self.changed.append(not (out is grad and torch.equal(out, before)))
+        return out
+
+
+@triton_case
+def backward_scale_is_written_in_the_forward_pass():
+    # The trainer passes backward_scale = 1/accumulation and scales the mean by it (plain
+    # torch multiplies, DeepSpeed divides by the step count): dF is then s times dF at s = 1,
+    # and backward() hands the buffer on unchanged -- no rescaling pass.
+    coefs, clean, noisy, eps, F = problem("mixed", batch=6, shape=(3, 5, 7))
+    spy = RescaleSpy()
+    kernel = FusedKernel("triton", spy)
+    net_in = kernel.network_input(coefs, clean, noisy, eps)
+
+    def grad(backward_scale, caller):
+        Fg = F.clone().requires_grad_()
+        loss = kernel.residual_loss(coefs, Fg, net_in, clean, noisy, backward_scale=backward_scale)
+        caller(loss.mean()).backward()
+        return loss.detach(), Fg.grad
+    loss_1, grad_1 = grad(1.0, lambda m: m)
+    for k in (3, 4, 7):
+        for caller in (lambda m: m * (1.0 / k), lambda m: m / k):
+            loss_s, grad_s = grad(1.0 / k, caller)
+            assert torch.equal(loss_s, loss_1)                       # the value is not scaled
+            assert rel_err(grad_s, grad_1 / k) < 1e-6, (k, rel_err(grad_s, grad_1 / k))
+            assert spy.changed[-1] is False, k                       # no pass over dF
+    assert spy.changed[0] is False                                   # s = 1: loss.mean()
+    # Unannounced (the scale applied by the caller only): still exact, at the cost of the pass.
+    _, grad_late = grad(1.0, lambda m: m / 3)
+    assert spy.changed[-1] is True and rel_err(grad_late, grad_1 / 3) < 1e-6
 
 
 @triton_case
 def gradcheck_float64_through_the_kernel():
     # float64 inputs run the kernel in float64, so gradcheck's finite differences are exact enough.
     coefs, clean, noisy, eps, F = problem("edge", batch=3, shape=(2, 1, 3), dtype=torch.float64)
-    net_in = kernels.network_input(coefs, clean, noisy, eps, "triton")
+    net_in = triton().network_input(coefs, clean, noisy, eps)
     assert net_in.dtype == torch.float64
-    assert rel_err(net_in, reference_network_input(coefs, clean, noisy, eps)) < 1e-12
+    assert rel_err(net_in, REFERENCE.network_input(coefs, clean, noisy, eps)) < 1e-12
     F = F.requires_grad_()
     # gradcheck runs backward once per output through one graph: keep dF (retain_grad_buffer).
     assert torch.autograd.gradcheck(
-        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton", block=4,
+        lambda f: triton().residual_loss(coefs, f, net_in, clean, noisy, block=4,
                                         retain_grad_buffer=True), (F,))
     assert torch.autograd.gradcheck(
-        lambda f: kernels.residual_loss(coefs, f, net_in, (clean, noisy), "triton",
+        lambda f: triton().residual_loss(coefs, f, net_in, clean, noisy,
                                         retain_grad_buffer=True).mean(), (F,))
     # By default dF is handed on in place, so a second backward must refuse, not mislead.
-    loss = kernels.residual_loss(coefs, F, net_in, (clean, noisy), "triton").sum()
+    loss = triton().residual_loss(coefs, F, net_in, clean, noisy).sum()
     loss.backward(retain_graph=True)
     try:
         loss.backward()
@@ -396,17 +457,17 @@ def in_kernel_noise_matches_philox_reference_and_batch_split():
     ones, zeros = torch.ones(4), torch.zeros(4)
     coefs.P, coefs.Q, coefs.c_in = zeros, ones, ones          # net_in = eps
     noise = PhiloxNoise(seed=123456789012, step=77, first_sample=5)
-    eps = kernels.network_input(coefs, clean, noisy, noise, "triton", block=16)
-    ref = kernels.normal_like(noise, clean)
+    eps = triton().network_input(coefs, clean, noisy, noise, block=16)
+    ref = noise.normal_like(clean)
     assert float((eps - ref).abs().max()) < 1e-5
-    halves = [kernels.network_input(_take(coefs, sl), clean[sl], noisy[sl],
-                                    PhiloxNoise(noise.seed, noise.step, 5 + sl.start), "triton")
+    halves = [triton().network_input(_take(coefs, sl), clean[sl], noisy[sl],
+                                     PhiloxNoise(noise.seed, noise.step, 5 + sl.start))
               for sl in (slice(0, 1), slice(1, 4))]
     assert torch.equal(torch.cat(halves), eps)                # same noise, whatever the split
     # And the full pass 1 with drawn noise equals the reference fed the same noise.
     coefs, clean, noisy, _, _ = problem("mixed", batch=4, shape=(3, 5, 7))
-    net_in = kernels.network_input(coefs, clean, noisy, noise, "triton")
-    assert rel_err(net_in, reference_network_input(coefs, clean, noisy, ref)) < 1e-5
+    net_in = triton().network_input(coefs, clean, noisy, noise)
+    assert rel_err(net_in, REFERENCE.network_input(coefs, clean, noisy, ref)) < 1e-5
 
 
 def _take(coefs, sl):
@@ -417,13 +478,13 @@ def _take(coefs, sl):
 
 @triton_case
 def training_step_through_triton_equals_reference():
-    # objective.two_branch_loss: pass 1, ONE network call, pass 2; parameter gradients agree.
+    # TwoBranchKernel.loss: pass 1, ONE network call, pass 2; parameter gradients agree.
     net = make_net()
     coefs, clean, noisy, eps, _ = problem("mixed", batch=4, shape=(3, 8, 8))
     grads = {}
     for impl in ("reference", "triton"):
         net.zero_grad()
-        loss = two_branch_loss(net.raw, coefs, clean, noisy, eps, impl=impl)
+        loss = select_kernel(impl, "cpu").loss(net.raw, coefs, clean, noisy, eps)
         loss.mean().backward()
         grads[impl] = (loss.detach(), [p.grad.clone() for p in net.parameters()])
     assert rel_err(grads["triton"][0], grads["reference"][0]) < 1e-5
@@ -435,11 +496,12 @@ def training_step_through_triton_equals_reference():
 def bad_inputs_are_named():
     coefs, clean, noisy, eps, F = problem("mixed")
     for call, message in (
-            (lambda: kernels.network_input(coefs, clean, noisy[:2], eps, "triton"), "noisy: shape"),
-            (lambda: kernels.network_input(_take(coefs, slice(0, 2)), clean, noisy, eps, "triton"),
+            (lambda: triton().network_input(coefs, clean, noisy[:2], eps), "noisy: shape"),
+            (lambda: triton().network_input(_take(coefs, slice(0, 2)), clean, noisy, eps),
              r"coefs.P: shape \(2,\)"),
-            (lambda: kernels.residual_loss(coefs, F.int(), clean, (clean, noisy), "triton"), "F: dtype"),
-            (lambda: kernels.residual_loss(coefs, F, clean, (clean,), "triton"), "src_or_pair")):
+            (lambda: triton().residual_loss(coefs, F.int(), clean, clean, noisy), "F: dtype"),
+            (lambda: triton().residual_loss(coefs, F, clean, clean, noisy, backward_scale=0.0),
+             "backward_scale: must be a finite number > 0")):
         try:
             call()
         except (ValueError, TypeError) as e:
@@ -453,7 +515,7 @@ def bad_inputs_are_named():
 def gpu_check_script_runs_at_toy_size():
     # The GPU check's plumbing (sections, tables, JSON) at toy sizes, Triton interpreted.
     import tempfile
-    from kernels import gpu_check
+    from ambient_dist.kernels import gpu_check
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "check.json"
         status = gpu_check.main(["--quick", "--device", "cpu", "--impls", "triton,cuda", "--no-compile",
@@ -471,7 +533,7 @@ def gpu_check_script_runs_at_toy_size():
 def _run_triton_cases() -> dict:
     """Child process entry: run every case, return {name: 'ok' or the traceback}."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    import kernels.triton_two_branch as ttb
+    import ambient_dist.kernels.triton_two_branch as ttb
     assert ttb._interpreted(), "the Triton kernels were not defined under the interpreter"
     results = {}
     for name, fn in TRITON_CASES.items():

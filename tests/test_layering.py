@@ -145,6 +145,14 @@ LOW_HELPERS = ("ambient_dist.errors", "ambient_dist.fileio", "ambient_dist.image
 LOW_HELPERS_MAY_IMPORT = ("ambient_dist.errors", "ambient_dist.config", "ambient_dist.fileio")
 
 
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _is_under(n, LOWER + (
+    "ambient_dist.text.latents", "ambient_dist.text.mitigations"))))
+def test_data_and_its_random_draws_never_come_from_the_loss_module(name):
+    # Random draws live in noise.py; data, samplers and metrics need nothing of the objective.
+    bad = sorted(t for t in IMPORTS[name][1] if _is_under(t, ("ambient_dist.objective",)))
+    assert not bad, f"{name} imports {bad}"
+
+
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _is_under(n, LOWER)))
 def test_lower_layers_never_import_engine_or_the_text_task(name):
     bad = sorted(t for t in IMPORTS[name][1] if _is_under(t, UPPER))

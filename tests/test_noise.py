@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ambient_dist.noise import (
-    ImageRangeError, check_image_range, ddpm_alpha_sigma, ddpm_alphas_cumprod, key_seed,
-    keyed_normal, make_noisy_copy, vp_alpha_sigma, vp_sigma, vp_t)
+    VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, ImageRangeError, check_image_range, ddpm_alpha_sigma,
+    ddpm_alphas_cumprod, draw_normal, draw_randint, draw_uniform, key_seed, keyed_normal,
+    make_noisy_copy, vp_alpha_sigma, vp_sigma, vp_t)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,36 @@ def test_ddpm_schedule_matches_stable_diffusion_scheduler():
 def test_vp_schedule_inverse():
     t = torch.tensor([1e-5, 0.1, 0.5, 1.0], dtype=torch.float64)
     torch.testing.assert_close(vp_t(vp_sigma(t, 19.9, 0.1), 19.9, 0.1), t)
+    torch.testing.assert_close(vp_sigma(t), vp_sigma(t, VP_BETA_D, VP_BETA_MIN))
+
+
+def test_vp_preconditioning_uses_this_schedule():
+    # One VP schedule: models.precond's VPPrecond reads it from here (defaults included).
+    from ambient_dist.models.precond import VPPrecond
+    net = VPPrecond(torch.nn.Identity(), img_resolution=8, img_channels=3, label_dim=0,
+                    beta_d=18.0, beta_min=0.2, epsilon_t=1e-3)
+    sigma = torch.tensor([0.01, 0.5, 3.0, 80.0])
+    assert torch.equal(net.t_of_sigma(sigma), vp_t(sigma, 18.0, 0.2))
+    as64 = lambda t: float(vp_sigma(torch.tensor(t, dtype=torch.float64), 18.0, 0.2))  # noqa: E731
+    assert (net.sigma_min, net.sigma_max) == (as64(1e-3), as64(1.0))
+    default = VPPrecond(torch.nn.Identity(), img_resolution=8, img_channels=3, label_dim=0)
+    assert (default.beta_d, default.beta_min, default.epsilon_t) == (VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T)
+
+
+def test_draws_replay_from_a_generator_and_land_on_the_device():
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    n, u = draw_normal([4, 3], g(), "cpu"), draw_uniform([7], g(), torch.device("cpu"))
+    assert n.shape == (4, 3) and n.dtype == torch.float32 and torch.equal(n, draw_normal([4, 3], g(), "cpu"))
+    assert torch.equal(n, torch.randn(4, 3, generator=g()))
+    assert torch.equal(u, torch.rand(7, generator=g())) and bool(((u >= 0) & (u < 1)).all())
+    t = draw_randint(1000, [500], g(), "cpu")
+    assert t.dtype == torch.int64 and torch.equal(t, torch.randint(0, 1000, (500,), generator=g()))
+    assert 0 <= int(t.min()) and int(t.max()) < 1000
+    # Without a generator: the global RNG of the device.
+    torch.manual_seed(3)
+    first = draw_normal([5], None, "cpu")
+    torch.manual_seed(3)
+    assert torch.equal(first, torch.randn(5))
 
 
 def test_check_image_range_accepts_minus_one_to_one():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ambient_dist.config import (AUGMENT_LABEL_DIM, EXACT_AUGMENTATIONS,
                                  INTERPOLATING_AUGMENTATIONS, AugmentConfig)
-from ambient_dist.objective import draw_normal, draw_uniform
+from ambient_dist.noise import draw_normal, draw_uniform
 
 
 # float32 value of each uint8 pixel in model units, computed once on the CPU.

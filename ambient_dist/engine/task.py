@@ -77,7 +77,7 @@ class ImageTask:
             self.augment.record = True  # augmentation.png: the first batch as the loss reads it
             self._first_picture = False
         return self.loss_fn(net, batch.clean, batch.noisy, batch.labels, generator=generator,
-                            augment=self.augment, mask=batch.mask)
+                            augment=self.augment, mask=batch.mask, backward_scale=backward_scale)
 
     def pictures(self) -> dict[str, torch.Tensor]:
         """Pictures to publish after the last step: {"augmentation": what the loss read in the

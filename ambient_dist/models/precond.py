@@ -5,7 +5,8 @@ Three parameterisations (EDM paper, Table 1):
     edm: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2),
          c_noise = ln(s)/4                                   (sd = sigma_data)
     vp:  c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) t(s)
-         (t(s) inverts the VP schedule s(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1), M = 1000)
+         (t(s) inverts the VP schedule s(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1) of
+         ambient_dist.noise, M = 1000)
     ve:  c_skip = 1, c_out = s, c_in = 1, c_noise = ln(s/2)
 
 Precision contract (docs/INTERFACES.md): inputs are taken as float32, the U-Net runs in
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ExperimentConfig
+from ..noise import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T, vp_sigma, vp_t
 from .adm_unet import DhariwalUNet
 from .song_unet import SongUNet
 
@@ -127,20 +129,17 @@ class VPPrecond(Precond):
     """Variance-preserving parameterisation; the net predicts the noise (c_out = -sigma)."""
 
     def __init__(self, unet, img_resolution, img_channels, label_dim, sigma_data: float = 0.5,
-                 beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5, M: int = 1000):
+                 beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN,
+                 epsilon_t: float = VP_EPSILON_T, M: int = 1000):
+        # The schedule in float64: sigma_min/sigma_max are Python floats (sampler bounds).
+        sigma_of_t = lambda t: float(vp_sigma(torch.tensor(t, dtype=torch.float64), beta_d, beta_min))  # noqa: E731
         super().__init__(unet, img_resolution, img_channels, label_dim,
-                         sigma_min=self._sigma_of_t(epsilon_t, beta_d, beta_min),
-                         sigma_max=self._sigma_of_t(1.0, beta_d, beta_min), sigma_data=sigma_data)
+                         sigma_min=sigma_of_t(epsilon_t), sigma_max=sigma_of_t(1.0), sigma_data=sigma_data)
         self.beta_d, self.beta_min, self.epsilon_t, self.M = beta_d, beta_min, epsilon_t, M
 
-    @staticmethod
-    def _sigma_of_t(t: float, beta_d: float, beta_min: float) -> float:
-        return math.sqrt(math.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
-
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Inverse of the VP schedule: the time t at which the noise level is sigma."""
-        return ((self.beta_min ** 2 + 2 * self.beta_d * torch.log1p(sigma ** 2)).sqrt()
-                - self.beta_min) / self.beta_d
+        """Inverse of the VP schedule (noise.vp_t): the time t at which the noise level is sigma."""
+        return vp_t(sigma, self.beta_d, self.beta_min)
 
     def scalings(self, sigma):
         one = torch.ones_like(sigma)

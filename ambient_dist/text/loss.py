@@ -64,7 +64,7 @@ class TextAmbientLoss:
 
     def __call__(self, unet, clean: torch.Tensor, noisy: Optional[torch.Tensor],
                  cond: torch.Tensor, generator: Optional[torch.Generator] = None,
-                 augment=None, mask=None) -> LossOutput:
+                 augment=None, mask=None, backward_scale: float = 1.0) -> LossOutput:
         if augment is not None:  # config validation refuses augment.p > 0 for latents
             raise ValueError("TextAmbientLoss: latents take no geometric augmentation")
         if mask is not None:  # objective.method=masking is refused for text at validation
@@ -74,7 +74,10 @@ class TextAmbientLoss:
         cond, _ = self.dropout(cond, self.empty, generator)
         cond = self.text_noise(cond, generator)
         network, record = self.filter.wrap(unet_network(unet), self.empty)
-        out = self.latent_loss(network, clean, noisy, cond, generator=generator)
+        # The fused pass 2 writes dF for the batch mean times backward_scale; with the filter on,
+        # the loss is a mean over the kept samples instead, and autograd scales dF itself.
+        out = self.latent_loss(network, clean, noisy, cond, generator=generator,
+                               backward_scale=1.0 if self.filter.enabled else backward_scale)
         self.samples += clean.shape[0]
         if "keep" not in record:
             return out

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ambient_dist.noise import ddpm_alpha_sigma
-from ambient_dist.objective import draw_normal
+from ambient_dist.noise import draw_normal
 
 # F(z_t [B, 4, h, w], t [B], c [B, L, D]) -> the U-Net's prediction (v or epsilon)
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

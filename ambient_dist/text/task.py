@@ -108,7 +108,8 @@ class TextTask:
 
     def loss(self, net: torch.nn.Module, batch: Batch, generator: torch.Generator,
              backward_scale: float = 1.0) -> LossOutput:
-        return self.loss_fn(net, batch.clean, batch.noisy, batch.cond, generator=generator)
+        return self.loss_fn(net, batch.clean, batch.noisy, batch.cond, generator=generator,
+                            backward_scale=backward_scale)
 
     def pictures(self) -> dict[str, torch.Tensor]:
         return {}

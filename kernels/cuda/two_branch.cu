@@ -232,9 +232,11 @@ __global__ void rescale_rows_kernel(Tensors t, const float* __restrict__ upstrea
                                     int64_t numel, bool vector_ok, bool in_place) {
   const int64_t sample = blockIdx.y;
   const float ratio = upstream[sample] / expected;
-  // In place, a factor of exactly 1 (loss.mean().backward()) leaves the row as it is: the
-  // check costs one scalar load per block and no host sync.
-  if (in_place && ratio == 1.0f) return;
+  // In place, a factor of 1 (the caller's backward_scale was passed in) leaves the row as it
+  // is: the check costs one scalar load per block and no host sync. "1" up to a few float32
+  // roundings (kUnitRatioTolerance): autograd may form upstream as a product with a rounded
+  // reciprocal (CUDA's division by a scalar), the forward pass as a quotient.
+  if (in_place && fabsf(ratio - 1.0f) <= kUnitRatioTolerance) return;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * ELEMS;
   if (first >= numel) return;
   float g[ELEMS];

@@ -50,7 +50,8 @@ cudaError_t residual_loss(const Tensors& t, float* loss, const float* A, const f
                           int64_t numel, bool vector_ok, float grad_scale, bool ordered, cudaStream_t stream);
 
 // Backward: out = F * upstream[b] / expected per sample. In place (out == F), rows whose factor
-// is exactly 1 are left untouched.
+// is 1 within kUnitRatioTolerance are left untouched.
+constexpr float kUnitRatioTolerance = 9.5367431640625e-07f;  // 2^-20: 8 float32 ulps of 1
 cudaError_t rescale_rows(const Tensors& t, const float* upstream, float expected, int64_t batch,
                          int64_t numel, bool vector_ok, cudaStream_t stream);
 
