@@ -41,11 +41,11 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.errors import UserError
 from ambient_dist.noise import keyed_mask, make_noisy_copy
+from ambient_dist.progress import progress as progress_bar
 
 from .augment import to_model_units
 from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
@@ -386,7 +386,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
 
     todo = [j for j in jobs if j.name not in done]
     save(done)
-    bar = tqdm(total=len(train), unit="img", desc=f"shards -> {out_dir}", disable=not progress)
+    bar = progress_bar(total=len(train), unit="img", desc=f"shards -> {out_dir}", disable=not progress)
     bar.update(sum(len(j.indices) for j in jobs if j.name in done))
     if opts.workers > 1 and len(todo) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")

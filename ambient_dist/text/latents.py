@@ -55,6 +55,7 @@ from ambient_dist.data.shards import (
     sha256_file, write_json)
 from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
 from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
+from ambient_dist.progress import progress as progress_bar
 
 from .sd_models import SDComponents
 
@@ -290,7 +291,7 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
     write_json(part_path, part)
 
     writer = _LatentWriter(source, out_dir, opts, components, device)
-    bar = tqdm(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
+    bar = progress_bar(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
                desc=f"latent shards (rank {rank}/{world_size}) -> {out_dir}")
     bar.update(sum(len(ix) for n, ix in mine if n in done))
     try:
