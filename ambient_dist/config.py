@@ -203,6 +203,13 @@ class SamplingConfig:
     # Images in the end-of-run grid and memorization summary.
     num_images: int = 64
     seed: int = 0
+    # Solver, and EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): S_churn = 0 is
+    # deterministic; otherwise noise scaled by S_noise is added at sigma in [S_min, S_max].
+    solver: Literal["heun", "euler"] = "heun"
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
 
 
 @dataclass
@@ -520,6 +527,9 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(0 < s.sigma_min < s.sigma_max, "sampling.sigma_min",
       f"need 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}")
     c(s.num_images >= 1, "sampling.num_images", "must be >= 1")
+    c(s.S_churn >= 0, "sampling.S_churn", f"must be >= 0 (0 = deterministic), got {s.S_churn}")
+    c(0 <= s.S_min <= s.S_max, "sampling.S_min", f"need 0 <= S_min <= S_max, got {s.S_min}, {s.S_max}")
+    c(s.S_noise > 0, "sampling.S_noise", f"must be > 0, got {s.S_noise}")
     c(cfg.distributed.zero_stage in (0, 1, 2, 3), "distributed.zero_stage",
       f"must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     if cfg.distributed.engine == "deepspeed" and not cfg.distributed.deepspeed_config:

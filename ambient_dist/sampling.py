@@ -55,9 +55,10 @@ class SamplerSettings:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplerSettings":
-        """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho)."""
-        return cls(num_steps=cfg.steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                   rho=cfg.rho, **overrides)
+        """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho, solver, S_*)."""
+        return cls(**{"num_steps": cfg.steps, "sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max,
+                      "rho": cfg.rho, "solver": cfg.solver, "S_churn": cfg.S_churn, "S_min": cfg.S_min,
+                      "S_max": cfg.S_max, "S_noise": cfg.S_noise, **overrides})
 
     @classmethod
     def for_run(cls, cfg, **overrides) -> "SamplerSettings":

@@ -50,7 +50,6 @@ from ambient_dist.config import ConfigError, ExperimentConfig, build_typed, load
 from ambient_dist.errors import UserError
 from ambient_dist.metrics.memorization import ATTRACTION_SIGMAS
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("shards", "train", "sample", "evaluate")
 
 
@@ -272,14 +271,14 @@ def make_run_shards(study: StudyConfig, spec: RunSpec, progress: bool) -> None:
 
 
 def train_run(spec: RunSpec, env: dict, log: Path) -> None:
-    """launchers/train.py in a subprocess, continuing an interrupted run (--resume auto)."""
+    """ambient-train in a subprocess, continuing an interrupted run (--resume auto)."""
     from ambient_dist.config import save_config
     done = spec.run_dir / "study-train.json"
     if done.is_file() and json.loads(done.read_text()).get("fingerprint") == spec.config.fingerprint():
         return
     cfg_dir = spec.run_dir.parent.parent / "configs"
     cfg_path = save_config(spec.config, cfg_dir / spec.name)
-    cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(cfg_path),
+    cmd = [sys.executable, "-m", "ambient_dist.cli.train", "--config", str(cfg_path),
            "--run-dir", str(spec.run_dir), "--resume", "auto"]
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
 from ambient_dist.metrics import distributed as mdist
@@ -31,6 +30,7 @@ from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
 from ambient_dist.metrics.features import build_extractor, images_digest
 from ambient_dist.metrics.memorization import memorization_summary
+from ambient_dist.progress import progress as progress_bar
 
 
 @dataclass
@@ -53,6 +53,7 @@ class EvalOptions:
     clip_path: Optional[str] = None
     baseline: Optional[str] = None         # another evaluation's report dir
     compare: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # section.key=value over the run's config.yaml
     batch: int = 64
     device: str = "cpu"
     progress: bool = True
@@ -70,7 +71,7 @@ def _as_tensor(images) -> torch.Tensor:
 
 def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
     if opts.run_dir and (Path(opts.run_dir) / "config.yaml").is_file():
-        return load_config(Path(opts.run_dir) / "config.yaml")
+        return load_config(Path(opts.run_dir) / "config.yaml", opts.overrides)
     return None
 
 
@@ -109,7 +110,7 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
 
     from ambient_dist import sampling
     rank, world, _ = mdist.env_rank_world()
-    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
+    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides)
     if opts.resample and rank == 0 and path.exists():
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
@@ -149,7 +150,7 @@ def _batches(images: torch.Tensor, batch: int, desc: str = "", progress: bool = 
     rank, world = mdist.rank_and_world()
     lo, hi = mdist.slice_bounds(len(images), rank, world)
     starts = range(lo, hi, batch)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
         yield images[start:min(start + batch, hi)]
 
 

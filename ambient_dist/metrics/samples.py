@@ -30,13 +30,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
 from ambient_dist.data.shards import atomic_write_bytes, encode_png, sha256_file
 from ambient_dist.data.sources import decode_image_bytes
 from ambient_dist.errors import UserError
+from ambient_dist.progress import progress as progress_bar
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
@@ -78,16 +78,17 @@ def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[s
                            "(train it first, or pass --checkpoint)")
 
 
-def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu"
+def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", overrides=None
                   ) -> tuple[torch.nn.Module, ExperimentConfig, Path]:
-    """(network in eval mode on `device`, its config, the weights file it was loaded from)."""
+    """(network in eval mode on `device`, its config with the `section.key=value` overrides
+    applied, the weights file it was loaded from)."""
     from safetensors.torch import load_file
 
     from ambient_dist.models import build_network
     config_path = Path(config) if config else (Path(run_dir) / "config.yaml" if run_dir else None)
     if config_path is None or not config_path.is_file():
         raise SampleStoreError(f"config {config_path}: not found (give a run directory or --config)")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     weights = resolve_weights(run_dir, checkpoint)
     net = build_network(cfg)
     try:
@@ -225,7 +226,7 @@ def generate(net, store: SampleStore, num: int, batch: int, seed: int,
     todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world)]
     total = sum(len(p) for _, p in todo)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    bar = tqdm(total=total, desc=f"sampling (rank {rank})", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"sampling (rank {rank})", unit="img", disable=not progress)
     for block, pending in todo:
         staged: dict = {}
         for start in range(0, len(pending), batch):
