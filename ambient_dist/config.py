@@ -46,7 +46,7 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
-    # Directory of WebDataset shards written by launchers/make_shards.py (holds manifest.json).
+    # Directory of WebDataset shards written by ambient-make-shards (holds manifest.json).
     shards: str = ""
     # How samples reach the step: the whole set on the device, webdataset workers, or DALI.
     loader: Literal["resident", "webdataset", "dali"] = "resident"
@@ -204,6 +204,13 @@ class SamplingConfig:
     # Images in the end-of-run grid and memorization summary.
     num_images: int = 64
     seed: int = 0
+    # Solver, and EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): S_churn = 0 is
+    # deterministic; otherwise noise scaled by S_noise is added at sigma in [S_min, S_max].
+    solver: Literal["heun", "euler"] = "heun"
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
 
 
 @dataclass
@@ -486,7 +493,7 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     if d.shards and check_paths:
         c(Path(d.shards).exists(), "data.shards", f"directory {d.shards} does not exist "
-          "(make it with launchers/make_shards.py)")
+          "(make it with ambient-make-shards)")
     a = cfg.augment
     c(0 <= a.p <= 1, "augment.p", f"must be a probability in [0, 1] (0 = off), got {a.p}")
     known = EXACT_AUGMENTATIONS + INTERPOLATING_AUGMENTATIONS
@@ -532,6 +539,9 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(0 < s.sigma_min < s.sigma_max, "sampling.sigma_min",
       f"need 0 < sigma_min < sigma_max, got {s.sigma_min}, {s.sigma_max}")
     c(s.num_images >= 1, "sampling.num_images", "must be >= 1")
+    c(s.S_churn >= 0, "sampling.S_churn", f"must be >= 0 (0 = deterministic), got {s.S_churn}")
+    c(0 <= s.S_min <= s.S_max, "sampling.S_min", f"need 0 <= S_min <= S_max, got {s.S_min}, {s.S_max}")
+    c(s.S_noise > 0, "sampling.S_noise", f"must be > 0, got {s.S_noise}")
     c(cfg.distributed.zero_stage in (0, 1, 2, 3), "distributed.zero_stage",
       f"must be 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     if cfg.distributed.engine == "deepspeed" and not cfg.distributed.deepspeed_config:

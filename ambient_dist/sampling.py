@@ -56,9 +56,10 @@ class SamplerSettings:
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplerSettings":
-        """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho)."""
-        return cls(num_steps=cfg.steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                   rho=cfg.rho, **overrides)
+        """From a `SamplingConfig` (steps, sigma_min, sigma_max, rho, solver, S_*)."""
+        return cls(**{"num_steps": cfg.steps, "sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max,
+                      "rho": cfg.rho, "solver": cfg.solver, "S_churn": cfg.S_churn, "S_min": cfg.S_min,
+                      "S_max": cfg.S_max, "S_noise": cfg.S_noise, **overrides})
 
     @classmethod
     def for_run(cls, cfg, **overrides) -> "SamplerSettings":
@@ -204,7 +205,7 @@ def class_labels(indices: Sequence[int], label_dim: int, fixed: Optional[int] = 
                  ) -> Optional[torch.Tensor]:
     """The class of each image index: `fixed` if given, else n % label_dim, so that every
     class is drawn equally often and image n has the same class in every sample set (the
-    end-of-training grid, launchers/sample.py, evaluation). int64 [len(indices)] on the CPU;
+    end-of-training grid, ambient-sample, evaluation). int64 [len(indices)] on the CPU;
     None for an unconditional network (label_dim 0)."""
     if not label_dim:
         return None

@@ -1,6 +1,6 @@
 """A memorization study: the paper's Tables 1-2 and Figures 1 and 3 from one study file.
 
-    python launchers/study.py configs/studies/fashion-mnist-cpu.yaml
+    ambient-study configs/studies/fashion-mnist-cpu.yaml
 
 A study file names a base experiment config, the training-set sizes, the runs (plain DDPM is
 `method: ambient, sigma_tn: 0`; Algorithm 1 at several sigma_tn; the noise-only and masking
@@ -9,7 +9,7 @@ baselines) and the seeds. For every (run, size, seed) the study
     1. shards    makes the shards the run needs (its sigma_tn's noisy copies, or the fixed
                  masks), with held-out images; the training subset is the same for every run
                  and seed (subset seed fixed), the noise seed is the run's seed
-    2. train     launchers/train.py as a subprocess (--resume auto: an interrupted run continues)
+    2. train     ambient-train (python -m ambient_dist.cli.train) as a subprocess (--resume auto: an interrupted run continues)
     3. sample    evaluation.num_samples images from the EMA (resumable sample store)
     4. evaluate  quality (KID with its standard error, and FID, Inception pool3, against a
                  fixed set of held-out real images), memorization in pixel space and each
@@ -50,7 +50,6 @@ from ambient_dist.config import ConfigError, ExperimentConfig, build_typed, load
 from ambient_dist.errors import UserError
 from ambient_dist.metrics.memorization import ATTRACTION_SIGMAS
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("shards", "train", "sample", "evaluate")
 
 
@@ -272,14 +271,14 @@ def make_run_shards(study: StudyConfig, spec: RunSpec, progress: bool) -> None:
 
 
 def train_run(spec: RunSpec, env: dict, log: Path) -> None:
-    """launchers/train.py in a subprocess, continuing an interrupted run (--resume auto)."""
+    """ambient-train in a subprocess, continuing an interrupted run (--resume auto)."""
     from ambient_dist.config import save_config
     done = spec.run_dir / "study-train.json"
     if done.is_file() and json.loads(done.read_text()).get("fingerprint") == spec.config.fingerprint():
         return
     cfg_dir = spec.run_dir.parent.parent / "configs"
     cfg_path = save_config(spec.config, cfg_dir / spec.name)
-    cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), "--config", str(cfg_path),
+    cmd = [sys.executable, "-m", "ambient_dist.cli.train", "--config", str(cfg_path),
            "--run-dir", str(spec.run_dir), "--resume", "auto"]
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -50,7 +50,7 @@ def run(ctx: Context) -> list[dict]:
     noise = torch.randn(batch, *shape, device=device)
     # Baseline: true fp32 as in the spec's reference figure (TF32 off; torch's own default would
     # let cuDNN convolutions use TF32) with cuDNN's default algorithm choice, as EDM's
-    # generate.py leaves it. Ours: cuDNN autotuning on, as launchers/sample.py sets it.
+    # generate.py leaves it. Ours: cuDNN autotuning on, as ambient-sample sets it.
     with cuda_numerics(tf32=False, cudnn_benchmark=False):
         base_s = measure(lambda: plain_heun_sample(plain, noise, STEPS), repeats=repeats,
                          warmup=warmup, device=ctx.device)

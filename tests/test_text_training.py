@@ -219,6 +219,25 @@ def test_sample_text_launcher_writes_what_evaluate_reads_and_resumes(trained_run
     assert sample_text.main(argv) == 0 and "0 images written" in capsys.readouterr().out
     assert sample_text.main([*argv[:-1], "--guidance", "2", "--quiet"]) == 2  # other settings: refused
     assert "made differently" in capsys.readouterr().err
+    # The same settings as config overrides (the short flags are names for them): nothing new.
+    overridden = [str(run), "--num", "3", "--batch", "2", "--out", str(out), "--quiet",
+                  "text.sample_steps=1"]
+    assert sample_text.main(overridden) == 0 and "0 images written" in capsys.readouterr().out
+    assert sample_text.main([*overridden, "text.guidance_scale=2"]) == 2
+    assert "made differently" in capsys.readouterr().err
+
+
+def test_sample_text_on_a_bare_model_takes_only_the_samplers_overrides(trained_run, tmp_path, capsys):
+    import sample_text
+    run, _ = trained_run
+    bare = [str(run / "diffusers"), "--prompts", str(tmp_path / "p.txt"), "--num", "1", "--quiet",
+            "--out", str(tmp_path / "s")]
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert sample_text.main([*bare, "optimizer.lr=1"]) == 2
+    assert "only the sampler's keys apply" in capsys.readouterr().err
+    assert sample_text.main([*bare, "text.sample_steps=1", f"data.resolution={RES}"]) == 0
+    from ambient_dist.metrics.samples import read_samples
+    assert read_samples(tmp_path / "s")[1].shape == (1, 3, RES, RES)
 
 
 def test_guided_sampling_is_per_image_and_sampler_dependent(tiny_model):

@@ -20,7 +20,7 @@ def build_loader(cfg: ExperimentConfig, rank: int, world_size: int, device,
                  start_sample: int = 0) -> TrainLoader:
     """The loader named by cfg.data.loader for this rank (see the module docstring)."""
     if not cfg.data.shards:
-        raise ShardError("data.shards: no shard directory set (make one with launchers/make_shards.py)")
+        raise ShardError("data.shards: no shard directory set (make one with ambient-make-shards)")
     kind = cfg.data.loader
     if kind == "resident":
         cls = ResidentLoader

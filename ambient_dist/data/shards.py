@@ -46,13 +46,13 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
 from ambient_dist.noise import keyed_mask, make_noisy_copy
+from ambient_dist.progress import progress as progress_bar
 
 from .augment import to_model_units
 from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
@@ -438,7 +438,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
 
     todo = [j for j in jobs if j.name not in done]
     save(done)
-    bar = tqdm(total=len(train), unit="img", desc=f"shards -> {out_dir}", disable=not progress)
+    bar = progress_bar(total=len(train), unit="img", desc=f"shards -> {out_dir}", disable=not progress)
     bar.update(sum(len(j.indices) for j in jobs if j.name in done))
     if opts.workers > 1 and len(todo) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -520,7 +520,7 @@ def read_masks(shards_dir: str | os.PathLike, keys: list[str]) -> np.ndarray:
 def read_manifest(shards_dir: str | os.PathLike, require_complete: bool = True) -> dict:
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise ShardError(f"{path}: not found; make shards with launchers/make_shards.py")
+        raise ShardError(f"{path}: not found; make shards with ambient-make-shards")
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:

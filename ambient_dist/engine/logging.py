@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ambient_dist.images import image_grid
+from ambient_dist.progress import progress
 
 
 class TrainingStats:
@@ -94,8 +95,8 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter  # import late: slow, rank 0 only
         self.writer = SummaryWriter(log_dir=str(run_dir))
-        self.bar = tqdm(total=total_images, initial=start_images, unit="img", unit_scale=True,
-                        dynamic_ncols=True, desc="train", smoothing=0.1)
+        self.bar = progress(total=total_images, initial=start_images, unit="img", unit_scale=True,
+                            dynamic_ncols=True, desc="train", smoothing=0.1)
         self._mark_time = time.perf_counter()
         self._mark_images = start_images
 

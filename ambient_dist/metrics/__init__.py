@@ -8,10 +8,10 @@
     clip_score.py     CLIP score of images against their prompts (local CLIP directory)
     report.py         report.json / report.md and the figures
     samples.py        sampling at scale: model loading, rank split, resumable PNG / shard store
-    evaluation.py     one evaluation, samples -> report (what launchers/evaluate.py runs)
+    evaluation.py     one evaluation, samples -> report (what ambient-evaluate runs)
 
 Rank, slice and gather helpers live in ambient_dist.distributed (shared with the engine).
-The training loop calls `memorization_summary` at the end of a run; launchers/evaluate.py
+The training loop calls `memorization_summary` at the end of a run; ambient-evaluate
 uses everything.
 """
 from ambient_dist.metrics.features import FeatureError, build_extractor, extract  # noqa: F401

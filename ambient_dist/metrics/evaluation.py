@@ -1,6 +1,6 @@
 """One evaluation: samples (+ training shards) -> report.json, report.md, figures.
 
-`evaluate(opts)` is what launchers/evaluate.py runs:
+`evaluate(opts)` is what ambient-evaluate runs:
 
     1. the generated images: a sample folder / shards, or a run directory (its samples/,
        generated first with `samples.generate` when missing)
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
 from ambient_dist import data
@@ -32,6 +31,7 @@ from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
 from ambient_dist.metrics.features import build_extractor, images_digest
 from ambient_dist.metrics.memorization import memorization_summary
+from ambient_dist.progress import progress as progress_bar
 
 
 @dataclass
@@ -54,6 +54,7 @@ class EvalOptions:
     clip_path: Optional[str] = None
     baseline: Optional[str] = None         # another evaluation's report dir
     compare: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # section.key=value over the run's config.yaml
     batch: int = 64
     device: str = "cpu"
     progress: bool = True
@@ -66,7 +67,7 @@ def default_cache_dir() -> Path:
 
 def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
     if opts.run_dir and (Path(opts.run_dir) / "config.yaml").is_file():
-        return load_config(Path(opts.run_dir) / "config.yaml")
+        return load_config(Path(opts.run_dir) / "config.yaml", opts.overrides)
     return None
 
 
@@ -94,7 +95,7 @@ def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path
     if wanted and len(images) < wanted:
         raise S.SampleStoreError(
             f"{path}: {len(images)} samples there, but {wanted} were asked for or recorded in "
-            f"{S.META_NAME}; re-run launchers/sample.py with the same options to fill in the "
+            f"{S.META_NAME}; re-run ambient-sample with the same options to fill in the "
             "missing ones (it continues where it stopped), or pass --num")
     return path, images
 
@@ -105,7 +106,7 @@ def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
 
     from ambient_dist import sampling
     rank, world, _ = ranks.env_rank_world()
-    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device)
+    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides)
     if opts.resample and rank == 0 and path.exists():
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
@@ -144,7 +145,7 @@ def _batches(images: torch.Tensor, batch: int, desc: str = "", progress: bool = 
     rank, world = ranks.rank_and_world()
     lo, hi = ranks.slice_bounds(len(images), rank, world)
     starts = range(lo, hi, batch)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
+    for start in progress_bar(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
         yield images[start:min(start + batch, hi)]
 
 

@@ -32,11 +32,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ambient_dist.errors import UserError
 from ambient_dist.data.augment import to_model_units
 from ambient_dist import distributed as ranks
+from ambient_dist.progress import progress as progress_bar
 
 
 class FeatureError(UserError):
@@ -331,7 +331,7 @@ def extract(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int =
     lo, hi = ranks.slice_bounds(len(images), rank, world)
     parts = []
     steps = range(lo, hi, batch_size)
-    bar = tqdm(steps, desc=desc, unit="batch", disable=not progress or rank != 0,
+    bar = progress_bar(steps, desc=desc, unit="batch", disable=not progress or rank != 0,
                total=math.ceil((hi - lo) / batch_size))
     for start in bar:
         parts.append(extractor(images[start:min(start + batch_size, hi)]).cpu())

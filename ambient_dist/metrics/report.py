@@ -176,7 +176,7 @@ def read_report(path: str | os.PathLike) -> dict:
     p = Path(path)
     p = p / "report.json" if p.is_dir() else p
     if not p.is_file():
-        raise FileNotFoundError(f"{path}: no report.json (run launchers/evaluate.py on it first)")
+        raise FileNotFoundError(f"{path}: no report.json (run ambient-evaluate on it first)")
     return json.loads(p.read_text())
 
 

@@ -2,7 +2,7 @@
 
 The sampler itself is `ambient_dist.sampling.edm_sample` (image n has its own seed, so the
 output does not depend on the batch size or on which rank draws it). This module does what
-is around it for launchers/sample.py and launchers/evaluate.py:
+is around it for ambient-sample and ambient-evaluate:
 
     load_denoiser(...)       config.yaml + EMA weights (a run directory, an exported
                              .safetensors file, or a checkpoints/ckpt-* directory)
@@ -30,7 +30,6 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
@@ -39,6 +38,7 @@ from ambient_dist.data.sources import decode_image_bytes
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, sha256_file
 from ambient_dist.images import encode_png, to_uint8
+from ambient_dist.progress import progress as progress_bar
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
@@ -80,16 +80,17 @@ def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[s
                            "(train it first, or pass --checkpoint)")
 
 
-def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu"
+def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", overrides=None
                   ) -> tuple[torch.nn.Module, ExperimentConfig, Path]:
-    """(network in eval mode on `device`, its config, the weights file it was loaded from)."""
+    """(network in eval mode on `device`, its config with the `section.key=value` overrides
+    applied, the weights file it was loaded from)."""
     from safetensors.torch import load_file
 
     from ambient_dist.models import build_network
     config_path = Path(config) if config else (Path(run_dir) / "config.yaml" if run_dir else None)
     if config_path is None or not config_path.is_file():
         raise SampleStoreError(f"config {config_path}: not found (give a run directory or --config)")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, overrides)
     weights = resolve_weights(run_dir, checkpoint)
     net = build_network(cfg)
     try:
@@ -215,7 +216,7 @@ def generate(net, store: SampleStore, num: int, batch: int, seed: int,
     todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world)]
     total = sum(len(p) for _, p in todo)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    bar = tqdm(total=total, desc=f"sampling (rank {rank})", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"sampling (rank {rank})", unit="img", disable=not progress)
     for block, pending in todo:
         staged: dict = {}
         for start in range(0, len(pending), batch):
@@ -237,7 +238,7 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
                guidance_scale: Optional[float] = None, autocast_dtype=None,
                rank: int = 0, world: int = 1, device="cpu", progress: bool = True) -> int:
     """Check (or record) samples.json for this sample set, then make this rank's missing
-    images; returns how many it made. What launchers/sample.py and evaluate.py both run."""
+    images; returns how many it made. What ambient-sample and evaluate.py both run."""
     settings.check()
     if fixed_class is not None and not 0 <= fixed_class < max(net.label_dim, 1):
         raise SampleStoreError(f"--class {fixed_class}: the network has {net.label_dim} classes")

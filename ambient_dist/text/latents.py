@@ -55,6 +55,7 @@ from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_sub
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
 from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
+from ambient_dist.progress import progress as progress_bar
 
 from .sd_models import SDComponents
 
@@ -279,7 +280,7 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
     atomic_write_json(part_path, part)
 
     writer = _LatentWriter(shards, opts, components, device)
-    bar = tqdm(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
+    bar = progress_bar(total=sum(len(ix) for _, ix in mine), unit="img", disable=not progress,
                desc=f"latent shards (rank {rank}/{world_size}) -> {out_dir}")
     bar.update(sum(len(ix) for n, ix in mine if n in done))
     try:
@@ -375,7 +376,7 @@ def check_latent_manifest(manifest: dict, cfg: ExperimentConfig) -> None:
     problems = []
     if manifest.get("form") != "latent_v":
         problems.append(f"the shards hold pixels (form {manifest.get('form')!r}), not latents; make "
-                        "them with launchers/make_shards.py --latent --model PATH")
+                        "them with ambient-make-shards --latent --model PATH")
     else:
         if cfg.objective.form != "latent_v":
             problems.append(f"objective.form is {cfg.objective.form!r}; latent shards train 'latent_v'")
@@ -486,7 +487,7 @@ class LatentLoader(PlannedLoader):
                  start_sample: int = 0, vae: Optional[torch.nn.Module] = None):
         if not cfg.data.shards:
             raise ShardError("data.shards: no shard directory set (make one with "
-                             "launchers/make_shards.py --latent)")
+                             "ambient-make-shards --latent)")
         self.device = torch.device(device)
         shards = LatentShardSet(cfg.data.shards, verify=True, verify_share=(rank, world_size))
         check_latent_manifest(shards.manifest, cfg)

@@ -122,14 +122,14 @@ def write_samples(components: SDComponents, store, prompts: Sequence[str], setti
                   device, rank: int = 0, world_size: int = 1, weights_sha: str = "",
                   autocast_dtype=None, progress: bool = True) -> int:
     """Generate images 0..len(prompts)-1 into a metrics.samples.SampleStore (the layout
-    launchers/evaluate.py reads), this rank's blocks only, skipping images already there.
+    ambient-evaluate reads), this rank's blocks only, skipping images already there.
     Writes prompts.txt beside them (line n = prompt of image n, for the CLIP score)."""
     import hashlib
 
     from ambient_dist.fileio import atomic_write_bytes
     from ambient_dist.metrics.samples import SampleMeta
     from ambient_dist.images import to_uint8
-    from tqdm.auto import tqdm
+    from ambient_dist.progress import progress as progress_bar
 
     num = len(prompts)
     text = "".join(p.replace("\n", " ") + "\n" for p in prompts).encode("utf-8")
@@ -142,7 +142,7 @@ def write_samples(components: SDComponents, store, prompts: Sequence[str], setti
         atomic_write_bytes(store.root / "prompts.txt", text)
     todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world_size)]
     total = sum(len(p) for _, p in todo)
-    bar = tqdm(total=total, desc=f"text sampling (rank {rank})", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"text sampling (rank {rank})", unit="img", disable=not progress)
     for block, pending in todo:
         staged: dict = {}
         for start in range(0, len(pending), settings.batch_size):
