@@ -167,3 +167,19 @@ def test_deepspeed_zero_stage_0_with_bf16_is_refused_naming_the_key():
     assert load_config(None, ["train.precision=bf16", "distributed.zero_stage=0"])
     user_json = ROOT / "configs" / "deepspeed" / "zero3.json"
     assert load_config(None, ds + ["distributed.zero_stage=0", f"distributed.deepspeed_config={user_json}"])
+
+
+def test_task_resolves_from_the_model_path_and_is_validated(tmp_path):
+    # Configs written before the field (no `task`) resolve to what they train.
+    assert load_config(None, check_paths=False).task == "image"
+    text = ["text.model_path=models/sd", "objective.form=latent_v", "data.xflip=false"]
+    assert load_config(None, text, check_paths=False).task == "text"
+    with pytest.raises(ConfigError, match="^task: 'text' fine-tunes a Stable Diffusion U-Net"):
+        load_config(None, ["task=text"], check_paths=False)
+    with pytest.raises(ConfigError, match="^task: 'image' trains our own networks"):
+        load_config(None, ["task=image", *text], check_paths=False)
+    with pytest.raises(ConfigError, match="task"):
+        load_config(None, ["task=banana"], check_paths=False)
+    # The resolved task is saved with the run, so config.yaml says what was trained.
+    save_config(load_config(None, check_paths=False), tmp_path)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["task"] == "image"
