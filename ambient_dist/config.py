@@ -116,7 +116,9 @@ class ObjectiveConfig:
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5
-    # VP form: EDM's VP schedule parameters (beta_d, beta_min) and smallest t.
+    # VP form: EDM's VP schedule parameters (beta_d, beta_min) and smallest t. The schedule
+    # itself lives in noise.py (VP_BETA_D, ...); these are its defaults written out, because
+    # the config must load without torch (tests/test_noise.py checks that they agree).
     vp_beta_d: float = 19.9
     vp_beta_min: float = 0.1
     vp_epsilon_t: float = 1e-5

@@ -154,3 +154,10 @@ def test_check_image_range_rejects_wrong_units_naming_the_dataset(images, messag
     with pytest.raises(ImageRangeError, match=message) as info:
         check_image_range(images, "data/ffhq_300.npz")
     assert "data/ffhq_300.npz" in str(info.value)
+
+
+def test_the_configs_vp_defaults_are_the_schedules_own():
+    from ambient_dist.config import ObjectiveConfig
+    from ambient_dist.noise import VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T
+    o = ObjectiveConfig()
+    assert (o.vp_beta_d, o.vp_beta_min, o.vp_epsilon_t) == (VP_BETA_D, VP_BETA_MIN, VP_EPSILON_T)
