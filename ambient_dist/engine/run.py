@@ -31,9 +31,9 @@ import yaml
 from ambient_dist import metrics, sampling
 from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
-from ambient_dist.engine.backend import PlainBackend
+from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.task import ImageTask
+from ambient_dist.engine.task import ImageTask, Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
@@ -96,7 +96,7 @@ def describe(cfg: ExperimentConfig) -> str:
             + f"parameters: {params}\ntrain GFLOP/image: {gflop:.2f}")
 
 
-def build_task(cfg: ExperimentConfig, device: torch.device):
+def build_task(cfg: ExperimentConfig, device: torch.device) -> Task:
     """The Task that cfg.task names (engine/task.py)."""
     if cfg.task == "text":
         from ambient_dist.text.task import TextTask  # imports diffusers: only when asked for
@@ -104,7 +104,7 @@ def build_task(cfg: ExperimentConfig, device: torch.device):
     return ImageTask(cfg, device)
 
 
-def build_backend(cfg: ExperimentConfig, dist_info: DistInfo):
+def build_backend(cfg: ExperimentConfig, dist_info: DistInfo) -> Backend:
     """The Backend that distributed.engine names (engine/backend.py)."""
     if cfg.distributed.engine == "deepspeed":
         from ambient_dist.engine.deepspeed_backend import DeepSpeedBackend
