@@ -8,7 +8,7 @@ from ambient_dist.data import ShardSet, build_loader
 from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import ShardOptions, make_shards
 from ambient_dist.data.sources import open_source
-from test_data_sources import random_images
+from helpers import random_images
 
 N = 21  # not a multiple of any batch size below, nor of the shard size
 

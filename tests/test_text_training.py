@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_text_data import RES, laion, latent_config, shards, tiny_model  # noqa: F401 (fixtures)
-
 from ambient_dist.config import ObjectiveConfig
 from ambient_dist.noise import ddpm_alpha_sigma
 from ambient_dist.objective import LatentVAmbientLoss
@@ -21,11 +19,9 @@ from ambient_dist.text.sampling import TextSamplerSettings, sample_images
 from ambient_dist.text.sd_models import load_components
 from ambient_dist.text.loss import LatentEpsAmbientLoss, TextAmbientLoss, unet_network
 
+from helpers import RES, gen, latent_config
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def eps_net(z, t, cond):
@@ -145,11 +141,11 @@ def test_filter_drops_samples_above_the_threshold(tiny_model, unet_batch):
 # --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_run(shards, tiny_model, tmp_path_factory):  # noqa: F811
+def trained_run(latent_shards, tiny_model, tmp_path_factory):  # noqa: F811
     """Three steps of 4 through launchers/train.py, with both mitigations and the ambient branch."""
     sys.path.insert(0, str(ROOT / "launchers"))
     import train
-    out, _, _ = shards
+    out, _, _ = latent_shards
     run = tmp_path_factory.mktemp("runs") / "laion-tiny"
     overrides = [f"data.shards={out}", "data.subset=0", f"data.resolution={RES}", f"text.model_path={tiny_model}",
                  "train.batch=4", "train.total_kimg=0.012", "train.log_every_kimg=0.004",
