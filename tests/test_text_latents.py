@@ -1,7 +1,8 @@
 """ambient_dist.text.latents: latent shards, their loader, the make-shards --latent command.
 
 The SD components are the tiny stand-ins of the `tiny_model` fixture (tests/conftest.py; their
-own tests are in test_text_sd_models.py). The img2dataset input is written with webdataset's own TarWriter (helpers.write_img2dataset).
+own tests are in test_text_sd_models.py). The img2dataset input is written with webdataset's
+own TarWriter (helpers.write_img2dataset).
 """
 import io
 import json
