@@ -1,18 +1,28 @@
-"""Plain helper functions shared by several test files (fixtures live in tests/conftest.py).
+"""Plain helpers shared by several test files (fixtures live in tests/conftest.py): builders,
+writers of real source formats, constants and small functions. Test files import from here,
+never from each other.
 
 Importable as `helpers` because pytest puts tests/ on sys.path; spawned worker processes
 inherit that path, so functions used there may come from here too.
 """
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import io
+import pickle
+import socket
+import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
 
-from ambient_dist.config import save_config
+from ambient_dist.config import load_config, save_config
 from ambient_dist.data import make_shards, open_source
 from ambient_dist.models import build_network
 
@@ -55,3 +65,175 @@ def random_grey_shards(root: Path, count: int, side: int, opts) -> Path:
     np.savez(root / "source.npz", images=images)
     make_shards(open_source(str(root / "source.npz")), root / "shards", opts, progress=False)
     return root / "shards"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel training at toy size (test_engine_trainer.py, test_engine_deepspeed_backend.py)
+# --------------------------------------------------------------------------------------------
+
+def toy_overrides(shards: Path, run_root: Path, **extra) -> list[str]:
+    options = {
+        "data.shards": str(shards), "data.resolution": 16, "data.channels": 1, "data.subset": 32,
+        "network.model_channels": 8, "network.channel_mult": "[1,2]", "network.num_blocks": 1,
+        "network.attn_resolutions": "[8]", "network.dropout": 0.1,
+        "optimizer.lr": 1e-3, "optimizer.lr_rampup_kimg": 0.016,
+        "train.batch": 8, "train.total_kimg": 0.048, "train.log_every_kimg": 0.016,
+        "train.checkpoint_every_kimg": 0.024, "train.sample_every_kimg": 1000,
+        "train.ema_halflife_kimg": 0.05, "train.run_root": str(run_root),
+        "sampling.steps": 3, "sampling.num_images": 4,
+        "evaluation.memorization_features": "pixels", "evaluation.heldout_images": 8,
+    }
+    options.update(extra)
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Writers of the real source formats (the readers are tested in test_data_sources.py)
+# --------------------------------------------------------------------------------------------
+
+def random_images(n, h, w, c, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """LeCun's idx: 0, 0, type code 0x08 (ubyte), ndim, big-endian uint32 dims, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        path = Path(str(path) + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_mnist_dir(root: Path, n_train=40, n_test=10, gz=True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), gz)
+    return root
+
+
+def write_cifar10_dir(root: Path, per_batch=6) -> Path:
+    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (Python-2 style pickles)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{k}.png".encode() for k in range(per_batch)]}
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": [f"class{k}".encode() for k in range(10)], b"num_cases_per_batch": per_batch}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def write_cifar100_tgz(path: Path, n=12) -> Path:
+    rng = np.random.default_rng(3)
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("train", "test"):
+            batch = {b"fine_labels": [int(x) for x in rng.integers(0, 100, n)],
+                     b"coarse_labels": [0] * n, b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+            data = pickle.dumps(batch, protocol=2)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        data = pickle.dumps({b"fine_label_names": [f"c{k}".encode() for k in range(100)]}, protocol=2)
+        info = tarfile.TarInfo("cifar-100-python/meta")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_folder(root: Path, per_class=3, size=(20, 24), classes=("cat", "dog")) -> Path:
+    rng = np.random.default_rng(4)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            img = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+            img.save(root / c / f"{c}.{k}.{'png' if k % 2 == 0 else 'jpg'}")
+    return root
+
+
+def write_img2dataset(root: Path, n=8, per_shard=5) -> Path:
+    """Shards as img2dataset writes them, written with webdataset's own TarWriter."""
+    import webdataset as wds
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for shard in range((n + per_shard - 1) // per_shard):
+        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
+            for k in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
+                buf = io.BytesIO()
+                fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][k % 3]
+                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(buf, format=fmt)
+                key = f"{shard:05d}{k:04d}"
+                sink.write({"__key__": key, ext: buf.getvalue(), "txt": f"caption {k}",
+                            "json": {"key": key, "url": f"http://127.0.0.1/{k}.jpg", "status": "success",
+                                     "width": 30, "height": 40, "label": k % 2}})
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Text-conditional (latent) data at toy size
+# --------------------------------------------------------------------------------------------
+
+RES = 32  # pixels; latents are 4 x 4 x 4
+
+
+def latent_config(shards, model, *overrides):
+    return load_config(None, [f"data.shards={shards}", "objective.form=latent_v", "objective.sigma_tn=1",
+                              "objective.t_n=50", f"data.resolution={RES}", "data.xflip=false",
+                              "train.batch=4", f"text.model_path={model}", *overrides])
+
+
+# --------------------------------------------------------------------------------------------
+# A stand-in preconditioned network and data for the objective (also run in a child process)
+# --------------------------------------------------------------------------------------------
+
+SD = 0.5
+
+
+def edm_scalings(sigma, sd=SD):
+    return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt(), \
+        1 / (sigma ** 2 + sd ** 2).sqrt(), sigma.log() / 4
+
+
+class FakePrecond(nn.Module):
+    """A Precond stand-in: EDM scalings around a tiny conv (the real ones live in models/)."""
+    sigma_data = SD
+
+    def __init__(self, channels=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.calls = []
+
+    def scalings(self, sigma):
+        return edm_scalings(sigma)
+
+    def raw(self, net_in, c_noise, labels=None):
+        self.calls.append((net_in.shape, labels))
+        return self.conv(net_in) * (1 + c_noise.reshape(-1, 1, 1, 1))
+
+    def forward(self, x, sigma, labels=None):
+        c_skip, c_out, c_in, c_noise = self.scalings(sigma.reshape(-1, 1, 1, 1))
+        return c_skip * x + c_out * self.raw(c_in * x, c_noise.flatten(), labels)
+
+
+def images(n=16, c=3, r=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, c, r, r, generator=g) * 2 - 1
+    return x0, torch.randn(n, c, r, r, generator=g)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)

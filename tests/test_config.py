@@ -154,7 +154,7 @@ def test_baseline_methods_are_validated():
 
 def test_deepspeed_zero_stage_0_with_bf16_is_refused_naming_the_key():
     # DeepSpeed raises NotImplementedError (grad_accum_dtype) deep inside its initialize for
-    # this pair; validation refuses it first. tests/test_engine_deepspeed.py runs the others.
+    # this pair; validation refuses it first. tests/test_engine_deepspeed_backend.py runs the others.
     ds = ["distributed.engine=deepspeed", "train.precision=bf16"]
     message = ("distributed.zero_stage: 0 cannot be combined with train.precision=bf16: DeepSpeed "
                "keeps fp32 master weights and accumulates bf16 gradients in fp32 only under ZeRO; "

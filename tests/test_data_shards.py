@@ -16,7 +16,7 @@ from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_
 from ambient_dist.data.sources import SourceError, choose_subset, open_source
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.noise import make_noisy_copy
-from test_data_sources import random_images, write_cifar10_dir, write_folder, write_mnist_dir
+from helpers import random_images, write_cifar10_dir, write_folder, write_mnist_dir
 
 OPTS = dict(resolution=16, sigma_tn=0.5, count=20, heldout=6, samples_per_shard=8)
 

@@ -1,116 +1,21 @@
 """Source readers, each fed small files written in that source's real on-disk format.
 
-The writers below are shared with the other test_data_* files (imported by module name):
-they lay files out as the originals are (idx headers, CIFAR batch pickles with bytes keys,
-img2dataset shards written by webdataset's own TarWriter).
+The writers live in tests/helpers.py (other test files use them too): they lay files out as
+the originals are (idx headers, CIFAR batch pickles with bytes keys, img2dataset shards
+written by webdataset's own TarWriter).
 """
-import gzip
-import io
-import json
 import pickle
-import struct
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import (random_images, write_cifar10_dir, write_cifar100_tgz, write_folder,
+                     write_img2dataset, write_mnist_dir)
+
 from ambient_dist.data.sources import (FASHION_MNIST_DIR, SourceError, choose_subset, fit_image,
                                        open_source, read_idx)
 
-
-# --------------------------------------------------------------------------------------------
-# Writers of the real formats
-# --------------------------------------------------------------------------------------------
-
-def random_images(n, h, w, c, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
-    """LeCun's idx: 0, 0, type code 0x08 (ubyte), ndim, big-endian uint32 dims, raw bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if gz:
-        path = Path(str(path) + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-    return path
-
-
-def write_mnist_dir(root: Path, n_train=40, n_test=10, gz=True) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), gz)
-    return root
-
-
-def write_cifar10_dir(root: Path, per_batch=6) -> Path:
-    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (Python-2 style pickles)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(2)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
-                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"filenames": [f"img_{k}.png".encode() for k in range(per_batch)]}
-        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"label_names": [f"class{k}".encode() for k in range(10)], b"num_cases_per_batch": per_batch}
-    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return root
-
-
-def write_cifar100_tgz(path: Path, n=12) -> Path:
-    rng = np.random.default_rng(3)
-    with tarfile.open(path, "w:gz") as tar:
-        for name in ("train", "test"):
-            batch = {b"fine_labels": [int(x) for x in rng.integers(0, 100, n)],
-                     b"coarse_labels": [0] * n, b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
-            data = pickle.dumps(batch, protocol=2)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        data = pickle.dumps({b"fine_label_names": [f"c{k}".encode() for k in range(100)]}, protocol=2)
-        info = tarfile.TarInfo("cifar-100-python/meta")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def write_folder(root: Path, per_class=3, size=(20, 24), classes=("cat", "dog")) -> Path:
-    rng = np.random.default_rng(4)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for k in range(per_class):
-            img = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-            img.save(root / c / f"{c}.{k}.{'png' if k % 2 == 0 else 'jpg'}")
-    return root
-
-
-def write_img2dataset(root: Path, n=8, per_shard=5) -> Path:
-    """Shards as img2dataset writes them, written with webdataset's own TarWriter."""
-    import webdataset as wds
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(5)
-    for shard in range((n + per_shard - 1) // per_shard):
-        with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
-            for k in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
-                buf = io.BytesIO()
-                fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][k % 3]
-                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(buf, format=fmt)
-                key = f"{shard:05d}{k:04d}"
-                sink.write({"__key__": key, ext: buf.getvalue(), "txt": f"caption {k}",
-                            "json": {"key": key, "url": f"http://127.0.0.1/{k}.jpg", "status": "success",
-                                     "width": 30, "height": 40, "label": k % 2}})
-    return root
-
-
-# --------------------------------------------------------------------------------------------
-# Tests
-# --------------------------------------------------------------------------------------------
 
 def test_idx_gz_and_plain(tmp_path):
     for gz in (True, False):

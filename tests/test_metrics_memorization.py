@@ -7,7 +7,6 @@ through the same code path as the real files. Two-rank tests use gloo on 127.0.0
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from ambient_dist.config import EvaluationConfig
 from ambient_dist.metrics import features as feats
 from ambient_dist.metrics import memorization as mem
+from helpers import free_port
 
 
 def brute_force_topk(q, k_, k):
@@ -37,12 +37,6 @@ def test_chunked_topk_equals_brute_force(k, qc, kc):
     ref_v, ref_i = brute_force_topk(q, keys, min(k, 70))
     torch.testing.assert_close(vals, ref_v)
     assert torch.equal(idx, ref_i)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_rank_worker(rank, world, port, q, keys, k, out):

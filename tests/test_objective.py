@@ -12,45 +12,7 @@ from ambient_dist.objective import (
     REFERENCE, KernelChoiceError, LatentVAmbientLoss, StepCoefficients, TwoBranchKernel,
     VPAmbientLoss, build_loss, edm_coefficients, latent_v_coefficients, literal_edm_ambient_loss,
     plain_edm_loss, sample_lognormal_sigma, select_kernel, vp_coefficients)
-
-SD = 0.5
-
-
-def edm_scalings(sigma, sd=SD):
-    return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt(), \
-        1 / (sigma ** 2 + sd ** 2).sqrt(), sigma.log() / 4
-
-
-class FakePrecond(nn.Module):
-    """A Precond stand-in: EDM scalings around a tiny conv (the real ones live in models/)."""
-    sigma_data = SD
-
-    def __init__(self, channels=3):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.calls = []
-
-    def scalings(self, sigma):
-        return edm_scalings(sigma)
-
-    def raw(self, net_in, c_noise, labels=None):
-        self.calls.append((net_in.shape, labels))
-        return self.conv(net_in) * (1 + c_noise.reshape(-1, 1, 1, 1))
-
-    def forward(self, x, sigma, labels=None):
-        c_skip, c_out, c_in, c_noise = self.scalings(sigma.reshape(-1, 1, 1, 1))
-        return c_skip * x + c_out * self.raw(c_in * x, c_noise.flatten(), labels)
-
-
-def images(n=16, c=3, r=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(n, c, r, r, generator=g) * 2 - 1
-    return x0, torch.randn(n, c, r, r, generator=g)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from helpers import SD, FakePrecond, edm_scalings, gen, images
 
 
 # --------------------------------------------------------------------------------------
@@ -504,9 +466,8 @@ def test_counter_based_eps_is_the_same_noise_as_its_tensor():
 
 
 SEAM_CHECK = """
-import sys, torch
-sys.path.insert(0, 'tests')
-from test_objective import FakePrecond, images, gen
+import torch
+from helpers import FakePrecond, images, gen
 from ambient_dist.config import ObjectiveConfig
 from ambient_dist.objective import build_loss
 x0, n = images(n=8)
@@ -536,7 +497,7 @@ def test_loss_through_the_fused_kernel_seam_matches_the_reference():
     import sys
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]))
     out = subprocess.run([sys.executable, "-c", SEAM_CHECK], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

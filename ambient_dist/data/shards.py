@@ -347,7 +347,7 @@ def _write_shard(writer: ShardWriter, job: ShardJob, opts: ShardOptions) -> dict
                 skipped.append({"key": source.key(i), "where": source.where(i), "error": str(e)})
                 continue
             # to_model_units is the one uint8 -> [-1, 1] conversion (tested exactly in
-            # tests/test_data_loaders.py); no statistic of the images is checked here, so a
+            # tests/test_data_augment.py); no statistic of the images is checked here, so a
             # shard of bright images is as valid as any other.
             clean = to_model_units(torch.from_numpy(image).permute(2, 0, 1))
             noisy = make_noisy_copy(clean, opts.sigma_tn, opts.noise_seed, key, opts.form)

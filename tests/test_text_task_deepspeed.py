@@ -5,7 +5,6 @@ cluster launcher starts them; the engine's Trainer runs the text task on the Dee
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_text_data import RES, laion, shards, tiny_model  # noqa: F401 (fixtures)
+from helpers import RES, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_ranks_zero2_train_and_export(shards, tiny_model, tmp_path):  # noqa: F811
-    out, _, _ = shards
+def test_two_ranks_zero2_train_and_export(latent_shards, tiny_model, tmp_path):  # noqa: F811
+    out, _, _ = latent_shards
     run = tmp_path / "run"
     args = ["launchers/train.py", "--config", "configs/laion-sd2-base.yaml", "--run-dir", str(run),
             f"data.shards={out}", "data.subset=0", f"data.resolution={RES}",

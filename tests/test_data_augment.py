@@ -3,7 +3,7 @@
 What must hold: the transforms that reach an ambient sample only permute pixels, so its stored
 noise stays a white-noise draw of std sigma_tn; resampling transforms reach clean-branch samples
 only; clean images and noisy copies get the same transform; the labels say what was done; and
-the draws replay from the generator.
+the draws replay from the generator. Also to_model_units, the uint8 -> [-1, 1] table.
 """
 import math
 
@@ -190,3 +190,24 @@ def test_on_the_gpu_the_pipe_never_waits_for_the_device():
     assert out_clean.is_cuda and labels.shape == (64, AUGMENT_LABEL_DIM)
     moved = (out_noisy.float() - out_clean)[ambient].flatten(1).sort(1).values
     assert torch.allclose(moved, (noisy.float() - clean)[ambient].flatten(1).sort(1).values, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# uint8 pixels -> model units
+# --------------------------------------------------------------------------------------------
+
+def test_model_units_table_is_cpu_arithmetic():
+    from ambient_dist.data.augment import to_model_units
+    x = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    y = to_model_units(x)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float() / 127.5 - 1)
+    assert y[0, 0] == -1 and y[-1, -1] == 1
+    with pytest.raises(TypeError, match="expected uint8"):
+        to_model_units(y)
+
+
+@pytest.mark.gpu
+def test_model_units_identical_on_gpu():
+    from ambient_dist.data.augment import to_model_units
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_model_units(x.cuda()).cpu(), to_model_units(x))

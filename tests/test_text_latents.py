@@ -1,9 +1,8 @@
-"""Text-conditional data path: tiny SD components on disk, latent shards, their loader.
+"""ambient_dist.text.latents: latent shards, their loader, the make-shards --latent command.
 
-The models are tiny randomly initialised stand-ins (ambient_dist.text.sd_models.tiny_components)
-with SD 2.x's classes and 8x VAE downsampling. The tokenizer is a tiny byte-level BPE
-vocabulary built in code: no installed package ships a real CLIP vocabulary offline.
-The img2dataset input is written with webdataset's own TarWriter (test_data_sources).
+The SD components are the tiny stand-ins of the `tiny_model` fixture (tests/conftest.py; their
+own tests are in test_text_sd_models.py). The img2dataset input is written with webdataset's
+own TarWriter (helpers.write_img2dataset).
 """
 import io
 import json
@@ -16,9 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_data_sources import write_img2dataset
-
-from ambient_dist.config import ConfigError, load_config
+from ambient_dist.config import ConfigError
 from ambient_dist.data import load_images
 from ambient_dist.data.shards import ShardError
 from ambient_dist.data.sources import open_source
@@ -26,97 +23,19 @@ from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal
 from ambient_dist.text.latents import (
     LATENT_EXT, LatentLoader, LatentShardOptions, LatentShardSet, encode_latents, encode_text,
     make_latent_shards)
-from ambient_dist.text.sd_models import (
-    ModelError, load_components, save_components, tiny_components, tiny_tokenizer)
+from ambient_dist.text.sd_models import load_components, tiny_components
+
+from helpers import RES, latent_config
 
 ROOT = Path(__file__).resolve().parent.parent
-RES = 32  # pixels; latents are 4 x 4 x 4
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A complete diffusers-format directory of tiny random SD components (v-prediction)."""
-    path = tmp_path_factory.mktemp("models") / "tiny-sd"
-    save_components(tiny_components(seed=0), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def laion(tmp_path_factory) -> Path:
-    return write_img2dataset(tmp_path_factory.mktemp("laion") / "img2dataset", n=12, per_shard=5)
-
-
-def latent_config(shards, model, *overrides):
-    return load_config(None, [f"data.shards={shards}", "objective.form=latent_v", "objective.sigma_tn=1",
-                              "objective.t_n=50", f"data.resolution={RES}", "data.xflip=false",
-                              "train.batch=4", f"text.model_path={model}", *overrides])
-
-
-# --------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------
-
-def test_tokenizer_is_clip_shaped():
-    tok = tiny_tokenizer()
-    ids = tok(["the cat", ""], padding="max_length", max_length=77, truncation=True,
-              return_tensors="pt").input_ids
-    assert ids.shape == (2, 77)
-    assert int(ids[0, 0]) == tok.bos_token_id and int(ids[1, 1]) == tok.eos_token_id
-    # "the" and "cat" are merged words of the tiny vocabulary: one token each.
-    assert int(ids[0, 3]) == tok.eos_token_id
-
-
-def test_saved_components_load_back_with_the_same_weights(tiny_model):
-    made = tiny_components(seed=0)
-    loaded = load_components(tiny_model)
-    for part in ("vae", "text_encoder", "unet"):
-        a, b = getattr(made, part).state_dict(), getattr(loaded, part).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.vae_scale_factor == 8 and loaded.scaling_factor == pytest.approx(0.18215)
-    assert loaded.unet.training and not loaded.vae.training
-    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
-    only_vae = load_components(tiny_model, ("vae",))
-    assert only_vae.unet is None and only_vae.text_encoder is None
-
-
-def test_model_errors_name_the_path(tiny_model, tmp_path):
-    with pytest.raises(ModelError, match="directory not found"):
-        load_components(tmp_path / "nothing")
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_model, broken)
-    shutil.rmtree(broken / "unet")
-    with pytest.raises(ModelError, match=r"broken/unet: missing"):
-        load_components(broken)
-    load_components(broken, ("vae",))  # a part that is there still loads
-    config = broken / "scheduler" / "scheduler_config.json"
-    c = json.loads(config.read_text())
-    c["beta_schedule"] = "linear"
-    config.write_text(json.dumps(c))
-    with pytest.raises(ModelError, match=r"scheduler_config.json: noise schedule.*beta_schedule"):
-        load_components(broken, ("vae",))
 
 
 # --------------------------------------------------------------------------------------
 # Latent shards
 # --------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def shards(tiny_model, laion, tmp_path_factory):
-    """Latent shards with text embeddings, written by two ranks (rank 1 first)."""
-    out = tmp_path_factory.mktemp("latent") / "shards"
-    components = load_components(tiny_model, ("vae", "text_encoder", "tokenizer"))
-    opts = LatentShardOptions(resolution=RES, t_n=50, samples_per_shard=3, heldout=2, batch_size=2,
-                              text_embeddings=True, noise_seed=7)
-    source = open_source(str(laion), "webdataset")
-    partial = make_latent_shards(source, out, opts, components, rank=1, world_size=2, progress=False)
-    assert not partial["complete"] and not (out / "manifest.json").exists()
-    manifest = make_latent_shards(source, out, opts, components, rank=0, world_size=2, progress=False)
-    assert manifest["complete"]
-    return out, components, opts
-
-
-def test_latent_shards_round_trip(shards):
-    out, components, opts = shards
+def test_latent_shards_round_trip(latent_shards):
+    out, components, opts = latent_shards
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["form"] == "latent_v" and manifest["t_n"] == 50
     assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0, "converted": 0,
@@ -143,8 +62,8 @@ def test_latent_shards_round_trip(shards):
     assert (mean - z0[:1]).abs().max() > 1e-3
 
 
-def test_latent_shards_resume_and_refuse_other_options(shards, laion):
-    out, components, opts = shards
+def test_latent_shards_resume_and_refuse_other_options(latent_shards, laion):
+    out, components, opts = latent_shards
     source = open_source(str(laion), "webdataset")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     for rank in (0, 1):
@@ -155,8 +74,8 @@ def test_latent_shards_resume_and_refuse_other_options(shards, laion):
         make_latent_shards(source, out, other, components, progress=False)
 
 
-def test_loader_batches_and_manifest_checks(shards, tiny_model):
-    out, _, _ = shards
+def test_loader_batches_and_manifest_checks(latent_shards, tiny_model):
+    out, _, _ = latent_shards
     cfg = latent_config(out, tiny_model)
     loader = LatentLoader(cfg, 0, 1, "cpu")
     seen = []
@@ -176,8 +95,8 @@ def test_loader_batches_and_manifest_checks(shards, tiny_model):
         LatentLoader(latent_config(out, tiny_model, "objective.t_n=100"), 0, 1, "cpu")
 
 
-def test_online_shards_encode_the_same_latents(tiny_model, laion, shards, tmp_path):
-    stored, components, opts = shards
+def test_online_shards_encode_the_same_latents(tiny_model, laion, latent_shards, tmp_path):
+    stored, components, opts = latent_shards
     online = tmp_path / "online"
     make_latent_shards(open_source(str(laion), "webdataset"), online,
                        LatentShardOptions(**{**vars(opts), "online": True, "text_embeddings": False}),
@@ -216,12 +135,9 @@ def test_make_shards_latent_cli(tiny_model, laion, tmp_path, capsys):
     assert rc == 2 and "--latent needs --model" in capsys.readouterr().err
 
 
-
-
-
-def test_training_refuses_latents_of_another_vae(shards, tiny_model, tmp_path):
+def test_training_refuses_latents_of_another_vae(latent_shards, tiny_model, tmp_path):
     from ambient_dist.text.latents import check_latent_model
-    out, _, _ = shards
+    out, _, _ = latent_shards
     manifest = json.loads((out / "manifest.json").read_text())
     check_latent_model(manifest, load_components(tiny_model, ("vae",)), "here")  # same VAE: fine
     other = tmp_path / "other-vae"
@@ -283,4 +199,3 @@ def test_captionless_samples_follow_the_stated_policy_and_are_counted(tiny_model
     kept = json.loads((tmp_path / "empty" / "manifest.json").read_text())
     assert kept["counts"]["train"] == 6 and kept["counts"]["captionless_kept"] == 3
     assert kept["missing_caption"] == "empty" and "kept 3 samples without a caption" in out
-

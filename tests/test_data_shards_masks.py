@@ -9,7 +9,7 @@ from ambient_dist.data import ShardSet, build_loader
 from ambient_dist.data.shards import ShardError, ShardOptions, make_shards, read_masks
 from ambient_dist.data.sources import open_source
 from ambient_dist.noise import keyed_mask
-from test_data_sources import random_images
+from helpers import random_images
 
 N = 13
 

@@ -1,14 +1,15 @@
-"""The three loaders: identical batches, exact epochs, disjoint rank x worker splits, resume."""
+"""The three loaders (ambient_dist.data.loader and its resident, webdataset and DALI back ends):
+identical batches, exact epochs, disjoint rank x worker splits, resume. The sample order on
+its own: test_data_order.py."""
 import numpy as np
 import pytest
 import torch
 
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import ShardSet, build_loader
-from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import ShardOptions, make_shards
 from ambient_dist.data.sources import open_source
-from test_data_sources import random_images
+from helpers import random_images
 
 N = 21  # not a multiple of any batch size below, nor of the shard size
 
@@ -74,22 +75,6 @@ def test_batch_content_matches_shards_and_flips_travel_together(shard_dir):
         assert torch.equal(no_flip.clean[j], torch.from_numpy(shards.sample(shards.keys.index(key)).clean).float() / 127.5 - 1)
 
 
-def test_epochs_are_exact_permutations_and_depend_on_seed():
-    order = SampleOrder(N, seed=3, xflip=True)
-    idx, _ = order.positions(0, 3 * N)
-    for e in range(3):
-        assert sorted(idx[e * N:(e + 1) * N]) == list(range(N))
-    assert not np.array_equal(idx[:N], idx[N:2 * N])  # reshuffled each epoch
-    again, flips = SampleOrder(N, seed=3, xflip=True).positions(5, 30)
-    assert np.array_equal(again, idx[5:35])
-    other, _ = SampleOrder(N, seed=4, xflip=True).positions(0, N)
-    assert not np.array_equal(other, idx[:N])
-    # A sample's flip bit depends on (seed, epoch, sample), not on where it sits in a batch.
-    _, flips_a = order.positions(0, N)
-    perm, bits = order.epoch(0)
-    assert np.array_equal(flips_a, bits[perm])
-
-
 @pytest.mark.parametrize("loader,workers", [("resident", 0), ("webdataset", 2)])
 def test_ranks_and_workers_are_disjoint_and_complete(shard_dir, loader, workers):
     # 3 shards, 2 ranks x 2 workers: random access needs no shard per worker.
@@ -125,13 +110,6 @@ def test_resume_continues_the_exact_sequence(shard_dir, loader):
     assert first[0].keys != rest[0].keys
 
 
-def test_rank_plan_slices():
-    plan = RankPlan(micro_batch=3, world_size=4, rank=2, start_sample=10)
-    assert plan.global_batch == 12 and plan.step_start(0) == 16 and plan.step_start(2) == 40
-    with pytest.raises(ValueError, match="rank 4 outside world size 4"):
-        RankPlan(3, 4, 4)
-
-
 def test_subset_takes_a_prefix_and_mismatch_is_refused(shard_dir):
     loader = build_loader(config(shard_dir, **{"data.subset": 10}), 0, 1, "cpu")
     assert loader.num_samples == 10
@@ -156,20 +134,3 @@ def test_gpu_loaders_match_cpu(shard_dir, loader):
         assert a.keys == b.keys
         assert torch.equal(a.clean, b.clean.cpu()) and torch.equal(a.noisy, b.noisy.cpu())
         assert torch.equal(a.labels, b.labels.cpu())
-
-
-def test_model_units_table_is_cpu_arithmetic():
-    from ambient_dist.data.augment import to_model_units
-    x = torch.arange(256, dtype=torch.uint8).view(16, 16)
-    y = to_model_units(x)
-    assert y.dtype == torch.float32 and torch.equal(y, x.float() / 127.5 - 1)
-    assert y[0, 0] == -1 and y[-1, -1] == 1
-    with pytest.raises(TypeError, match="expected uint8"):
-        to_model_units(y)
-
-
-@pytest.mark.gpu
-def test_model_units_identical_on_gpu():
-    from ambient_dist.data.augment import to_model_units
-    x = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_model_units(x.cuda()).cpu(), to_model_units(x))

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,7 @@ from ambient_dist.config import ConfigError, load_config, to_dict
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.deepspeed_backend import deepspeed_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import shards, toy_overrides  # noqa: E402,F401  (the shard fixture)
+from helpers import free_port, toy_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -52,12 +50,6 @@ trainer.build_loss = poisoned_build_loss
 import train
 sys.exit(train.main(sys.argv[1:]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int) -> dict:
@@ -140,13 +132,13 @@ def test_shipped_deepspeed_json_files_are_valid_for_our_batch_keys():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_two_ranks_bf16_zero_stage_trains_and_the_ema_follows_the_fp32_masters(shards, tmp_path,  # noqa: F811
+def test_two_ranks_bf16_zero_stage_trains_and_the_ema_follows_the_fp32_masters(pixel_shards, tmp_path,  # noqa: F811
                                                                               stage):
     # Under bf16 DeepSpeed's module holds bf16 working copies and its optimizer the fp32
     # master weights, flattened and split over the ranks. The EMA must average the masters
     # (each rank its slice): with a zero half-life it is the masters, bit for bit, as
     # DeepSpeed's optimizer holds them -- which bf16 could not represent.
-    config = write_config(tmp_path, shards, **{"train.precision": "bf16", "distributed.zero_stage": stage,
+    config = write_config(tmp_path, pixel_shards, **{"train.precision": "bf16", "distributed.zero_stage": stage,
                                                "train.total_kimg": 0.096, "optimizer.lr": 3e-3,
                                                "train.ema_halflife_kimg": 0.0})
     train_ranks(["--config", str(config), "name=zero"])
@@ -179,11 +171,11 @@ def test_two_ranks_bf16_zero_stage_trains_and_the_ema_follows_the_fp32_masters(s
 
 
 @pytest.mark.slow
-def test_deepspeed_ema_equals_the_plain_engine_ema(shards, tmp_path):  # noqa: F811
+def test_deepspeed_ema_equals_the_plain_engine_ema(pixel_shards, tmp_path):  # noqa: F811
     # One rank, fp32, ZeRO-1: the same steps as the plain engine, so the EMA of the fp32
     # master slices must be the plain engine's EMA up to fp32 rounding (DeepSpeed clips and
     # reduces gradients in its own order).
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 1,
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 1,
                                                "train.ema_halflife_kimg": 0.02})
     train_ranks(["--config", str(config), "name=ds"], world=1)
     single = {k: v for k, v in rank_env(0, 1, 0).items()
@@ -200,8 +192,8 @@ def test_deepspeed_ema_equals_the_plain_engine_ema(shards, tmp_path):  # noqa: F
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_every_rank_and_resume_equals_uninterrupted(shards, tmp_path):  # noqa: F811
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.4})
+def test_sigterm_checkpoints_every_rank_and_resume_equals_uninterrupted(pixel_shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.4})
     train_ranks(["--config", str(config), "name=straight"])
 
     procs = start_ranks(["launchers/train.py"], ["--config", str(config), "name=stopped"])
@@ -228,12 +220,12 @@ def test_sigterm_checkpoints_every_rank_and_resume_equals_uninterrupted(shards, 
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(shards, tmp_path):  # noqa: F811
+def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(pixel_shards, tmp_path):  # noqa: F811
     # Until the EMA followed the fp32 master slices, every ZeRO 1-2 rank kept the EMA of the
     # whole model, and configs had no `task`. Rewrite a checkpoint into that layout: resuming
     # it must give, bit for bit, the run that was never interrupted.
     from safetensors.torch import save_file
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.096,
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 2, "train.total_kimg": 0.096,
                                                "train.checkpoint_every_kimg": 0.048,
                                                "train.keep_checkpoints": 3})
     train_ranks(["--config", str(config), "name=straight"])
@@ -265,7 +257,7 @@ def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(shards, tmp_pa
 
 
 @pytest.mark.slow
-def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_path):  # noqa: F811
+def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(pixel_shards, tmp_path):  # noqa: F811
     # Under ZeRO-3 each rank averages only its partition of every parameter, and the
     # partitions are gathered for the export. With a zero half-life the EMA is exactly the
     # current fp32 weights, so the export must equal, bit for bit, the weights DeepSpeed's
@@ -274,7 +266,7 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
     # SkipStack, which ZeRO-3's hooks leave alone (a plain list would be copied and lost).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     # Geometric augmentation is on too: its labels condition a partitioned embedding.
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 3,
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 3,
                                                "train.ema_halflife_kimg": 0.0,
                                                "augment.p": 0.5, "network.augment_dim": 8})
     train_ranks(["--config", str(config), "name=z3"])
@@ -292,13 +284,13 @@ def test_zero3_partitioned_ema_gathers_to_the_consolidated_weights(shards, tmp_p
 
 
 @pytest.mark.slow
-def test_deepspeeds_zero_to_fp32_script_recovers_the_weights_the_standard_way(shards, tmp_path):  # noqa: F811
+def test_deepspeeds_zero_to_fp32_script_recovers_the_weights_the_standard_way(pixel_shards, tmp_path):  # noqa: F811
     # The README's command, exactly: the script DeepSpeed wrote into the checkpoint, given
     # only the checkpoint directory and an output directory -- no --tag. It reads the tag
     # from the `latest` file in that directory and merges the ranks' ZeRO-2 partitions of
     # the fp32 master weights. With a zero EMA half-life our ema.safetensors export is the
     # live fp32 weights, which the consolidated ones must equal.
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2,
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 2,
                                                "train.ema_halflife_kimg": 0.0})
     train_ranks(["--config", str(config), "name=fp32"])
     run = tmp_path / "runs" / "fp32"
@@ -322,15 +314,15 @@ def test_deepspeeds_zero_to_fp32_script_recovers_the_weights_the_standard_way(sh
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_every_zero_stage_and_precision_trains_or_is_refused_up_front(shards, tmp_path, stage,  # noqa: F811
+def test_every_zero_stage_and_precision_trains_or_is_refused_up_front(pixel_shards, tmp_path, stage,  # noqa: F811
                                                                       precision):
     options = {"distributed.zero_stage": stage, "train.precision": precision,
                "train.total_kimg": 0.016, "train.checkpoint_every_kimg": 0.016}
     if (stage, precision) == (0, "bf16"):  # DeepSpeed has no fp32 gradient accumulation there
         with pytest.raises(ConfigError, match=r"^distributed\.zero_stage: 0 cannot be combined"):
-            write_config(tmp_path, shards, **options)
+            write_config(tmp_path, pixel_shards, **options)
         return
-    config = write_config(tmp_path, shards, **options)
+    config = write_config(tmp_path, pixel_shards, **options)
     train_ranks(["--config", str(config), "name=pair"])
     ckpt = final_checkpoint(tmp_path / "runs" / "pair")
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -340,10 +332,10 @@ def test_every_zero_stage_and_precision_trains_or_is_refused_up_front(shards, tm
 
 
 @pytest.mark.slow
-def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(shards, tmp_path):  # noqa: F811
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(pixel_shards, tmp_path):  # noqa: F811
     worker = tmp_path / "worker.py"
     worker.write_text(NAN_WORKER.format(root=str(ROOT)))
-    config = write_config(tmp_path, shards, **{"distributed.zero_stage": 2, "train.precision": "bf16"})
+    config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 2, "train.precision": "bf16"})
     train_ranks(["--config", str(config), "name=nan"], script=[str(worker)])
     ckpt = final_checkpoint(tmp_path / "runs" / "nan")
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -357,8 +349,8 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(shards, tmp_path): 
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_job_instead_of_hanging(shards, tmp_path):  # noqa: F811
-    config = write_config(tmp_path, shards, **{"train.total_kimg": 100, "distributed.timeout_s": 60})
+def test_a_killed_rank_ends_the_job_instead_of_hanging(pixel_shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, pixel_shards, **{"train.total_kimg": 100, "distributed.timeout_s": 60})
     procs = start_ranks(["launchers/train.py"], ["--config", str(config), "name=dead"])
     run = tmp_path / "runs" / "dead"
     deadline = time.time() + 300
@@ -375,8 +367,8 @@ def test_a_killed_rank_ends_the_job_instead_of_hanging(shards, tmp_path):  # noq
 
 
 @pytest.mark.slow
-def test_torchrun_deepspeed_mpirun_and_openmpi_hostfile_launchers(shards, tmp_path):  # noqa: F811
-    config = write_config(tmp_path, shards, **{"train.total_kimg": 0.016, "distributed.zero_stage": 1})
+def test_torchrun_deepspeed_mpirun_and_openmpi_hostfile_launchers(pixel_shards, tmp_path):  # noqa: F811
+    config = write_config(tmp_path, pixel_shards, **{"train.total_kimg": 0.016, "distributed.zero_stage": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     launches = {
         "torchrun": [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2",

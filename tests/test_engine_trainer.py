@@ -23,7 +23,7 @@ from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.run import build_trainer
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
-from helpers import random_grey_shards
+from helpers import random_grey_shards, toy_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launchers"))
@@ -33,37 +33,13 @@ import train as train_launcher  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """32 training + 8 held-out random 16x16 grey images, with their fixed noisy copies."""
-    return random_grey_shards(tmp_path_factory.mktemp("data"), 40, 16,
-                              ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=32, heldout=8,
-                                           samples_per_shard=16))
-
-
-def toy_overrides(shards: Path, run_root: Path, **extra) -> list[str]:
-    options = {
-        "data.shards": str(shards), "data.resolution": 16, "data.channels": 1, "data.subset": 32,
-        "network.model_channels": 8, "network.channel_mult": "[1,2]", "network.num_blocks": 1,
-        "network.attn_resolutions": "[8]", "network.dropout": 0.1,
-        "optimizer.lr": 1e-3, "optimizer.lr_rampup_kimg": 0.016,
-        "train.batch": 8, "train.total_kimg": 0.048, "train.log_every_kimg": 0.016,
-        "train.checkpoint_every_kimg": 0.024, "train.sample_every_kimg": 1000,
-        "train.ema_halflife_kimg": 0.05, "train.run_root": str(run_root),
-        "sampling.steps": 3, "sampling.num_images": 4,
-        "evaluation.memorization_features": "pixels", "evaluation.heldout_images": 8,
-    }
-    options.update(extra)
-    return [f"{k}={v}" for k, v in options.items()]
-
-
 def toy_config(shards, run_root, **extra):
     return load_config(None, toy_overrides(shards, run_root, **extra))
 
 
-def test_quickstart_path_from_config_to_samples_and_memorization(shards, tmp_path, capsys):
+def test_quickstart_path_from_config_to_samples_and_memorization(pixel_shards, tmp_path, capsys):
     config_file = tmp_path / "toy.yaml"
-    config_file.write_text(yaml.safe_dump(to_dict(toy_config(shards, tmp_path / "runs"))))
+    config_file.write_text(yaml.safe_dump(to_dict(toy_config(pixel_shards, tmp_path / "runs"))))
     assert train_launcher.main(["--config", str(config_file), "name=toy"]) == 0
     run = tmp_path / "runs" / "toy"
     cfg = load_config(run / "config.yaml")
@@ -88,9 +64,9 @@ def test_quickstart_path_from_config_to_samples_and_memorization(shards, tmp_pat
     assert info["world_size"] == 1 and info["fingerprint"] == cfg.fingerprint()
 
 
-def test_tensorboard_has_the_promised_scalars(shards, tmp_path):
+def test_tensorboard_has_the_promised_scalars(pixel_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    cfg = toy_config(shards, tmp_path)
+    cfg = toy_config(pixel_shards, tmp_path)
     build_trainer(cfg, tmp_path / "run").train()
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     tags = set(events.Tags()["scalars"])
@@ -111,10 +87,10 @@ def _state(trainer: Trainer) -> dict:
 
 @pytest.mark.parametrize("augmentation", [{}, {"augment.p": 0.5, "network.augment_dim": 8}],
                          ids=["xflip", "geometric-augment"])
-def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path, augmentation):
+def test_resume_equals_uninterrupted_run_bitwise(pixel_shards, tmp_path, augmentation):
     # Dropout and x-flips are on, so the global RNG, the noise generator and the loader
     # position all have to be restored for this to hold (and the augmentation draws too).
-    cfg = toy_config(shards, tmp_path, **augmentation)
+    cfg = toy_config(pixel_shards, tmp_path, **augmentation)
     straight = build_trainer(cfg, tmp_path / "a")
     losses_straight = [straight.train_step().item() for _ in range(6)]
 
@@ -134,9 +110,9 @@ def test_resume_equals_uninterrupted_run_bitwise(shards, tmp_path, augmentation)
         assert torch.equal(opt_a["state"][p]["exp_avg_sq"], opt_b["state"][p]["exp_avg_sq"])
 
 
-def test_augmented_run_pictures_what_the_loss_read(shards, tmp_path):
+def test_augmented_run_pictures_what_the_loss_read(pixel_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    cfg = toy_config(shards, tmp_path, **{"augment.p": 1.0, "network.augment_dim": 8,
+    cfg = toy_config(pixel_shards, tmp_path, **{"augment.p": 1.0, "network.augment_dim": 8,
                                           "train.total_kimg": 0.016})
     trainer = build_trainer(cfg, tmp_path / "run")
     trainer.train()
@@ -146,9 +122,9 @@ def test_augmented_run_pictures_what_the_loss_read(shards, tmp_path):
     assert trainer.task.augment.recorded is None and not trainer.task.augment.record  # once only
 
 
-def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
-    short = toy_config(shards, tmp_path, **{"train.total_kimg": 0.024})
-    long = toy_config(shards, tmp_path, **{"train.total_kimg": 0.048})
+def test_train_to_a_longer_total_continues_through_the_loop(pixel_shards, tmp_path):
+    short = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.024})
+    long = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.048})
     build_trainer(short, tmp_path / "b").train()
     resumed = build_trainer(long, tmp_path / "b", resume_from=find_resume_point(tmp_path / "b", "auto"))
     resumed.train()
@@ -159,10 +135,10 @@ def test_train_to_a_longer_total_continues_through_the_loop(shards, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_options_that_change_the_trajectory(shards, tmp_path):
-    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
+def test_resume_refuses_options_that_change_the_trajectory(pixel_shards, tmp_path):
+    cfg = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.008})
     build_trainer(cfg, tmp_path / "r").train()
-    changed = toy_config(shards, tmp_path, **{"objective.sigma_tn": 1.0})
+    changed = toy_config(pixel_shards, tmp_path, **{"objective.sigma_tn": 1.0})
     with pytest.raises(ConfigError, match="objective.sigma_tn: 0.5 -> 1.0"):
         build_trainer(changed, tmp_path / "r", resume_from=find_resume_point(tmp_path / "r", "auto"))
 
@@ -178,17 +154,17 @@ def test_checkpoints_from_before_an_option_existed_resume_at_its_default(tmp_pat
         check_resume_compatible(saved, augmented, tmp_path)
 
 
-def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(shards, tmp_path):
+def test_existing_run_needs_resume_and_auto_starts_fresh_when_empty(pixel_shards, tmp_path):
     assert find_resume_point(tmp_path / "new", "auto") is None
-    build_trainer(toy_config(shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()
+    build_trainer(toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.008}), tmp_path / "r").train()
     with pytest.raises(ConfigError, match="--resume auto"):
         find_resume_point(tmp_path / "r", None)
     with pytest.raises(ConfigError, match="no checkpoint"):
         find_resume_point(tmp_path / "new", str(tmp_path / "new"))
 
 
-def test_sigterm_checkpoints_and_stops_cleanly(shards, tmp_path, monkeypatch):
-    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 10})
+def test_sigterm_checkpoints_and_stops_cleanly(pixel_shards, tmp_path, monkeypatch):
+    cfg = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 10})
     trainer = build_trainer(cfg, tmp_path / "r")
     real_step = trainer.train_step
 
@@ -204,8 +180,8 @@ def test_sigterm_checkpoints_and_stops_cleanly(shards, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
 
-def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(shards, tmp_path, monkeypatch):
-    trainer = build_trainer(toy_config(shards, tmp_path), tmp_path / "r")
+def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(pixel_shards, tmp_path, monkeypatch):
+    trainer = build_trainer(toy_config(pixel_shards, tmp_path), tmp_path / "r")
     trainer.train_step()
     real_loss = trainer.task.loss_fn
 
@@ -225,8 +201,8 @@ def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(shards, tmp_p
         trainer.train_step()
 
 
-def test_bf16_channels_last_and_accumulation_step(shards, tmp_path):
-    cfg = toy_config(shards, tmp_path, **{"train.precision": "bf16", "train.channels_last": True,
+def test_bf16_channels_last_and_accumulation_step(pixel_shards, tmp_path):
+    cfg = toy_config(pixel_shards, tmp_path, **{"train.precision": "bf16", "train.channels_last": True,
                                           "train.batch_per_gpu": 4, "optimizer.grad_clip": 1.0})
     trainer = build_trainer(cfg, tmp_path / "r")
     assert trainer.accumulation == 2
@@ -266,9 +242,9 @@ def test_launcher_reports_config_errors_by_key(capsys, tmp_path):
     assert "objective.sigma_tn" in capsys.readouterr().err
 
 
-def test_resume_at_another_world_size_stops_with_a_clear_message(shards, tmp_path):
+def test_resume_at_another_world_size_stops_with_a_clear_message(pixel_shards, tmp_path):
     from ambient_dist.distributed import DistInfo
-    cfg = toy_config(shards, tmp_path, **{"train.total_kimg": 0.008})
+    cfg = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.008})
     build_trainer(cfg, tmp_path / "r").train()
     two_ranks = DistInfo(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="written by 1 ranks; this run has 2"):
@@ -286,13 +262,13 @@ def test_output_check_is_safe_when_every_rank_probes_the_same_directory(tmp_path
     assert not list(run.iterdir())  # no probe left behind
 
 
-def test_a_damaged_shard_is_one_error_line_in_every_launcher(shards, tmp_path, capsys):
+def test_a_damaged_shard_is_one_error_line_in_every_launcher(pixel_shards, tmp_path, capsys):
     """Field case: one flipped byte in a shard tar reached the user as a Python traceback."""
     import shutil
 
     from helpers import load_launcher
     damaged = tmp_path / "damaged"
-    shutil.copytree(shards, damaged)
+    shutil.copytree(pixel_shards, damaged)
     tar = sorted(damaged.glob("train-*.tar"))[0]
     data = bytearray(tar.read_bytes())
     data[1000] ^= 0x01
@@ -303,7 +279,7 @@ def test_a_damaged_shard_is_one_error_line_in_every_launcher(shards, tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tar}: checksum mismatch") and "Traceback" not in err
     run = tmp_path / "ok" / "toy"
-    assert train_launcher.main(overrides_config(tmp_path, toy_overrides(shards, tmp_path / "ok")) + ["name=toy"]) == 0
+    assert train_launcher.main(overrides_config(tmp_path, toy_overrides(pixel_shards, tmp_path / "ok")) + ["name=toy"]) == 0
     capsys.readouterr()
     assert load_launcher("evaluate").main([str(run), "--shards", str(damaged), "--no-fid", "--quiet",
                                            "--num", "4"]) == 2
