@@ -9,6 +9,7 @@ Every writer of the project that publishes a file others read (manifests, checkp
     atomic_path(path, suffix="")        a temporary path for writers that want a file name
                                         (PIL, matplotlib, safetensors); renamed on success
     replace_directory(path)             the same for a whole directory (exported models)
+    set_default_permissions(path)       0666 minus the umask, for files a library wrote 0600
     sha256_file(path)                   hex sha256 of a file, read in blocks
 
 The pattern is always the same: write a hidden temporary sibling (same directory, so the
@@ -29,7 +30,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_path",
-           "replace_directory", "sha256_file"]
+           "replace_directory", "set_default_permissions", "sha256_file"]
+
+
+def set_default_permissions(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain open() would (0666 minus the umask). safetensors creates
+    its files 0600, which on a shared cluster hides exported weights from the rest of a team."""
+    umask = os.umask(0)  # read it (there is no getter) and put it back at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync_file(path: Path) -> None:

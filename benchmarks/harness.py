@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -93,9 +92,8 @@ class Context:
         --budget) or crashes, these are kept in the report beside the error. Optional."""
         if self.partial_path is None:
             return
-        tmp = self.partial_path.with_name(self.partial_path.name + ".tmp")
-        tmp.write_text(json.dumps({"results": results, "partial": True}, default=str))
-        os.replace(tmp, self.partial_path)
+        from ambient_dist.fileio import atomic_write_json
+        atomic_write_json(self.partial_path, {"results": results, "partial": True}, default=str)
 
     def sync(self) -> None:
         if self.on_gpu:

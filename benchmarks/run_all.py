@@ -118,10 +118,9 @@ def check_results(module: str, results: Any) -> list[dict]:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically: a reader never sees half a report, and a crash keeps the old one."""
+    from ambient_dist.fileio import atomic_write_text  # the repository root is on sys.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _write_json(path: Path, payload: Any) -> None:

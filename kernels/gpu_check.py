@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ambient_dist.fileio import atomic_write_text
 from ambient_dist.objective import REFERENCE, select_kernel
 
 from .philox import PhiloxNoise
@@ -419,8 +419,9 @@ class Report:
     def save(self) -> str:
         self.data["elapsed_s"] = time.monotonic() - self.start
         md = markdown(self.data)
-        write_atomic(self.out, json.dumps(self.data, indent=1, default=str))
-        write_atomic(self.out.with_suffix(".md"), md)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out, json.dumps(self.data, indent=1, default=str))
+        atomic_write_text(self.out.with_suffix(".md"), md)
         return md
 
     def left(self) -> float:
@@ -588,13 +589,6 @@ def _worst(rows):
         if key not in worst or score > max(worst[key]["net_in"], worst[key]["loss"], worst[key]["grad"]):
             worst[key] = r
     return list(worst.values())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

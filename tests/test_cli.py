@@ -76,6 +76,9 @@ def test_user_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
     assert "nowhere" in one_error_line(capsys)
     assert evaluate_cli.main(["--samples", str(tmp_path), "sampling.steps=4"]) == 2
     assert "sampling.steps=4" in one_error_line(capsys)
+    (tmp_path / "notarun").mkdir()   # a directory that is not a training run: said as such
+    assert evaluate_cli.main([str(tmp_path / "notarun")]) == 2
+    assert "notarun/config.yaml: not found (give a training run directory" in one_error_line(capsys)
     with pytest.raises(SystemExit) as e:   # a malformed command line: argparse's usage error, 2
         sample_cli.main(["--steps", "many"])
     assert e.value.code == 2

@@ -100,3 +100,18 @@ def test_export_safetensors_atomic_writes_loadable_file_with_metadata(tmp_path):
         assert f.metadata()["images_seen"] == "7"
         assert torch.equal(f.get_tensor("a"), torch.arange(6.0).reshape(2, 3).t())
     assert [p.name for p in tmp_path.iterdir()] == ["ema.safetensors"]
+
+
+def test_exported_weights_are_readable_by_the_team_as_the_umask_allows(tmp_path):
+    # safetensors creates its files 0600; an exported EMA on a shared cluster must follow the
+    # umask like every other file of the run (0644 under the usual 022).
+    import os
+    old = os.umask(0o022)
+    try:
+        export_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "ema.safetensors")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "ema.safetensors").stat().st_mode & 0o777
+    assert mode == 0o644 == plain.stat().st_mode & 0o777

@@ -32,9 +32,8 @@ PY = sys.executable
 # Poisons one micro-batch loss on rank 0 (its third call) with NaN.
 NAN_WORKER = """
 import os, sys
-sys.path[:0] = [{root!r}, {root!r} + "/launchers"]
-from ambient_dist.engine import task as trainer
-real_build_loss = trainer.build_loss
+from ambient_dist.engine import task
+real_build_loss = task.build_loss
 
 def poisoned_build_loss(cfg):
     loss_fn, calls = real_build_loss(cfg), [0]
@@ -46,9 +45,9 @@ def poisoned_build_loss(cfg):
         return out
     return poisoned
 
-trainer.build_loss = poisoned_build_loss
-import train
-sys.exit(train.main(sys.argv[1:]))
+task.build_loss = poisoned_build_loss  # what ImageTask builds its loss with
+from ambient_dist.cli.train import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -334,7 +333,7 @@ def test_every_zero_stage_and_precision_trains_or_is_refused_up_front(pixel_shar
 @pytest.mark.slow
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(pixel_shards, tmp_path):  # noqa: F811
     worker = tmp_path / "worker.py"
-    worker.write_text(NAN_WORKER.format(root=str(ROOT)))
+    worker.write_text(NAN_WORKER)
     config = write_config(tmp_path, pixel_shards, **{"distributed.zero_stage": 2, "train.precision": "bf16"})
     train_ranks(["--config", str(config), "name=nan"], script=[str(worker)])
     ckpt = final_checkpoint(tmp_path / "runs" / "nan")

@@ -64,6 +64,24 @@ def test_quickstart_path_from_config_to_samples_and_memorization(pixel_shards, t
     assert info["world_size"] == 1 and info["fingerprint"] == cfg.fingerprint()
 
 
+def test_the_ema_is_gathered_once_per_checkpoint_and_not_again_at_the_end(pixel_shards, tmp_path):
+    # Under ZeRO a gather of the EMA is a collective over the whole model: the end of the run
+    # (export, samples, memorization) reuses the last checkpoint's instead of gathering again.
+    from ambient_dist.engine.run import finish
+    cfg = toy_config(pixel_shards, tmp_path)   # 48 images, checkpoints at 24 and 48
+    trainer = build_trainer(cfg, tmp_path / "r")
+    gathers = []
+    real = trainer.backend.full_weights
+    trainer.backend.full_weights = lambda state: gathers.append(trainer.images_seen) or real(state)
+    assert trainer.train() and finish(trainer) is not None
+    assert gathers == [24, 48]
+    assert [p.name for p in CheckpointManager(tmp_path / "r", 3).list()] == \
+        ["ckpt-000000000024", "ckpt-000000000048"]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "r" / "ema.safetensors"), "pt") as f:
+        assert f.metadata()["images_seen"] == "48"
+
+
 def test_tensorboard_has_the_promised_scalars(pixel_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cfg = toy_config(pixel_shards, tmp_path)

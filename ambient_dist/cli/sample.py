@@ -72,10 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from ambient_dist import sampling
-    from ambient_dist import distributed as mdist
+    from ambient_dist import distributed as ranks
     from ambient_dist.metrics import samples as S
 
-    rank, world, local_rank = mdist.env_rank_world()
+    rank, world, local_rank = ranks.env_rank_world()
     if args.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:

@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = [*(getattr(args, "flag_overrides", None) or []), *args.overrides]
     import torch
 
-    from ambient_dist import distributed as mdist
+    from ambient_dist import distributed as ranks
     from ambient_dist.metrics.samples import SampleStore, file_digest
     from ambient_dist.text import sampling as ts
     from ambient_dist.text.sd_models import ModelError, load_components
@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = cfg or load_config(None, check_paths=False)
         cfg.data.shards, cfg.text.prompts = args.shards, ""
     model_dir = root / "diffusers" if is_run else root
-    rank, world, local = mdist.env_rank_world()
+    rank, world, local = ranks.env_rank_world()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     try:
         components = load_components(model_dir, ("vae", "text_encoder", "tokenizer", "unet"), device)

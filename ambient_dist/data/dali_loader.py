@@ -23,7 +23,7 @@ from .order import RankPlan, SampleOrder
 from .shards import ShardSet
 
 
-class _BatchFeeder:
+class BatchFeeder:
     """external_source callback: encoded PNGs, noisy copies and flip bits of pipeline
     iteration `n`, which is this rank's step n (DALI may call ahead; all of it is pure)."""
 
@@ -40,7 +40,7 @@ class _BatchFeeder:
         return pngs, noisy, [np.array(f, dtype=np.int32) for f in flips]
 
 
-def build_pipeline(feeder: _BatchFeeder, batch_size: int, channels: int, device: torch.device,
+def build_pipeline(feeder: BatchFeeder, batch_size: int, channels: int, device: torch.device,
                    threads: int):
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
@@ -66,7 +66,7 @@ def build_pipeline(feeder: _BatchFeeder, batch_size: int, channels: int, device:
     return pipe
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     dense = tensor_list.as_tensor()
     if device.type != "cuda":
         return torch.from_numpy(np.array(dense))
@@ -81,7 +81,7 @@ class DaliLoader(TrainLoader):
 
     def __init__(self, cfg, rank, world_size, device, start_sample=0, shards=None):
         super().__init__(cfg, rank, world_size, device, start_sample, shards)
-        feeder = _BatchFeeder(self.shards, self.order, self.plan)
+        feeder = BatchFeeder(self.shards, self.order, self.plan)
         self.pipe = build_pipeline(feeder, self.plan.micro_batch, self.shards.manifest["channels"],
                                    self.device, cfg.data.workers)
 
@@ -92,7 +92,7 @@ class DaliLoader(TrainLoader):
         labels = None
         if self.num_classes:
             labels = self.one_hot(np.array([self.shards.label(int(i)) for i in indices]), keys)
-        return Batch(keys, _to_torch(clean, self.device), _to_torch(noisy, self.device), labels)
+        return Batch(keys, to_torch(clean, self.device), to_torch(noisy, self.device), labels)
 
     def close(self) -> None:
         self.pipe = None

@@ -9,9 +9,10 @@
     ema.py         EMA with EDM semantics (half-life in images, ramp-up)
     checkpoint.py  atomic checkpoints (safetensors + weights-only state), keep last K
     lr.py          learning-rate ramp
-    logging.py     TensorBoard scalars/histograms/images and the tqdm progress line
+    logging.py     TensorBoard scalars/histograms/images, training statistics over all ranks,
+                   and the progress line (ambient_dist.progress)
 
 Rank / world size and the small collectives live one layer lower, in ambient_dist.distributed
-(shared with metrics). The submodules are imported where used (not here), so that the building blocks do not pull
-in the networks, data and metrics packages.
+(shared with metrics). The submodules are imported where used (not here), so that the
+building blocks do not pull in the networks, data and metrics packages.
 """

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.fileio import atomic_path, atomic_write_text
+from ambient_dist.fileio import atomic_path, atomic_write_text, set_default_permissions
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -64,9 +64,11 @@ def _fsync_dir(path: Path) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path,
                  metadata: Optional[dict[str, str]] = None) -> None:
-    """safetensors needs contiguous, CPU, non-aliased tensors: give it exactly that."""
+    """safetensors needs contiguous, CPU, non-aliased tensors: give it exactly that (and the
+    file the usual permissions, not safetensors' 0600)."""
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
               str(path), metadata=metadata)
+    set_default_permissions(path)
 
 
 def export_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import platform
 import shutil
@@ -26,19 +27,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
-from ambient_dist import metrics, sampling
+from ambient_dist import metrics
 from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
-from ambient_dist.engine.task import ImageTask, Task
+from ambient_dist.engine.task import Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
-from ambient_dist.models import build_network
-from ambient_dist.models.flops import train_gflop_per_image
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
@@ -84,24 +82,24 @@ def check_output_dir(run_dir: Path, needed_bytes: int) -> None:
                           f"checkpoints needs about {needed_bytes / 2**30:.2f} GiB")
 
 
+# What `task:` names -> (module, class). A new task is one file with a Task class, and a line here.
+TASKS = {"image": ("ambient_dist.engine.task", "ImageTask"),
+         "text": ("ambient_dist.text.task", "TextTask")}   # imports diffusers: only when asked for
+
+
+def task_class(cfg: ExperimentConfig) -> type:
+    """The Task class that cfg.task names (engine/task.py has the protocol)."""
+    module, name = TASKS[cfg.task]
+    return getattr(importlib.import_module(module), name)
+
+
 def describe(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML, the parameter count and the training cost per image."""
-    if cfg.task == "text":
-        from ambient_dist.text.task import describe_text
-        return describe_text(cfg)
-    net = build_network(cfg)
-    params = sum(p.numel() for p in net.parameters())
-    gflop = train_gflop_per_image(net, cfg.data.resolution, cfg.data.channels, net.label_dim)
-    return (yaml.safe_dump(to_dict(cfg), sort_keys=False)
-            + f"parameters: {params}\ntrain GFLOP/image: {gflop:.2f}")
+    """What `ambient-train --describe` prints: the resolved config and the model's size."""
+    return task_class(cfg).describe(cfg)
 
 
 def build_task(cfg: ExperimentConfig, device: torch.device) -> Task:
-    """The Task that cfg.task names (engine/task.py)."""
-    if cfg.task == "text":
-        from ambient_dist.text.task import TextTask  # imports diffusers: only when asked for
-        return TextTask(cfg, device)
-    return ImageTask(cfg, device)
+    return task_class(cfg)(cfg, device)
 
 
 def build_backend(cfg: ExperimentConfig, dist_info: DistInfo) -> Backend:
@@ -123,12 +121,15 @@ def build_trainer(cfg: ExperimentConfig, run_dir: str | os.PathLike,
 
 
 def finish(trainer: Trainer) -> Optional[dict]:
-    """End of run: export the EMA, write samples.png and memorization.json, and the task's own
-    exports; return the memorization summary on rank 0 (None on the others, which take part in
-    the collectives). The EMA is gathered once, for every consumer."""
+    """End of run: ema.safetensors, the task's own exports, samples.png and memorization.json;
+    returns the memorization summary on rank 0 (None on the others, which take part in the
+    collectives). The EMA is gathered once (at the last checkpoint) for every consumer."""
     cfg, task, rank0 = trainer.cfg, trainer.task, trainer.rank == 0
-    weights = trainer.ema_weights_full()  # a collective under ZeRO
-    trainer.export_ema(weights)
+    # The last checkpoint of train() exported ema.safetensors and kept the gathered weights;
+    # a run that had nothing left to train (resumed at its end) exports them here.
+    weights, trainer.final_weights = trainer.final_weights, None
+    if weights is None:
+        weights = trainer.export_ema()  # a collective under ZeRO
     task.finish(weights, trainer.run_dir, rank0)
     # The memorization summary splits its feature extraction over the ranks, so every rank
     # needs the samples; they are identical everywhere (per-image seeds).
@@ -144,10 +145,10 @@ def finish(trainer: Trainer) -> Optional[dict]:
         summary["pixels"] = metrics.memorization_summary(
             images, train_images, heldout_images,
             dataclasses.replace(ev, memorization_features="pixels"), trainer.device)
-    if heldout_images is not None and cfg.task == "image":  # a pixel or latent EDM denoiser
-        summary["attraction"] = metrics.network_attraction(
-            net, sampling.SamplerSettings.for_run(cfg), heldout_images[:128], train_images,
-            metrics.ATTRACTION_SIGMAS, trainer.device)
+    attraction = (task.attraction(net, heldout_images, train_images)
+                  if heldout_images is not None else None)
+    if attraction is not None:
+        summary["attraction"] = attraction
     if not rank0:
         return None
     save_image_grid(images, trainer.run_dir / "samples.png")
@@ -197,9 +198,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
                  resume: Optional[str] = None) -> Path:
     """The whole job on this rank: join the process group, prepare the run directory, train
     (or continue), then report. Works the same as a plain process or under a launcher."""
-    if cfg.task == "text":
-        from ambient_dist.text.task import check_text_data
-        check_text_data(cfg)  # a clear error before the model is loaded
+    task_class(cfg).check_data(cfg)  # a clear error before any model is loaded
     info = init_distributed(cfg)
     try:
         validate_world(cfg, info.world_size)

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
+import yaml
 
-from ambient_dist import data, sampling
-from ambient_dist.config import ExperimentConfig
+from ambient_dist import data, metrics, sampling
+from ambient_dist.config import ExperimentConfig, to_dict
 from ambient_dist.data.augment import GeometricAugment
 from ambient_dist.data.loader import Batch
 from ambient_dist.models import build_network
+from ambient_dist.models.flops import train_gflop_per_image
 from ambient_dist.objective import LossOutput, build_loss
 
 
@@ -40,10 +42,16 @@ class Task(Protocol):
     def pictures(self) -> dict[str, torch.Tensor]: ...
     def sampling_network(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module: ...
     def generate(self, net: torch.nn.Module, num_images: int) -> torch.Tensor: ...
-    def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return shard_reference_images(self.cfg)
-
+    def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+    def attraction(self, net: torch.nn.Module, heldout: torch.Tensor,
+                   train: torch.Tensor) -> Optional[dict]: ...
     def finish(self, weights: dict[str, torch.Tensor], run_dir: Path, is_main: bool) -> None: ...
+
+    # Class-level, used before a task is built (no model is loaded):
+    @staticmethod
+    def describe(cfg: ExperimentConfig) -> str: ...
+    @staticmethod
+    def check_data(cfg: ExperimentConfig) -> None: ...
 
 
 class ImageTask:
@@ -97,8 +105,8 @@ class ImageTask:
         has its own seed (sampling.seed, index), so the grid is the same at any batch size;
         class-conditional networks cycle through the classes."""
         indices = list(range(num_images))
-        labels = (torch.tensor(indices, device=self.device) % net.label_dim
-                  if net.label_dim else None)
+        labels = sampling.class_labels(indices, net.label_dim)
+        labels = None if labels is None else labels.to(self.device)
         bf16 = self.cfg.train.precision == "bf16"
         return sampling.edm_sample(
             net, indices, (net.img_channels, net.img_resolution, net.img_resolution),
@@ -107,13 +115,28 @@ class ImageTask:
             autocast_dtype=torch.bfloat16 if bf16 else None, device=self.device)
 
     def reference_images(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The images trained on (data.subset takes a prefix of the stored order) and the
-        held-out images (never trained on), float32 [N, C, H, W] in [-1, 1]."""
-        shards = self.cfg.data.shards
-        train = data.load_model_images(shards, "train", self.cfg.data.subset)
-        if not data.read_manifest(shards).get("heldout"):
-            return train, None
-        return train, data.load_model_images(shards, "heldout", self.cfg.evaluation.heldout_images)
+        return shard_reference_images(self.cfg)
+
+    def attraction(self, net: torch.nn.Module, heldout: torch.Tensor,
+                   train: torch.Tensor) -> Optional[dict]:
+        """The denoiser attraction of (up to 128) held-out images: noised, denoised once by the
+        EMA network, compared with the nearest training image (metrics.network_attraction)."""
+        return metrics.network_attraction(net, sampling.SamplerSettings.for_run(self.cfg),
+                                          heldout[:128], train, metrics.ATTRACTION_SIGMAS,
+                                          self.device)
 
     def finish(self, weights: dict[str, torch.Tensor], run_dir: Path, is_main: bool) -> None:
         """Nothing beyond ema.safetensors (which the run writes for every task)."""
+
+    @staticmethod
+    def describe(cfg: ExperimentConfig) -> str:
+        """The resolved config as YAML, the parameter count and the training cost per image."""
+        net = build_network(cfg)
+        params = sum(p.numel() for p in net.parameters())
+        gflop = train_gflop_per_image(net, cfg.data.resolution, cfg.data.channels, net.label_dim)
+        return (yaml.safe_dump(to_dict(cfg), sort_keys=False)
+                + f"parameters: {params}\ntrain GFLOP/image: {gflop:.2f}")
+
+    @staticmethod
+    def check_data(cfg: ExperimentConfig) -> None:
+        """Nothing to check before the network is built (the loader checks the shards)."""

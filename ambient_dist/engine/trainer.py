@@ -86,6 +86,7 @@ class Trainer:
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
+        self.final_weights: Optional[dict[str, torch.Tensor]] = None  # set by train() at its end
 
         saved_loader_state = self._restore(resume_from) if resume_from is not None else None
         self.loader = task.build_loader(self.rank, dist_info.world_size, self.images_seen)
@@ -137,7 +138,9 @@ class Trainer:
         """Train to train.total_kimg. Returns False if stopped early by a signal."""
         t = self.cfg.train
         total = int(round(t.total_kimg * 1000))
-        logger = RunLogger(self.run_dir, total, self.images_seen, enabled=self.rank == 0)
+        # Steps are whole batches: the run ends at the first multiple of the batch past total.
+        last = self.images_seen + max(0, -(-(total - self.images_seen) // t.batch)) * t.batch
+        logger = RunLogger(self.run_dir, last, self.images_seen, enabled=self.rank == 0)
         saved_at = self.images_seen if self.checkpoints.latest() else -1
         try:
             with StopFlag() as stop:
@@ -159,11 +162,13 @@ class Trainer:
                         grid = self.sample_grid(min(16, self.cfg.sampling.num_images))
                         if grid is not None:
                             logger.image("samples", grid, self.images_seen)
-                    if self._crossed(t.checkpoint_every_kimg):
+                    if self._crossed(t.checkpoint_every_kimg) and self.images_seen < total:
                         self.save_checkpoint()
                         saved_at = self.images_seen
                 if saved_at != self.images_seen:
-                    self.save_checkpoint()
+                    # The last checkpoint: its gathered EMA is kept for the end of the run
+                    # (engine.run.finish), which then need not gather it a second time.
+                    self.final_weights = self.save_checkpoint()
                 if stop.requested:
                     logger.write(f"{stop.requested}: checkpoint saved at {self.images_seen} images "
                                  f"in {self.checkpoints.latest()}; continue with --resume auto")
@@ -192,22 +197,23 @@ class Trainer:
             return None
         return self.task.generate(self.task.sampling_network(weights), num_images)
 
-    def export_ema(self, weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
-        """<run_dir>/ema.safetensors: what sampling and evaluation load (rank 0 writes)."""
-        weights = self.ema_weights_full() if weights is None else weights
-        path = self.run_dir / "ema.safetensors"
+    def export_ema(self) -> dict[str, torch.Tensor]:
+        """<run_dir>/ema.safetensors, what sampling and evaluation load (rank 0 writes it; a
+        collective). Returns the whole EMA weights it exported."""
+        weights = self.ema_weights_full()
         if self.rank == 0:
-            export_safetensors_atomic(weights, path, metadata={
+            export_safetensors_atomic(weights, self.run_dir / "ema.safetensors", metadata={
                 "images_seen": str(self.images_seen), "fingerprint": self.cfg.fingerprint()})
-        return path
+        return weights
 
     # -- checkpoints -------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> dict[str, torch.Tensor]:
+        """A checkpoint (the backend's format), then ema.safetensors refreshed from the same
+        EMA; returns the whole EMA weights (gathered: a collective)."""
         state = TrainingState(ema=self.ema.state_dict(), rng=self._rng_states(),
                               loader=self.loader.state_dict(), meta=self._meta())
-        path = self.backend.save(self.checkpoints, self.images_seen, state)
-        self.export_ema()
-        return path
+        self.backend.save(self.checkpoints, self.images_seen, state)
+        return self.export_ema()
 
     def _restore(self, path: Path) -> Optional[dict]:
         """Continue from checkpoint `path`; returns the loader state it saved."""

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ambient_dist.config import EvaluationConfig, ExperimentConfig, load_config
+from ambient_dist.config import ConfigError, EvaluationConfig, ExperimentConfig, load_config
 from ambient_dist import data
 from ambient_dist import distributed as ranks
 from ambient_dist.metrics import fid as fidlib
@@ -66,9 +66,14 @@ def default_cache_dir() -> Path:
 
 
 def _run_config(opts: EvalOptions) -> Optional[ExperimentConfig]:
-    if opts.run_dir and (Path(opts.run_dir) / "config.yaml").is_file():
-        return load_config(Path(opts.run_dir) / "config.yaml", opts.overrides)
-    return None
+    """The run's config.yaml with the overrides, or None when no run directory is given."""
+    if not opts.run_dir:
+        return None
+    path = Path(opts.run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config {path}: not found (give a training run directory, or --samples "
+                          "and --shards)")
+    return load_config(path, opts.overrides)
 
 
 def _recorded_count(path: Path) -> int:

@@ -501,9 +501,9 @@ class LatentLoader(PlannedLoader):
         super().__init__(cfg, shards, num_samples, order, plan)
         self.pipe = None
         if self.shards.online and cfg.data.loader == "dali":
-            from ambient_dist.data.dali_loader import _BatchFeeder, build_pipeline
+            from ambient_dist.data.dali_loader import BatchFeeder, build_pipeline
             # DALI's iteration n is this rank's step n, as in the pixel DALI loader.
-            self.pipe = build_pipeline(_BatchFeeder(self.shards, self.order, self.plan),
+            self.pipe = build_pipeline(BatchFeeder(self.shards, self.order, self.plan),
                                        self.plan.micro_batch, 3, self.device, cfg.data.workers)
 
     def __next__(self) -> TextBatch:
@@ -516,8 +516,8 @@ class LatentLoader(PlannedLoader):
         s = self.shards
         keys = [s.keys[i] for i in indices]
         if self.pipe is not None:
-            from ambient_dist.data.dali_loader import _to_torch
-            images, noisy = (_to_torch(t, self.device) for t in self.pipe.run())
+            from ambient_dist.data.dali_loader import to_torch
+            images, noisy = (to_torch(t, self.device) for t in self.pipe.run())
         else:
             noisy = torch.from_numpy(np.stack([s.noisy(i) for i in indices])).float()
             if s.online:

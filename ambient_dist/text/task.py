@@ -38,6 +38,22 @@ EXPORT_DIR = "diffusers"
 FILTER_REPORT = "text_filter.json"
 
 
+def describe_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML and the U-Net's parameter count (built on the meta device
+    from the checkpoint's unet/config.json: no weights are read)."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    from ambient_dist.config import to_dict
+    unet_dir = Path(cfg.text.model_path) / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise ConfigError(f"text.model_path: {unet_dir / 'config.json'} not found")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
+    params = sum(p.numel() for p in unet.parameters())
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False) + f"U-Net parameters (trained): {params}"
+
+
 def check_text_data(cfg: ExperimentConfig) -> None:
     """data.shards must be latent shards (a clear error before the model is loaded)."""
     try:
@@ -132,6 +148,15 @@ class TextTask:
         """The training and held-out images the latent shards store, in pixels [-1, 1]."""
         return shard_reference_images(self.cfg)
 
+    def attraction(self, net: torch.nn.Module, heldout: torch.Tensor,
+                   train: torch.Tensor) -> Optional[dict]:
+        """None: the attraction measure denoises pixels with an EDM denoiser; a latent U-Net
+        conditioned on captions has no such one-call denoiser."""
+        return None
+
+    describe = staticmethod(describe_text)
+    check_data = staticmethod(check_text_data)
+
     def finish(self, weights: dict[str, torch.Tensor], run_dir: Path, is_main: bool) -> None:
         """<run_dir>/diffusers (the base model with the EMA U-Net, loadable by diffusers) and
         text_filter.json (the prediction-magnitude filter's figures), on rank 0."""
@@ -147,19 +172,3 @@ class TextTask:
                   + ", ".join(f"{k} {v:.3g}" for k, v in filtered["magnitude_percentiles"].items()))
         print(f"diffusers model: {path} (StableDiffusionPipeline.from_pretrained loads it; "
               "ambient-sample-text samples it)")
-
-
-def describe_text(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML and the U-Net's parameter count (built on the meta device
-    from the checkpoint's unet/config.json: no weights are read)."""
-    import yaml
-    from diffusers import UNet2DConditionModel
-
-    from ambient_dist.config import to_dict
-    unet_dir = Path(cfg.text.model_path) / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise ConfigError(f"text.model_path: {unet_dir / 'config.json'} not found")
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
-    params = sum(p.numel() for p in unet.parameters())
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False) + f"U-Net parameters (trained): {params}"
