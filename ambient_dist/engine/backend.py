@@ -45,6 +45,8 @@ def read_meta(path: Path) -> dict:
 
 
 class Backend(Protocol):
+    """How a step runs (the order of the calls: module docstring)."""
+
     module: torch.nn.Module                 # what the loss calls (DeepSpeed: engine.module)
     optimizer: torch.optim.Optimizer        # its param_groups take the learning rate
 

@@ -35,6 +35,8 @@ def shard_reference_images(cfg: ExperimentConfig) -> tuple[torch.Tensor, Optiona
 
 
 class Task(Protocol):
+    """What the Trainer needs to know about what it trains (ImageTask, text.task.TextTask)."""
+
     def build_network(self) -> torch.nn.Module: ...
     def build_loader(self, rank: int, world_size: int, start_sample: int): ...
     def loss(self, net: torch.nn.Module, batch: Batch, generator: torch.Generator,
