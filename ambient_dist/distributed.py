@@ -1,7 +1,7 @@
 """Ranks, process groups and small collectives: one home for training, sampling and evaluation.
 
-Process-group set-up for every way a job can be started. One function, `init_distributed(cfg)`, turns whatever the launcher left in the environment
-into a `DistInfo` (rank, world size, local rank, device) and, for more than one rank, an
+Process-group set-up for every way a job can be started. One function,
+`init_distributed(cfg)`, turns whatever the launcher left in the environment into a `DistInfo` (rank, world size, local rank, device) and, for more than one rank, an
 initialised torch.distributed process group:
 
     plain `python launchers/train.py`   no RANK/WORLD_SIZE: one rank, no process group
@@ -116,21 +116,22 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_ranks_true(flag: bool, info: DistInfo) -> bool:
-    """True only if `flag` holds on every rank (e.g. a stop request seen by one rank)."""
+def _flag_over_ranks(flag: bool, info: DistInfo, op) -> bool:
     if not info.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return bool(t.item() > 0)
+
+
+def all_ranks_true(flag: bool, info: DistInfo) -> bool:
+    """True only if `flag` holds on every rank."""
+    return _flag_over_ranks(flag, info, dist.ReduceOp.MIN)
 
 
 def any_rank_true(flag: bool, info: DistInfo) -> bool:
-    if not info.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    """True if `flag` holds on any rank (e.g. a stop request seen by one rank)."""
+    return _flag_over_ranks(flag, info, dist.ReduceOp.MAX)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -165,6 +166,17 @@ def collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks of the running process group (`t` itself without one), on
+    t's device. A collective: every rank calls it with a tensor of the same shape."""
+    _, world = rank_and_world()
+    if world == 1:
+        return t
+    out = t.to(collective_device())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:

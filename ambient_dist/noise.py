@@ -84,6 +84,14 @@ def keyed_normal(shape: Sequence[int], dataset_seed: int, key: str,
     return noise.to(dtype)
 
 
+def keyed_uniform(shape: Sequence[int], dataset_seed: int, key: str) -> torch.Tensor:
+    """Uniform [0, 1) float32 noise of `shape` for one key, from a private CPU generator
+    (as keyed_normal: the same values on every process, machine and device)."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(key_seed(dataset_seed, key))
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
+
+
 def keyed_mask(shape: Sequence[int], dataset_seed: int, key: str, corruption: float) -> torch.Tensor:
     """The ONE fixed inpainting mask of the image with stable key `key` (masking baseline,
     Daras et al. 2023): bool `shape`, True where the pixel is kept; each element is erased
@@ -91,9 +99,7 @@ def keyed_mask(shape: Sequence[int], dataset_seed: int, key: str, corruption: fl
     "mask/" + key), so it never depends on the order of processing or on the noisy copy."""
     if not 0 <= corruption < 1:
         raise ValueError(f"keyed_mask: corruption must be in [0, 1), got {corruption}")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(key_seed(dataset_seed, f"mask/{key}"))
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) >= corruption
+    return keyed_uniform(shape, dataset_seed, f"mask/{key}") >= corruption
 
 
 # --------------------------------------------------------------------------------------

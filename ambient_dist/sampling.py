@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ambient_dist.noise import key_seed
+from ambient_dist.noise import key_seed, keyed_uniform
 
 # D(x [B,C,H,W] float32, sigma [B] float32, labels or None) -> x0 estimate [B,C,H,W]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -134,12 +134,8 @@ def sampling_masks(image_shape: Sequence[int], survival: float, seed: int,
                    indices: Sequence[int], device) -> torch.Tensor:
     """float32 0/1 [B, *image_shape]: image n's fixed sampling mask, keeping each pixel with
     probability `survival`, from a generator seeded by (seed, n) apart from the noise stream."""
-    out = []
-    for n in indices:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(key_seed(seed, f"sample-mask/{int(n)}"))
-        out.append(torch.rand(tuple(image_shape), generator=g) < survival)
-    return torch.stack(out).to(device=device, dtype=torch.float32)
+    masks = [keyed_uniform(image_shape, seed, f"sample-mask/{int(n)}") < survival for n in indices]
+    return torch.stack(masks).to(device=device, dtype=torch.float32)
 
 
 def method_denoiser(denoiser: Denoiser, settings: SamplerSettings, indices: Sequence[int],

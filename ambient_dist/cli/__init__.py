@@ -74,6 +74,26 @@ def add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
                              "(e.g. sampling.steps=40 sampling.S_churn=40)")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, run_help: str, what: str) -> None:
+    """The optional positional RUN_DIR (also as --run RUN_DIR) and the overrides over `what`
+    (the commands that work on a training run: ambient-sample, ambient-evaluate)."""
+    parser.add_argument("run_dir", nargs="?", help=run_help)
+    add_overrides(parser, what)
+    parser.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same as the positional RUN_DIR")
+
+
+def overrides_of(args: argparse.Namespace, positional: Optional[list[str]] = None) -> list[str]:
+    """The short flags' overrides, then the positional ones (`positional`, default
+    args.overrides), so that a positional override wins over its short flag."""
+    return [*getattr(args, "flag_overrides", []), *(args.overrides if positional is None else positional)]
+
+
+def run_and_overrides(args: argparse.Namespace) -> tuple[Optional[str], list[str]]:
+    """(run directory, every override) of a command built with `add_run_arguments`."""
+    run_dir, positional = split_run_and_overrides(args.run_dir or args.run_flag, args.overrides)
+    return run_dir, overrides_of(args, positional)
+
+
 def split_run_and_overrides(run_dir: Optional[str], overrides: list[str]
                             ) -> tuple[Optional[str], list[str]]:
     """argparse gives the first positional to the optional RUN_DIR even when it is an override

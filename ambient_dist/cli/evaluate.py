@@ -25,15 +25,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ambient_dist.cli import add_overrides, fail, reports_user_errors, split_run_and_overrides
+from ambient_dist.cli import add_run_arguments, fail, reports_user_errors, run_and_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambient-evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", help="training run directory")
-    add_overrides(p, "the run's config.yaml")
-    p.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same as the positional RUN_DIR")
+    add_run_arguments(p, "training run directory", "the run's config.yaml")
     p.add_argument("--samples", help="sample folder or WebDataset shards (ambient-sample output)")
     p.add_argument("--shards", "--train", dest="shards", help="training shards (default: data.shards of the run's config)")
     p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_user_errors(FileNotFoundError, ValueError)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    run_dir, overrides = split_run_and_overrides(args.run_dir or args.run_flag, args.overrides)
+    run_dir, overrides = run_and_overrides(args)
     if overrides and not run_dir:
         return fail(f"{overrides[0]}: overrides change a run's config.yaml; give the run directory")
     from ambient_dist.metrics import evaluation as ev

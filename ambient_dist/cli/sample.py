@@ -21,15 +21,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ambient_dist.cli import SetsOverride, add_overrides, fail, reports_user_errors, split_run_and_overrides
+from ambient_dist.cli import SetsOverride, add_run_arguments, fail, reports_user_errors, run_and_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambient-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", help="training run directory (config.yaml + ema.safetensors)")
-    add_overrides(p, "the run's config.yaml (or --config)")
-    p.add_argument("--run", dest="run_flag", metavar="RUN_DIR", help="the same as the positional RUN_DIR")
+    add_run_arguments(p, "training run directory (config.yaml + ema.safetensors)",
+                      "the run's config.yaml (or --config)")
     p.add_argument("--config", help="experiment YAML (default: RUN_DIR/config.yaml)")
     p.add_argument("--checkpoint", help="EMA .safetensors file or checkpoints/ckpt-* directory")
     p.add_argument("--out", help="output directory (default: RUN_DIR/samples)")
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_user_errors(ValueError)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    run_dir, overrides = split_run_and_overrides(args.run_dir or args.run_flag, args.overrides)
+    run_dir, overrides = run_and_overrides(args)
     if not run_dir and not (args.config and args.checkpoint):
         return fail("give a run directory, or both --config and --checkpoint")
     if args.num < 1 or args.batch < 1:
@@ -81,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         device = torch.device(args.device)
     net, cfg, weights = S.load_denoiser(run_dir, args.checkpoint, args.config, device,
-                                        overrides=[*args.flag_overrides, *overrides])
+                                        overrides=overrides)
     settings = sampling.SamplerSettings.for_run(cfg)
     out = Path(args.out) if args.out else Path(run_dir or ".") / "samples"
     if args.compile:

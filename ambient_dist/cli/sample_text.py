@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ambient_dist.cli import SetsOverride, add_overrides, reports_user_errors
+from ambient_dist.cli import SetsOverride, add_overrides, overrides_of, reports_user_errors
 from ambient_dist.config import ConfigError, load_config, parse_overrides
 
 # The config keys of the sampler, and their TextSamplerSettings names: what a bare Stable
@@ -76,7 +76,7 @@ def _bare_model_settings(overrides: list[str]) -> dict:
 @reports_user_errors(ValueError, FileNotFoundError)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    overrides = [*(getattr(args, "flag_overrides", None) or []), *args.overrides]
+    overrides = overrides_of(args)
     import torch
 
     from ambient_dist import distributed as ranks

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ambient_dist.config import ConfigError, ExperimentConfig
-from ambient_dist.distributed import DistInfo, barrier
+from ambient_dist.distributed import DistInfo, barrier, sum_over_ranks
 from ambient_dist.engine.backend import TrainingState, build_optimizer
 from ambient_dist.engine.checkpoint import CheckpointManager, save_tensors
 
@@ -174,7 +173,7 @@ class DeepSpeedBackend:
                 flat[offset + s.start: offset + s.start + n] = ema_state[name].reshape(-1)[:n]
             offset += size
         # The slices are disjoint and cover every element once: their sum is the model.
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = sum_over_ranks(flat)
         full, pieces = {}, iter(flat.split(sizes))
         for name in self._state_keys:
             full[name] = (next(pieces).view(self._slices[name].shape).cpu() if name in self._slices

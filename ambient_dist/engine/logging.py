@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from ambient_dist.distributed import sum_over_ranks
 from ambient_dist.images import image_grid
 from ambient_dist.progress import progress
 
@@ -51,13 +52,6 @@ class TrainingStats:
         elif grad_norm is not None:
             self.grad_norms.append(grad_norm.detach().float().reshape(()))
 
-    @staticmethod
-    def _sum_over_ranks(totals: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        return totals
-
     @torch.no_grad()
     def summary(self) -> tuple[dict[str, float], Optional[torch.Tensor]]:
         """(scalars, this rank's sigmas of the interval) -- then start a new interval."""
@@ -69,7 +63,7 @@ class TrainingStats:
             sigmas = torch.cat(self.sigmas).cpu()
             amb = ambient.to(loss.dtype)
             # (sum, count) of all / clean / ambient samples: one small all-reduce.
-            totals = self._sum_over_ranks(torch.stack([
+            totals = sum_over_ranks(torch.stack([
                 loss.sum(), torch.tensor(float(loss.numel()), device=loss.device),
                 (loss * (1 - amb)).sum(), (1 - amb).sum(), (loss * amb).sum(), amb.sum()]).double())
             total, n, clean, n_clean, amb_sum, n_amb = totals.tolist()

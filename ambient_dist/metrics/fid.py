@@ -20,7 +20,6 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ambient_dist import distributed as ranks
 from ambient_dist.fileio import atomic_path
@@ -42,14 +41,8 @@ class FeatureMoments:
 
     def all_reduce(self) -> None:
         """Sum the moments of every rank (each rank saw a different slice of the images)."""
-        _, world = ranks.rank_and_world()
-        if world == 1:
-            return
-        dev = ranks.collective_device()
-        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64),
-                            self.total, self.outer.flatten()]).to(dev)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
+        packed = ranks.sum_over_ranks(torch.cat([torch.tensor([float(self.count)], dtype=torch.float64),
+                                                 self.total, self.outer.flatten()]))
         d = len(self.total)
         self.count = int(round(packed[0].item()))
         self.total = packed[1:1 + d].clone()

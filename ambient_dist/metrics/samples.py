@@ -36,7 +36,7 @@ from ambient_dist.config import ExperimentConfig, load_config
 from ambient_dist.data.shards import tar_member
 from ambient_dist.data.sources import decode_image_bytes
 from ambient_dist.errors import UserError
-from ambient_dist.fileio import atomic_write_bytes, sha256_file
+from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
 from ambient_dist.progress import progress as progress_bar
 
@@ -165,10 +165,9 @@ class SampleStore:
         The count is not part of what makes a sample set: image n depends only on (weights,
         seed, sampler, n), so a set of 12 serves a request for 6 (its first 6) and one for 20
         (8 more are made, and samples.json records 20)."""
-        path = self.root / META_NAME
         wanted = asdict(meta)
-        if path.is_file():
-            have = json.loads(path.read_text())
+        have = recorded_meta(self.root)
+        if have is not None:
             diff = {k: (have.get(k), v) for k, v in wanted.items() if k != "num" and have.get(k) != v}
             if diff:
                 raise SampleStoreError(
@@ -176,7 +175,8 @@ class SampleStore:
                     "choose another --out or delete it")
             if have.get("num", 0) >= meta.num:
                 return
-        _write_atomic(path, (json.dumps(wanted, indent=1) + "\n").encode())
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.root / META_NAME, wanted)
 
     # writing ------------------------------------------------------------------------
     def write(self, block: range, indices: list[int], pixels: torch.Tensor,
