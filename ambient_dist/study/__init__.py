@@ -1,0 +1,38 @@
+"""A memorization study: the paper's Tables 1-2 and Figures 1 and 3 from one study file.
+
+    ambient-study configs/studies/fashion-mnist-cpu.yaml
+
+A study file names a base experiment config, the training-set sizes, the runs (plain DDPM is
+`method: ambient, sigma_tn: 0`; Algorithm 1 at several sigma_tn; the noise-only and masking
+baselines) and the seeds. For every (run, size, seed) the study
+
+    1. shards    makes the shards the run needs (its sigma_tn's noisy copies, or the fixed
+                 masks), with held-out images; the training subset is the same for every run
+                 and seed (subset seed fixed), the noise seed is the run's seed
+    2. train     ambient-train (python -m ambient_dist.cli.train) as a subprocess (--resume auto: an interrupted run continues)
+    3. sample    evaluation.num_samples images from the EMA (resumable sample store)
+    4. evaluate  quality (KID with its standard error, and FID, Inception pool3, against a
+                 fixed set of held-out real images), memorization in pixel space and each
+                 configured feature space (calibrated by held-out images never trained on),
+                 and the denoiser attraction of held-out images at high sigma (Figure 3)
+
+and then writes report.md + report.json with the Table 1/2-style table (mean and spread over
+seeds), the Figure 1 trade-off plot, the Figure 3 panel and copy galleries. A stage that is
+done is skipped on a re-run (each leaves a record naming what it was made from); a run that
+fails is reported and the others go on. Every run's config is built and validated before
+anything starts, so a bad key or an impossible option is refused up front, naming the key.
+
+Layout of the study directory (`out`, default studies/<name>):
+    study.yaml                 the resolved study file
+    shards/<tag>/              shard directories, shared by the runs that need the same data
+    runs/<run>-n<size>-s<seed>/  training runs (config.yaml, checkpoints, ema.safetensors,
+                               samples/, study-train.json, study-eval.json)
+    cache/                     reference features (Inception) of the held-out images
+    report.md, report.json, figures/
+"""
+from ambient_dist.study.config import (STAGES, RunSpec, StudyConfig, StudyData, StudyError,
+                                       StudyEvaluation, StudyRun, load_study)
+from ambient_dist.study.runner import run_study
+
+__all__ = ["STAGES", "RunSpec", "StudyConfig", "StudyData", "StudyError", "StudyEvaluation",
+           "StudyRun", "load_study", "run_study"]
