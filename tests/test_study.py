@@ -100,14 +100,17 @@ def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsy
     log_size = train_log.stat().st_size
     (runs["ddpm"] / "study-eval.json").unlink()
     (runs["ambient-0.5"] / "study-train.json").unlink()
-    tar = next((out / "shards").glob("n12-tn0.5-seed0/train-*.tar"))
+    tar = next((out / "shards").glob("n12-tn0.5-seed0-*/train-*.tar"))
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF
     tar.write_bytes(bytes(data))
     capsys.readouterr()
-    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    # A failed run makes the study exit 1 (it ran, but not everything), naming the run.
+    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ambient-0.5-n12-s0: train FAILED" in printed
+    assert "error: 1 run failed: ambient-0.5-n12-s0 (train: RuntimeError" in captured.err
     assert train_log.stat().st_size == log_size                     # ddpm was not retrained
     assert (runs["ddpm"] / "study-eval.json").is_file()              # ...but re-evaluated
     assert (runs["ambient-0.5"] / "study-failed.json").is_file()

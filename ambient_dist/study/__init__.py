@@ -31,8 +31,8 @@ Layout of the study directory (`out`, default studies/<name>):
     report.md, report.json, figures/
 """
 from ambient_dist.study.config import (STAGES, RunSpec, StudyConfig, StudyData, StudyError,
-                                       StudyEvaluation, StudyRun, load_study)
+                                       StudyEvaluation, StudyFailed, StudyRun, load_study)
 from ambient_dist.study.runner import run_study
 
 __all__ = ["STAGES", "RunSpec", "StudyConfig", "StudyData", "StudyError", "StudyEvaluation",
-           "StudyRun", "load_study", "run_study"]
+           "StudyFailed", "StudyRun", "load_study", "run_study"]
