@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path

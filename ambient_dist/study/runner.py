@@ -10,7 +10,7 @@ import yaml
 
 from ambient_dist.config import to_dict
 from ambient_dist.study.config import RunSpec, StudyError, StudyFailed, load_study
-from ambient_dist.study.stages import (FAILED_RECORD, RunFailed, _References, _write_json,
+from ambient_dist.study.stages import (FAILED_RECORD, RunFailed, _write_json,
                                        make_run_shards, run_one, training_refusal)
 
 
@@ -58,6 +58,8 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
     specs = mark_retrain(specs, retrain)
     out_dir = specs[0].run_dir.parent.parent
     if only_report:
+        if not out_dir.is_dir():
+            raise StudyError(f"--report-only: no study directory {out_dir} (run the study first)")
         report = write_study_report(study, specs, out_dir, {})
         if progress:
             print(f"[study] report: {report}", flush=True)
@@ -83,12 +85,11 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
     todo = [s for s in specs if s.name not in failures]
     gpus = [str(i) for i in range(torch.cuda.device_count())] if device != "cpu" else []
     threads = None if gpus or jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
-    refs = _References(study, out_dir, device) if jobs <= 1 else None
 
     def one(i: int, spec: RunSpec) -> None:
         gpu = gpus[i % len(gpus)] if gpus else None
         try:
-            run_one(study, spec, device, progress, env=_env(threads, gpu), refs=refs)
+            run_one(study, spec, device, progress, env=_env(threads, gpu))
         except RunFailed as e:
             failures[spec.name] = f"{e.stage}: {e.error}"
             say(f"{spec.name}: {e.stage} FAILED ({e.error}); continuing with the others")

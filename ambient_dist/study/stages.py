@@ -307,63 +307,21 @@ def result_status(study: StudyConfig, spec: RunSpec) -> tuple[Optional[dict], Op
     return result, None
 
 
-class _References:
-    """Images and Inception features shared by every run of one (size, subset seed)."""
+def evaluate_run(study: StudyConfig, spec: RunSpec, device: str) -> dict:
+    """Quality, memorization and attraction of one run (metrics.assess, as ambient-evaluate
+    runs it) -> <run>/study-eval.json (+ study-attraction.pt for Figure 3); reused when its
+    recorded digest is the current one (result_status).
 
-    def __init__(self, study: StudyConfig, out_dir: Path, device: str):
-        self.study, self.cache, self.device = study, out_dir / "cache", device
-        self._images: dict = {}
-        self._inception = None
-        self._quality: dict = {}
-
-    def images(self, spec: RunSpec):
-        """(train [n], calibration held-out, attraction held-out, quality held-out) float32 [-1, 1]."""
-        from ambient_dist.data import load_model_images
-        key = str(spec.shards)
-        if key not in self._images:  # one shard set's images at a time: runs come in order
-            train = load_model_images(spec.shards, "train", spec.size)
-            held = load_model_images(spec.shards, "heldout")
-            ev = self.study.evaluation
-            self._images = {key: (train, held[: ev.calibration_images], held[: ev.attraction_images],
-                                  held[: ev.quality_reference])}
-        return self._images[key]
-
-    def inception(self):
-        if self._inception is None:
-            from ambient_dist.metrics.features import build_extractor
-            self._inception = build_extractor("inception", "", device=self.device)
-        return self._inception
-
-    def quality_features(self, spec: RunSpec) -> torch.Tensor:
-        from ambient_dist.metrics.features import extract, images_digest
-        quality = self.images(spec)[3]
-        digest = images_digest(quality)
-        if digest not in self._quality:
-            path = self.cache / f"quality-inception-{digest[:16]}.pt"
-            if path.is_file():
-                self._quality[digest] = torch.load(path)
-            else:
-                from ambient_dist.fileio import atomic_path
-                feats = extract(self.inception(), quality, self.study.evaluation.batch,
-                                desc="reference features")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:  # runs evaluated at once may share the cache
-                    torch.save(feats, tmp)
-                self._quality[digest] = feats
-        return self._quality[digest]
-
-
-def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: str) -> dict:
-    """Quality, memorization and attraction of one run -> <run>/study-eval.json (+ .pt);
-    reused when its recorded digest is the current one (result_status)."""
-    import dataclasses
-
+    Quality: KID and FID against the first quality_reference held-out images (their Inception
+    features cached in <study>/cache); memorization in pixels and each of `features`,
+    calibrated by the first calibration_images held-out images; attraction of the first
+    attraction_images held-out images at attraction_sigmas."""
     from ambient_dist import sampling
-    from ambient_dist.metrics import fid as fidlib
+    from ambient_dist.data import load_pixel_images
     from ambient_dist.metrics import samples as S
-    from ambient_dist.metrics.features import as_model_units, extract
-    from ambient_dist.metrics.kid import kernel_inception_distance
-    from ambient_dist.metrics.memorization import memorization_summary, network_attraction
+    from ambient_dist.metrics.assess import QualityReference, assess
+    from ambient_dist.metrics.features import as_model_units
+    from ambient_dist.metrics.memorization import network_attraction
 
     old, _ = result_status(study, spec)
     if old is not None:
@@ -371,33 +329,25 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
     inputs, why = _current_inputs(study, spec)
     if inputs is None:
         raise StudyError(f"{spec.name}: cannot be evaluated: {why}")
-    out_path = spec.run_dir / EVAL_RECORD
     digest = inputs_digest(inputs)
     net, cfg, _ = S.load_denoiser(spec.run_dir, device=device)
     ev = study.evaluation
     _, generated, _ = S.read_samples(spec.run_dir / "samples", limit=ev.num_samples)
     if len(generated) != ev.num_samples:
         raise StudyError(f"{spec.run_dir / 'samples'}: {len(generated)} samples, expected {ev.num_samples}")
-    generated = as_model_units(generated)
-    train, calibration, attraction_held, _ = refs.images(spec)
-
-    gen_feats = extract(refs.inception(), generated, ev.batch, desc="sample features")
-    memorization = {}
-    for space in ["pixels"] + list(ev.features):
-        ecfg = dataclasses.replace(cfg.evaluation, memorization_features=space)
-        memorization[space] = memorization_summary(
-            generated, train, calibration, ecfg, device, batch_size=ev.batch,
-            generated_features=gen_feats if space == "inception" else None)
-    ref_feats = refs.quality_features(spec)
-    mu_g, s_g = fidlib.feature_statistics(gen_feats)
-    mu_r, s_r = fidlib.feature_statistics(ref_feats)
-    quality = {"kid": kernel_inception_distance(gen_feats, ref_feats),
-               "fid": fidlib.frechet_distance(mu_g, s_g, mu_r, s_r),
-               "reference": f"{len(ref_feats)} held-out real images (never trained on)",
-               "extractor": refs.inception().name}
-
-    attraction = network_attraction(net, sampling.SamplerSettings.for_run(cfg), attraction_held,
-                                    train, ev.attraction_sigmas, device, keep_outputs=True)
+    train = load_pixel_images(spec.shards, "train", spec.size)
+    held = load_pixel_images(spec.shards, "heldout")
+    quality = held[: ev.quality_reference]
+    assessed = assess(
+        generated, train, held[: ev.calibration_images], cfg.evaluation,
+        spaces=["pixels"] + list(ev.features),
+        quality=QualityReference(quality, f"{len(quality)} held-out real images (never trained on)",
+                                 spec.run_dir.parent.parent / "cache"),
+        attraction=lambda: network_attraction(
+            net, sampling.SamplerSettings.for_run(cfg), as_model_units(held[: ev.attraction_images]),
+            as_model_units(train), ev.attraction_sigmas, device, keep_outputs=True),
+        device=device, batch=ev.batch)
+    memorization, attraction = assessed["memorization"], assessed["attraction"]
     figure = attraction["per_sigma"][f"{ev.figure_sigma:g}"]
     torch.save({"digest": digest, "outputs": figure.pop("outputs")[: ev.figure_rows],
                 "nearest": figure["nearest_index"][: ev.figure_rows]},
@@ -408,14 +358,13 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
     for space in memorization.values():  # keep the table numbers; per-image lists stay short
         for part in ("generated", "heldout"):
             if space.get(part):
-                for k in ("carlini_ratio",):
-                    space[part].pop(k, None)
+                space[part].pop("carlini_ratio", None)
     result = {"run": spec.name, "digest": digest, "inputs": inputs,
               "weights_sha": inputs["weights"], "num_samples": len(generated),
               "method": spec.run.method, "sigma_tn": spec.run.sigma_tn, "size": spec.size,
-              "seed": spec.seed, "quality": quality, "memorization": memorization,
+              "seed": spec.seed, "quality": assessed["quality"], "memorization": memorization,
               "attraction": attraction}
-    _write_json(out_path, result)   # last: the record that says the evaluation is done
+    _write_json(spec.run_dir / EVAL_RECORD, result)   # last: the record that says it is done
     return result
 
 
@@ -424,18 +373,16 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
 # --------------------------------------------------------------------------------------
 
 def run_one(study: StudyConfig, spec: RunSpec, device: str, progress: bool,
-            env: Optional[dict] = None, refs: Optional[_References] = None) -> dict:
+            env: Optional[dict] = None) -> dict:
     """All four stages of one run, each skipped when its recorded digest is the current one.
 
-    env: the training subprocess's environment (default: this process's); refs: reference
-    images and features to share between calls in one process. Returns {"run": name,
+    env: the training subprocess's environment (default: this process's). Returns {"run": name,
     "stages": {stage: "reused" | "made" | "trained" | "continued" | ...}, "evaluation":
     study-eval.json's content}. Raises RunFailed naming the stage (after writing
     <run>/study-failed.json with the traceback); a KeyboardInterrupt / SystemExit passes
     through untouched. Prints one line per stage when `progress`."""
     say = (lambda msg: print(f"[study] {spec.name}: {msg}", flush=True)) if progress else (lambda msg: None)
     (spec.run_dir / FAILED_RECORD).unlink(missing_ok=True)
-    out_dir = spec.run_dir.parent.parent
     stages: dict[str, str] = {}
     stage = "shards"
     try:
@@ -452,7 +399,7 @@ def run_one(study: StudyConfig, spec: RunSpec, device: str, progress: bool,
         before, _ = result_status(study, spec)
         if before is None:
             say("evaluating")
-        evaluation = evaluate_run(study, spec, refs or _References(study, out_dir, device), device)
+        evaluation = evaluate_run(study, spec, device)
         stages["evaluate"] = "reused" if before is not None else "made"
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
