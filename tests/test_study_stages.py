@@ -8,13 +8,15 @@ import pytest
 
 from ambient_dist.study import StudyFailed, load_study, run_study
 from ambient_dist.study import stages as S
-from helpers import TOY_STUDY, load_launcher, write_study
+from helpers import TOY_STUDY, load_launcher, write_standin_inception, write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Pixel-space memorization only (Inception runs for KID alone): each redone evaluation stays fast.
-ONE = {**TOY_STUDY, "runs": [{"name": "ddpm", "sigma_tn": 0.0}],
-       "evaluation": {**TOY_STUDY["evaluation"], "features": []}}
+# One run, pixel-space memorization only; a small CNN stands in for Inception (the real one
+# is in tests/test_study.py's end-to-end test): each redone evaluation stays fast.
+BASE = {**TOY_STUDY, "runs": [{"name": "ddpm", "sigma_tn": 0.0}],
+        "evaluation": {**TOY_STUDY["evaluation"], "features": []}}
+ONE: dict = {}   # BASE with the stand-in's path (set by the `trained` fixture)
 RUN = "ddpm-n12-s0"
 
 
@@ -22,6 +24,8 @@ RUN = "ddpm-n12-s0"
 def trained(tmp_path_factory):
     """One toy run through every stage (trained once for the whole file)."""
     root = tmp_path_factory.mktemp("trained")
+    standin = write_standin_inception(root / "standin.pt")
+    ONE.update({**BASE, "overrides": BASE["overrides"] + [f"evaluation.inception_path={standin}"]})
     report = run_study(write_study(root, ONE), out=str(root / "out"), device="cpu", progress=False)
     assert report.is_file()
     return root / "out"
@@ -33,12 +37,17 @@ def copy_of(trained, tmp_path):
     return out
 
 
-def with_evaluation(**changes) -> dict:
-    return {**ONE, "evaluation": {**ONE["evaluation"], **changes}}
+# Study files as changes of ONE (functions: ONE is known once the fixture ran).
+def with_evaluation(**changes):
+    return lambda: {**ONE, "evaluation": {**ONE["evaluation"], **changes}}
 
 
-def with_overrides(*extra: str) -> dict:
-    return {**ONE, "overrides": ONE["overrides"] + list(extra)}
+def with_overrides(*extra: str):
+    return lambda: {**ONE, "overrides": ONE["overrides"] + list(extra)}
+
+
+def with_data(**changes):
+    return lambda: {**ONE, "data": {**ONE["data"], **changes}}
 
 
 def rerun(trained, tmp_path, study: dict):
@@ -77,7 +86,7 @@ SAMPLE_CHANGES = {
 
 @pytest.mark.parametrize("what", sorted(EVALUATION_CHANGES) + sorted(SAMPLE_CHANGES))
 def test_a_changed_input_redoes_its_stage_and_everything_after_it(trained, tmp_path, what):
-    study_file = EVALUATION_CHANGES.get(what) or SAMPLE_CHANGES[what]
+    study_file = (EVALUATION_CHANGES.get(what) or SAMPLE_CHANGES[what])()
     before = json.loads((trained / "runs" / RUN / "study-eval.json").read_text())
     result, study, spec = rerun(trained, tmp_path, study_file)
     assert result["stages"] == {"shards": "reused", "train": "reused",
@@ -102,7 +111,7 @@ def test_a_changed_input_redoes_its_stage_and_everything_after_it(trained, tmp_p
 
 def test_options_that_do_not_change_the_weights_reuse_the_training(trained, tmp_path):
     result, _, spec = rerun(trained, tmp_path, with_overrides("train.log_every_kimg=0.096",
-                                                              "train.keep_checkpoints=3"))
+                                                              "train.keep_checkpoints=3")())
     assert result["stages"]["train"] == "reused" and result["stages"]["sample"] == "reused"
     from ambient_dist.config import load_config
     assert load_config(spec.run_dir / "config.yaml").train.keep_checkpoints == 3
@@ -114,10 +123,10 @@ TRAINING_REFUSALS = {
     "network": (with_overrides("network.model_channels=16"), r"network\.model_channels: 8 -> 16"),
     "shorter schedule": (with_overrides("train.total_kimg=0.064"),
                          r"train\.total_kimg: 0\.096 -> 0\.064 \(it trained further than that\)"),
-    "data.heldout": ({**ONE, "data": {"source": "fashion-mnist", "heldout": 28}},
+    "data.heldout": (with_data(heldout=28),
                      r"data plan\.heldout: 24 -> 28"),
     "data.resolution": (with_overrides("data.resolution=16"), r"data plan\.resolution: 8 -> 16"),
-    "data.subset_seed": ({**ONE, "data": {"source": "fashion-mnist", "heldout": 24, "subset_seed": 3}},
+    "data.subset_seed": (with_data(subset_seed=3),
                          r"data plan\.subset_seed: 0 -> 3"),
 }
 
@@ -126,7 +135,7 @@ TRAINING_REFUSALS = {
 def test_a_change_that_invalidates_the_checkpoints_is_refused_naming_it(trained, tmp_path, what):
     study_file, changed = TRAINING_REFUSALS[what]
     out = copy_of(trained, tmp_path)
-    path = write_study(tmp_path, study_file)
+    path = write_study(tmp_path, study_file())
     _, specs = load_study(path, out=str(out))
     message = S.training_refusal(specs[0])
     assert message is not None
@@ -137,6 +146,7 @@ def test_a_change_that_invalidates_the_checkpoints_is_refused_naming_it(trained,
     shards_before = sorted(p.name for p in (out / "shards").iterdir())
     log = (out / "runs" / RUN / "train.log").read_text()
     cli = load_launcher("study")
+    assert cli.main([str(path), "--out", str(out), "--check"]) == 2
     assert cli.main([str(path), "--out", str(out), "--quiet"]) == 2
     assert sorted(p.name for p in (out / "shards").iterdir()) == shards_before
     assert (out / "runs" / RUN / "train.log").read_text() == log
@@ -150,7 +160,7 @@ def test_a_change_that_invalidates_the_checkpoints_is_refused_naming_it(trained,
 
 def test_retrain_trains_from_scratch_under_the_new_settings(trained, tmp_path, capsys):
     out = copy_of(trained, tmp_path)
-    path = write_study(tmp_path, with_overrides("optimizer.lr=0.002"))
+    path = write_study(tmp_path, with_overrides("optimizer.lr=0.002")())
     cli = load_launcher("study")
     assert cli.main([str(path), "--out", str(out), "--retrain", "nosuchrun"]) == 2
     assert "--retrain nosuchrun: no such run" in capsys.readouterr().err
@@ -167,7 +177,7 @@ def test_case1_new_evaluation_settings_are_not_answered_with_stale_results(train
     """Case 1: quality_reference and attraction_sigmas edited, same directory: the evaluation
     is redone, and the report's headings and columns are those of the numbers under them."""
     out = copy_of(trained, tmp_path)
-    path = write_study(tmp_path, with_evaluation(quality_reference=8, attraction_sigmas=[2.0, 3.0]))
+    path = write_study(tmp_path, with_evaluation(quality_reference=8, attraction_sigmas=[2.0, 3.0])())
     assert load_launcher("study").main([str(path), "--out", str(out), "--quiet"]) == 0
     ev = json.loads((out / "runs" / RUN / "study-eval.json").read_text())
     assert ev["quality"]["kid"]["num_reference"] == 8
@@ -187,7 +197,7 @@ def test_case2_a_study_with_stale_and_missing_results_is_still_reported(trained,
     # a second run with the same training settings: its directory is a copy of the first's
     shutil.copytree(out / "runs" / RUN, out / "runs" / "twin-n12-s0")
     (out / "runs" / "twin-n12-s0" / "study-eval.json").unlink()
-    two = {**with_evaluation(attraction_sigmas=[2.0, 3.0]),
+    two = {**with_evaluation(attraction_sigmas=[2.0, 3.0])(),
            "runs": [{"name": "ddpm"}, {"name": "twin"}]}
     path = write_study(tmp_path, two)
     cli = load_launcher("study")

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (sampling and evaluation)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
-    p.add_argument("--check", action="store_true", help="validate the study file and every run's config")
+    p.add_argument("--check", action="store_true",
+                   help="validate the study file, every run's config, the sizes against the "
+                        "source, and that existing runs can continue under it; then exit")
     p.add_argument("--retrain", nargs="+", default=[], metavar="RUN",
                    help="train these runs again from scratch, deleting their run directories "
                         "(a run's name for all its sizes and seeds, a run directory name, or all)")
@@ -52,7 +54,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.jobs < 1:
         raise StudyError(f"--jobs: must be >= 1, got {args.jobs}")
     if args.check:
+        from ambient_dist.study.runner import mark_retrain
+        from ambient_dist.study.stages import training_refusal
         _, specs = load_study(args.study, args.out)
+        # Runs already in the study directory must be able to continue under this file.
+        refusals = [r for r in (training_refusal(s) for s in mark_retrain(specs, args.retrain)) if r]
+        if refusals:
+            raise StudyError(" | ".join(refusals))
         print(f"{args.study}: {len(specs)} runs, every config valid: "
               + ", ".join(s.name for s in specs))
         return 0

@@ -273,6 +273,8 @@ def _current_inputs(study: StudyConfig, spec: RunSpec) -> tuple[Optional[dict], 
     train = _read_json(spec.run_dir / TRAIN_RECORD)
     if train is None or train.get("status") != "done":
         return None, "not trained to the end yet"
+    if not isinstance(train.get("inputs"), dict):
+        return None, "trained by an earlier version of the study (no record of its inputs)"
     if train.get("inputs") != training_inputs(spec):
         what = changes(train.get("inputs"), training_inputs(spec))
         return None, f"trained under other settings ({_listed(what)})"
@@ -281,7 +283,7 @@ def _current_inputs(study: StudyConfig, spec: RunSpec) -> tuple[Optional[dict], 
         return None, f"no EMA weights ({weights} is missing)"
     sha = S.file_digest(weights)
     sample = _read_json(spec.run_dir / SAMPLE_RECORD)
-    if sample is None:
+    if sample is None or not isinstance(sample.get("inputs"), dict):
         return None, "not sampled yet"
     if sample.get("inputs") != sample_inputs(study, spec, sha):
         what = changes(sample.get("inputs"), sample_inputs(study, spec, sha))
@@ -301,6 +303,8 @@ def result_status(study: StudyConfig, spec: RunSpec) -> tuple[Optional[dict], Op
     inputs, why = _current_inputs(study, spec)
     if inputs is None:
         return None, why
+    if not isinstance(result.get("inputs"), dict):
+        return None, "evaluated by an earlier version of the study (no record of its inputs)"
     if result.get("digest") != inputs_digest(inputs):
         what = changes(result.get("inputs"), inputs)
         return None, f"evaluated under other settings ({_listed(what) or 'an older format'})"
