@@ -88,11 +88,16 @@ class Trainer:
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
         self.final_weights: Optional[dict[str, torch.Tensor]] = None  # set by train() at its end
 
-        saved_loader_state = self._restore(resume_from) if resume_from is not None else None
+        saved = self._restore(resume_from) if resume_from is not None else None
         self.loader = task.build_loader(self.rank, dist_info.world_size, self.images_seen)
-        if resume_from is not None:
-            self._check_same_data(saved_loader_state, resume_from)
+        if saved is not None:
+            self._check_same_data(saved.loader, resume_from)
         self.batches = iter(self.loader)
+        if saved is not None:
+            # The RNG states last, once the loader is built and started: whatever that draws
+            # (no loader of ours draws from the global RNG) a fresh run drew before its first
+            # step too, so the resumed run continues from exactly the saved states.
+            self._set_rng_states(saved.rng)
         self.stats = TrainingStats()
 
     # -- one optimizer step ------------------------------------------------------------
@@ -215,8 +220,9 @@ class Trainer:
         self.backend.save(self.checkpoints, self.images_seen, state)
         return self.export_ema()
 
-    def _restore(self, path: Path) -> Optional[dict]:
-        """Continue from checkpoint `path`; returns the loader state it saved."""
+    def _restore(self, path: Path) -> TrainingState:
+        """Continue from checkpoint `path` (model, optimizer, EMA, counters); returns what it
+        saved, whose RNG states `_set_rng_states` applies once the loader is started."""
         meta = read_meta(path)
         check_resume_compatible(meta["config"], self.cfg, path)
         if meta["world_size"] != self.dist.world_size:
@@ -225,13 +231,15 @@ class Trainer:
                               "per-rank optimizer partitions and data positions depend on it).")
         state = self.backend.load(path)
         self.ema.load_state_dict(state.ema)
-        torch.set_rng_state(state.rng["torch"])
-        self.noise_generator.set_state(state.rng["noise"])
-        if "cuda" in state.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state.rng["cuda"], self.device)
         self.images_seen = meta["images_seen"]
         self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
-        return state.loader
+        return state
+
+    def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["torch"])
+        self.noise_generator.set_state(rng["noise"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _check_same_data(self, saved: Optional[dict], path: Path) -> None:
         """Refuse to resume on other data: the method trains on ONE fixed noisy copy per image
