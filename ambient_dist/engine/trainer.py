@@ -11,8 +11,9 @@ checkpoint cadence. It is given two parts:
 Every step draws the global batch (in micro-batches when accumulating), computes the loss, lets
 the backend step, and updates the EMA. Progress is counted in images, so schedules, intervals
 and resume points do not depend on the batch size. Resume is exact: model, EMA, optimizer, RNG
-states and the loader position are restored, so on CPU a resumed run produces bit for bit the
-losses of an uninterrupted one. engine/run.py builds the parts and does the end-of-run work.
+states and the loader position are restored (the RNG states after the loader is started; no
+loader draws from them), so on CPU a resumed run produces bit for bit the losses and weights of
+an uninterrupted one, with any loader and worker count. engine/run.py builds the parts and does the end-of-run work.
 """
 from __future__ import annotations
 
