@@ -236,6 +236,21 @@ def test_resume_may_change_the_loader_and_its_workers(tiny_shards, straight_runs
     assert differing(straight_runs("resident", 0, "augment"), _state(resumed)) == []
 
 
+def test_train_launcher_resume_on_webdataset_workers_is_exact(tiny_shards, straight_runs, tmp_path):
+    # The field case as typed: ambient-train to N/2, then --resume auto to N (run_training's
+    # own steps between the restore and the first step must not draw either).
+    overrides = toy_overrides(tiny_shards, tmp_path, **{
+        "data.resolution": 8, "network.attn_resolutions": "[4]", "data.loader": "webdataset",
+        "data.workers": 2, "train.checkpoint_every_kimg": 1000})
+    args = [*overrides_config(tmp_path, overrides), "--run-dir", str(tmp_path / "run")]
+    assert train_launcher.main([*args, f"train.total_kimg={EXACT_N_KIMG / 2}"]) == 0
+    assert train_launcher.main(["--resume", "auto", *args, f"train.total_kimg={EXACT_N_KIMG}"]) == 0
+    ema = load_file(str(tmp_path / "run" / "ema.safetensors"))
+    straight = {k[len("ema."):]: v for k, v in straight_runs("resident", 0, "flips").items()
+                if k.startswith("ema.")}
+    assert differing(straight, ema) == []
+
+
 def test_rng_states_are_restored_after_the_loader_is_started(tiny_shards, tmp_path, monkeypatch):
     # A loader that draws from the global RNG when built or started (none of ours does) draws
     # in a fresh run too, before its first step: the restored states must come after it.
