@@ -170,17 +170,17 @@ def tiny_shards(tmp_path_factory) -> Path:
                                            samples_per_shard=16))
 
 
-def tiny_config(shards, run_root, loader, workers, augment, total_kimg):
+def tiny_config(shards, run_root, loader, workers, augment, total_kimg, **extra):
     # One checkpoint, at the end of each run: the resume point of the half run.
     return toy_config(shards, run_root, **{
         "data.resolution": 8, "network.attn_resolutions": "[4]", "data.loader": loader,
         "data.workers": workers, "train.total_kimg": total_kimg,
-        "train.checkpoint_every_kimg": 1000, **AUGMENT[augment]})
+        "train.checkpoint_every_kimg": 1000, **AUGMENT[augment], **extra})
 
 
-def train_tiny(shards, run, loader, workers, augment, total_kimg, resume=False) -> Trainer:
-    trainer = build_trainer(tiny_config(shards, run.parent, loader, workers, augment, total_kimg), run,
-                            resume_from=find_resume_point(run, "auto") if resume else None)
+def train_tiny(shards, run, loader, workers, augment, total_kimg, resume=False, **extra) -> Trainer:
+    cfg = tiny_config(shards, run.parent, loader, workers, augment, total_kimg, **extra)
+    trainer = build_trainer(cfg, run, resume_from=find_resume_point(run, "auto") if resume else None)
     trainer.train()
     trainer.loader.close()
     return trainer
@@ -249,6 +249,19 @@ def test_train_launcher_resume_on_webdataset_workers_is_exact(tiny_shards, strai
     straight = {k[len("ema."):]: v for k, v in straight_runs("resident", 0, "flips").items()
                 if k.startswith("ema.")}
     assert differing(straight, ema) == []
+
+
+def test_a_sample_grid_at_the_resume_point_leaves_resume_exact(tiny_shards, straight_runs, tmp_path):
+    # The straight run draws a grid at N/2 (sample_every), the run stopped there does not (its
+    # last step): building the grid's network drew from the global RNG that dropout uses.
+    every = {"train.sample_every_kimg": EXACT_N_KIMG / 2}
+    straight = train_tiny(tiny_shards, tmp_path / "a", "resident", 0, "flips", EXACT_N_KIMG, **every)
+    train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG / 2, **every)
+    resumed = train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG, resume=True,
+                         **every)
+    assert differing(_state(straight), _state(resumed)) == []
+    # and a run that draws grids is the run that draws none
+    assert differing(_state(straight), straight_runs("resident", 0, "flips")) == []
 
 
 def test_rng_states_are_restored_after_the_loader_is_started(tiny_shards, tmp_path, monkeypatch):

@@ -201,7 +201,12 @@ class Trainer:
         weights = self.ema_weights_full()
         if self.rank != 0:
             return None
-        return self.task.generate(self.task.sampling_network(weights), num_images)
+        # A picture must not change the run: building the sampling network draws its initial
+        # weights from the global RNG, which the run's dropout uses and a checkpoint saves, and
+        # a run stopped at this step (its last step draws no grid) would resume off the
+        # uninterrupted run's states.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self.task.generate(self.task.sampling_network(weights), num_images)
 
     def export_ema(self) -> dict[str, torch.Tensor]:
         """<run_dir>/ema.safetensors, what sampling and evaluation load (rank 0 writes it; a
