@@ -13,7 +13,8 @@ the backend step, and updates the EMA. Progress is counted in images, so schedul
 and resume points do not depend on the batch size. Resume is exact: model, EMA, optimizer, RNG
 states and the loader position are restored (the RNG states after the loader is started; no
 loader draws from them), so on CPU a resumed run produces bit for bit the losses and weights of
-an uninterrupted one, with any loader and worker count. engine/run.py builds the parts and does the end-of-run work.
+an uninterrupted one, with any loader and worker count. engine/run.py builds the parts and
+does the end-of-run work.
 """
 from __future__ import annotations
 
