@@ -53,7 +53,8 @@ def loader_generator(seed: int, rank: int, start_sample: int) -> torch.Generator
 def position_random_state(seed: int, position: int) -> Iterator[None]:
     """Seed torch's (CPU), numpy's and Python's global RNGs from (seed, stream `position`) for
     the block, then restore the caller's states (see the module docstring)."""
-    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    python_state = random.getstate()
     key = key_seed(seed, f"fetch/{position}")
     torch.default_generator.manual_seed(key)  # not torch.manual_seed: that reseeds CUDA too
     np.random.seed([key & 0xFFFFFFFF, key >> 32])
