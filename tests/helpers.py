@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import io
 import pickle
+import random
 import socket
 import struct
 import tarfile
@@ -65,6 +66,13 @@ def random_grey_shards(root: Path, count: int, side: int, opts) -> Path:
     np.savez(root / "source.npz", images=images)
     make_shards(open_source(str(root / "source.npz")), root / "shards", opts, progress=False)
     return root / "shards"
+
+
+def global_random_states() -> tuple:
+    """torch's (CPU), numpy's and Python's global RNG states, as a tuple that compares with ==
+    (what a loader must leave as it found it)."""
+    kind, keys, pos, *_ = np.random.get_state()
+    return torch.get_rng_state().numpy().tobytes(), (kind, keys.tobytes(), pos), random.getstate()
 
 
 def free_port() -> int:

@@ -1,6 +1,8 @@
 """The three loaders (ambient_dist.data.loader and its resident, webdataset and DALI back ends):
-identical batches, exact epochs, disjoint rank x worker splits, resume. The sample order on
-its own: test_data_order.py."""
+identical batches, exact epochs, disjoint rank x worker splits, resume, and no draw from the
+global RNGs. The sample order on its own: test_data_order.py."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import ShardSet, build_loader
 from ambient_dist.data.shards import ShardOptions, make_shards
 from ambient_dist.data.sources import open_source
-from helpers import random_images
+from helpers import global_random_states, random_images
 
 N = 21  # not a multiple of any batch size below, nor of the shard size
 
@@ -108,6 +110,52 @@ def test_resume_continues_the_exact_sequence(shard_dir, loader):
         assert_same(a, b)
     assert resumed.samples_seen == 9 * 4
     assert first[0].keys != rest[0].keys
+
+
+LOADER_WORKERS = [("resident", 0), ("webdataset", 0), ("webdataset", 1), ("webdataset", 2),
+                  ("dali", 0), ("dali", 2)]
+
+
+@pytest.mark.parametrize("loader,workers", LOADER_WORKERS, ids=[f"{n}-{w}" for n, w in LOADER_WORKERS])
+def test_no_loader_draws_from_the_global_random_states(shard_dir, loader, workers):
+    # The trainer's global RNG (dropout) is saved with a checkpoint and restored on resume; a
+    # loader that drew from it when started (torch's DataLoader does, by default, for its
+    # workers' base seed) shifted every later draw of a resumed run.
+    before = global_random_states()
+    cfg = config(shard_dir, loader, **{"data.workers": workers})
+    take(build_loader(cfg, 0, 1, "cpu"), 3)
+    take(build_loader(cfg, 0, 1, "cpu", start_sample=12), 2)  # as a resumed run starts it
+    assert global_random_states() == before
+
+
+@pytest.mark.parametrize("loader,worker_counts", [("webdataset", (0, 1, 2)), ("dali", (1, 2))],
+                         ids=["webdataset", "dali"])
+def test_what_a_fetch_draws_depends_only_on_the_stream_position(shard_dir, monkeypatch, loader,
+                                                                worker_counts):
+    # A fetch that draws from the global RNGs (say an augmentation added to the worker's
+    # decode) runs ahead of the step, in a worker process or a DALI prefetch: what it draws
+    # must still be the same for every worker count and resume point, and leave the
+    # caller's RNGs alone.
+    plain = take(build_loader(config(shard_dir, loader), 0, 1, "cpu"), 6)
+    decode_noisy = ShardSet.decode_noisy
+
+    def drawing(self, i, data):
+        drawn = torch.rand(()).item() + np.random.random() + random.random()
+        return decode_noisy(self, i, data) + np.float16(drawn)
+    monkeypatch.setattr(ShardSet, "decode_noisy", drawing)
+    before = global_random_states()
+    runs = {w: take(build_loader(config(shard_dir, loader, **{"data.workers": w}), 0, 1, "cpu"), 6)
+            for w in worker_counts}
+    resumed = take(build_loader(config(shard_dir, loader, **{"data.workers": worker_counts[-1]}),
+                                0, 1, "cpu", start_sample=3 * 6), 3)
+    assert global_random_states() == before
+    ref = runs[worker_counts[0]]
+    assert not any(torch.equal(a.noisy, b.noisy) for a, b in zip(plain, ref))  # the draws arrive
+    for w in worker_counts[1:]:
+        for a, b in zip(ref, runs[w]):
+            assert_same(a, b)
+    for a, b in zip(ref[3:], resumed):
+        assert_same(a, b)
 
 
 def test_subset_takes_a_prefix_and_mismatch_is_refused(shard_dir):

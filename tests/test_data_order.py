@@ -1,8 +1,13 @@
-"""ambient_dist.data.order: epochs are exact seeded permutations; rank plans slice them."""
+"""ambient_dist.data.order: epochs are exact seeded permutations; rank plans slice them; what a
+fetch draws is keyed by its stream position."""
+import random
+
 import numpy as np
 import pytest
+import torch
 
-from ambient_dist.data.order import RankPlan, SampleOrder
+from ambient_dist.data.order import RankPlan, SampleOrder, loader_generator, position_random_state
+from helpers import global_random_states
 
 N = 21  # not a multiple of any batch size, as in test_data_loader.py
 
@@ -28,3 +33,25 @@ def test_rank_plan_slices():
     assert plan.global_batch == 12 and plan.step_start(0) == 16 and plan.step_start(2) == 40
     with pytest.raises(ValueError, match="rank 4 outside world size 4"):
         RankPlan(3, 4, 4)
+
+
+def test_a_fetch_draws_from_its_position_and_leaves_the_callers_random_states():
+    def draws(seed, position):
+        with position_random_state(seed, position):
+            return torch.rand(2).tolist(), np.random.random(), random.random()
+    before = global_random_states()
+    assert draws(0, 12) == draws(0, 12)
+    assert draws(0, 12) != draws(0, 13) and draws(0, 12) != draws(1, 12)
+    assert global_random_states() == before
+    with pytest.raises(KeyError):  # put back even when the fetch fails
+        with position_random_state(0, 1):
+            torch.rand(3)
+            raise KeyError("bad sample")
+    assert global_random_states() == before
+
+
+def test_the_dataloader_generator_is_a_function_of_seed_rank_and_start():
+    seeds = {(s, r, p): loader_generator(s, r, p).initial_seed()
+             for s in (0, 1) for r in (0, 1) for p in (0, 64)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert loader_generator(1, 0, 64).initial_seed() == seeds[1, 0, 64]

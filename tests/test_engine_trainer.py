@@ -153,6 +153,133 @@ def test_train_to_a_longer_total_continues_through_the_loop(pixel_shards, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# Exact resume on every loader and worker count: N images straight, and N/2 then --resume to N,
+# give the same model and EMA bit for bit, with x-flips, dropout and augmentation on or off.
+# 8x8 images and N = 64 keep each run under a second.
+EXACT_N_KIMG = 0.064
+LOADERS = [("resident", 0), ("webdataset", 0), ("webdataset", 1), ("webdataset", 2),
+           ("dali", 1), ("dali", 2)]
+AUGMENT = {"flips": {}, "augment": {"augment.p": 0.5, "network.augment_dim": 8}}
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """32 training + 8 held-out random 8x8 grey images."""
+    return random_grey_shards(tmp_path_factory.mktemp("tiny"), 40, 8,
+                              ShardOptions(resolution=8, channels=1, sigma_tn=0.5, count=32, heldout=8,
+                                           samples_per_shard=16))
+
+
+def tiny_config(shards, run_root, loader, workers, augment, total_kimg, **extra):
+    # One checkpoint, at the end of each run: the resume point of the half run.
+    return toy_config(shards, run_root, **{
+        "data.resolution": 8, "network.attn_resolutions": "[4]", "data.loader": loader,
+        "data.workers": workers, "train.total_kimg": total_kimg,
+        "train.checkpoint_every_kimg": 1000, **AUGMENT[augment], **extra})
+
+
+def train_tiny(shards, run, loader, workers, augment, total_kimg, resume=False, **extra) -> Trainer:
+    cfg = tiny_config(shards, run.parent, loader, workers, augment, total_kimg, **extra)
+    trainer = build_trainer(cfg, run, resume_from=find_resume_point(run, "auto") if resume else None)
+    trainer.train()
+    trainer.loader.close()
+    return trainer
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_shards, tmp_path_factory):
+    """(loader, workers, augment) -> model and EMA state after N images straight (cached)."""
+    cache = {}
+
+    def get(loader, workers, augment):
+        if (loader, workers, augment) not in cache:
+            run = tmp_path_factory.mktemp("straight") / "run"
+            trainer = train_tiny(tiny_shards, run, loader, workers, augment, EXACT_N_KIMG)
+            assert trainer.images_seen == 64
+            cache[loader, workers, augment] = _state(trainer)
+        return cache[loader, workers, augment]
+    return get
+
+
+@pytest.mark.parametrize("augment", list(AUGMENT))
+@pytest.mark.parametrize("loader,workers", LOADERS, ids=[f"{n}-{w}" for n, w in LOADERS])
+def test_resume_is_exact_on_every_loader_and_worker_count(tiny_shards, straight_runs, tmp_path,
+                                                          loader, workers, augment):
+    # Field case: data.loader=webdataset (even with 0 workers) resumed to 140 of 142 EMA
+    # tensors off, because starting the DataLoader drew from the restored global RNG.
+    run = tmp_path / "run"
+    train_tiny(tiny_shards, run, loader, workers, augment, EXACT_N_KIMG / 2)
+    resumed = train_tiny(tiny_shards, run, loader, workers, augment, EXACT_N_KIMG, resume=True)
+    assert resumed.images_seen == 64
+    straight = straight_runs(loader, workers, augment)
+    assert differing(straight, _state(resumed)) == []
+    # No loader touches the RNGs the run draws from, so every loader trains the same run.
+    assert differing(straight, straight_runs("resident", 0, augment)) == []
+
+
+@pytest.mark.parametrize("first,then", [(("webdataset", 2), ("resident", 0)),
+                                        (("resident", 0), ("dali", 2)),
+                                        (("dali", 1), ("webdataset", 1))],
+                         ids=["webdataset-2-then-resident", "resident-then-dali-2",
+                              "dali-1-then-webdataset-1"])
+def test_resume_may_change_the_loader_and_its_workers(tiny_shards, straight_runs, tmp_path, first, then):
+    # data.loader and data.workers are resumable changes (checkpoint.RESUMABLE_CHANGES): they
+    # must not change the trajectory.
+    run = tmp_path / "run"
+    train_tiny(tiny_shards, run, *first, "augment", EXACT_N_KIMG / 2)
+    resumed = train_tiny(tiny_shards, run, *then, "augment", EXACT_N_KIMG, resume=True)
+    assert differing(straight_runs("resident", 0, "augment"), _state(resumed)) == []
+
+
+def test_train_launcher_resume_on_webdataset_workers_is_exact(tiny_shards, straight_runs, tmp_path):
+    # The field case as typed: ambient-train to N/2, then --resume auto to N (run_training's
+    # own steps between the restore and the first step must not draw either).
+    overrides = toy_overrides(tiny_shards, tmp_path, **{
+        "data.resolution": 8, "network.attn_resolutions": "[4]", "data.loader": "webdataset",
+        "data.workers": 2, "train.checkpoint_every_kimg": 1000})
+    args = [*overrides_config(tmp_path, overrides), "--run-dir", str(tmp_path / "run")]
+    assert train_launcher.main([*args, f"train.total_kimg={EXACT_N_KIMG / 2}"]) == 0
+    assert train_launcher.main(["--resume", "auto", *args, f"train.total_kimg={EXACT_N_KIMG}"]) == 0
+    ema = load_file(str(tmp_path / "run" / "ema.safetensors"))
+    straight = {k[len("ema."):]: v for k, v in straight_runs("resident", 0, "flips").items()
+                if k.startswith("ema.")}
+    assert differing(straight, ema) == []
+
+
+def test_a_sample_grid_at_the_resume_point_leaves_resume_exact(tiny_shards, straight_runs, tmp_path):
+    # The straight run draws a grid at N/2 (sample_every), the run stopped there does not (its
+    # last step): building the grid's network drew from the global RNG that dropout uses.
+    every = {"train.sample_every_kimg": EXACT_N_KIMG / 2}
+    straight = train_tiny(tiny_shards, tmp_path / "a", "resident", 0, "flips", EXACT_N_KIMG, **every)
+    train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG / 2, **every)
+    resumed = train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG, resume=True,
+                         **every)
+    assert differing(_state(straight), _state(resumed)) == []
+    # and a run that draws grids is the run that draws none
+    assert differing(_state(straight), straight_runs("resident", 0, "flips")) == []
+
+
+def test_rng_states_are_restored_after_the_loader_is_started(tiny_shards, tmp_path, monkeypatch):
+    # A loader that draws from the global RNG when built or started (none of ours does) draws
+    # in a fresh run too, before its first step: the restored states must come after it.
+    from ambient_dist.engine.task import ImageTask
+    real = ImageTask.build_loader
+
+    def drawing_loader(self, *args):
+        torch.rand(3)
+        return real(self, *args)
+    monkeypatch.setattr(ImageTask, "build_loader", drawing_loader)
+    straight = train_tiny(tiny_shards, tmp_path / "a", "resident", 0, "flips", EXACT_N_KIMG)
+    train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG / 2)
+    resumed = train_tiny(tiny_shards, tmp_path / "b", "resident", 0, "flips", EXACT_N_KIMG, resume=True)
+    assert differing(_state(straight), _state(resumed)) == []
+
+
 def test_resume_refuses_options_that_change_the_trajectory(pixel_shards, tmp_path):
     cfg = toy_config(pixel_shards, tmp_path, **{"train.total_kimg": 0.008})
     build_trainer(cfg, tmp_path / "r").train()

@@ -25,7 +25,7 @@ from ambient_dist.text.latents import (
     make_latent_shards)
 from ambient_dist.text.sd_models import load_components, tiny_components
 
-from helpers import RES, latent_config
+from helpers import RES, global_random_states, latent_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,14 @@ def test_latent_shards_resume_and_refuse_other_options(latent_shards, laion):
 def test_loader_batches_and_manifest_checks(latent_shards, tiny_model):
     out, _, _ = latent_shards
     cfg = latent_config(out, tiny_model)
+    rng_before = global_random_states()  # the run's RNGs, which a checkpoint restores
     loader = LatentLoader(cfg, 0, 1, "cpu")
     seen = []
     for _ in range(5):  # two epochs of 10 samples, batches of 4 straddling the boundary
         b = next(loader)
         assert b.clean.shape == b.noisy.shape == (4, 4, RES // 8, RES // 8) and b.text.shape[:2] == (4, 77)
         seen += b.keys
+    assert global_random_states() == rng_before
     assert sorted(seen[:10]) == sorted(LatentShardSet(out).keys)
     assert loader.state_dict()["samples_seen"] == 20
     resumed = LatentLoader(cfg, 0, 1, "cpu", start_sample=8)
@@ -112,6 +114,7 @@ def test_online_shards_encode_the_same_latents(tiny_model, laion, latent_shards,
     torch.testing.assert_close(b_online.clean, b_stored.clean, atol=3e-3, rtol=3e-3)
     torch.testing.assert_close(b_online.noisy, b_stored.noisy, atol=0, rtol=0)
     # DALI decodes the same PNGs (CPU backend here, the GPU one on a GPU): the same batches.
+    rng_before = global_random_states()  # and neither path draws from the run's RNGs
     dali = LatentLoader(latent_config(online, tiny_model, "data.loader=dali", "data.workers=1"),
                         0, 1, "cpu", vae=components.vae)
     pil = LatentLoader(latent_config(online, tiny_model), 0, 1, "cpu", vae=components.vae)
@@ -120,6 +123,7 @@ def test_online_shards_encode_the_same_latents(tiny_model, laion, latent_shards,
         b_dali, b_pil = next(dali), next(pil)
         assert b_dali.keys == b_pil.keys
         assert torch.equal(b_dali.clean, b_pil.clean) and torch.equal(b_dali.noisy, b_pil.noisy)
+    assert global_random_states() == rng_before
 
 
 def test_make_shards_latent_cli(tiny_model, laion, tmp_path, capsys):

@@ -19,24 +19,28 @@ import torch
 
 from .augment import UNIT_TABLE
 from .loader import Batch, TrainLoader
-from .order import RankPlan, SampleOrder
+from .order import RankPlan, SampleOrder, position_random_state
 from .shards import ShardSet
 
 
 class BatchFeeder:
     """external_source callback: encoded PNGs, noisy copies and flip bits of pipeline
-    iteration `n`, which is this rank's step n (DALI may call ahead; all of it is pure)."""
+    iteration `n`, which is this rank's step n. DALI calls ahead (prefetch), so the fetch runs
+    inside `order.position_random_state`: anything it might draw depends on the position it
+    fetches, not on when it ran, and the trainer's global RNG is left as it was."""
 
     def __init__(self, shards: ShardSet, order: SampleOrder, plan: RankPlan):
         self.shards, self.order, self.plan = shards, order, plan
 
     def __call__(self, info):
-        indices, flips = self.order.positions(self.plan.step_start(info.iteration), self.plan.micro_batch)
-        pngs, noisy = [], []
-        for i in indices:
-            png, npy, _ = self.shards.raw(int(i))
-            pngs.append(np.frombuffer(png, dtype=np.uint8))
-            noisy.append(self.shards.decode_noisy(int(i), npy))
+        start = self.plan.step_start(info.iteration)
+        with position_random_state(self.order.seed, start):
+            indices, flips = self.order.positions(start, self.plan.micro_batch)
+            pngs, noisy = [], []
+            for i in indices:
+                png, npy, _ = self.shards.raw(int(i))
+                pngs.append(np.frombuffer(png, dtype=np.uint8))
+                noisy.append(self.shards.decode_noisy(int(i), npy))
         return pngs, noisy, [np.array(f, dtype=np.int32) for f in flips]
 
 
@@ -46,6 +50,8 @@ def build_pipeline(feeder: BatchFeeder, batch_size: int, channels: int, device: 
     from nvidia.dali.pipeline import Pipeline
 
     on_gpu = device.type == "cuda"
+    # No random operator here: DALI's own RNG is not saved with a checkpoint, so one would
+    # make resume inexact. The flips come from the order's bits, fed with the bytes.
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, threads),
                     device_id=(device.index or 0) if on_gpu else None, prefetch_queue_depth=2)
     with pipe:

@@ -14,12 +14,24 @@ differ only in how they fetch bytes, never in what they yield:
 - One global step takes `global_batch = micro_batch * world_size` consecutive positions; rank r
   takes its contiguous slice [r * micro_batch, (r + 1) * micro_batch) of them, so ranks (and
   the workers that fetch alternate steps) see disjoint samples and together see all of them.
+- Code that fetches a step ahead of it or in another process (webdataset workers, the DALI
+  feeder) runs inside `position_random_state(seed, position)`: torch's, numpy's and Python's
+  global RNGs are seeded from (seed, the step's first stream position) for the fetch, and the
+  caller's states are put back after. The fetch draws nothing today; if it ever does, what it
+  draws is still a pure function of (seed, position), the same for every worker count and
+  resume point, and the trainer's global RNG (which a checkpoint saves) is never touched.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+import torch
+
+from ambient_dist.noise import key_seed
 
 # Domain tags keep the permutation and flip streams independent even for equal (seed, epoch).
 _PERMUTATION_TAG = 0x5045524D  # "PERM"
@@ -28,6 +40,31 @@ _FLIP_TAG = 0x464C4950  # "FLIP"
 
 def _generator(seed: int, epoch: int, tag: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, tag])))
+
+
+def loader_generator(seed: int, rank: int, start_sample: int) -> torch.Generator:
+    """The CPU generator a torch DataLoader draws its workers' base seed from. Without one it
+    draws from the global RNG each time an iterator starts: after a resume has restored that
+    RNG, which shifted every later draw (dropout) away from the uninterrupted run's."""
+    return torch.Generator().manual_seed(key_seed(seed, f"loader/{rank}/{start_sample}"))
+
+
+@contextlib.contextmanager
+def position_random_state(seed: int, position: int) -> Iterator[None]:
+    """Seed torch's (CPU), numpy's and Python's global RNGs from (seed, stream `position`) for
+    the block, then restore the caller's states (see the module docstring)."""
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    python_state = random.getstate()
+    key = key_seed(seed, f"fetch/{position}")
+    torch.default_generator.manual_seed(key)  # not torch.manual_seed: that reseeds CUDA too
+    np.random.seed([key & 0xFFFFFFFF, key >> 32])
+    random.seed(key)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 class SampleOrder:

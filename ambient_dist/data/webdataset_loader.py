@@ -7,6 +7,12 @@ access through each tar's DALI index (memory-mapped), not by streaming the tars 
 order: that is what lets the order be a global permutation that is a pure function of
 (seed, epoch), identical to the other loaders, and lets a run resume at any sample count.
 The number of shards therefore does not limit the number of ranks x workers.
+
+Exact resume: nothing here draws from the trainer's global RNG, which a checkpoint saves and a
+resume restores. The DataLoader takes its workers' base seed from its own generator
+(`order.loader_generator`), not from the global RNG as it would by default each time an
+iterator starts, and each step is fetched inside `order.position_random_state`, so anything a
+fetch might draw depends only on (data.seed, stream position), for any worker count.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import flip_rows_numpy, to_model_units
 from .loader import Batch, TrainLoader
-from .order import RankPlan, SampleOrder
+from .order import RankPlan, SampleOrder, loader_generator, position_random_state
 from .shards import ShardSet
 
 
@@ -41,8 +47,10 @@ class _StepStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for step in itertools.count(worker, workers):
-            indices, flips = self.order.positions(self.plan.step_start(step), self.plan.micro_batch)
-            keys, clean, noisy, labels = read_batch(self.shards, indices, flips)
+            start = self.plan.step_start(step)
+            with position_random_state(self.order.seed, start):
+                indices, flips = self.order.positions(start, self.plan.micro_batch)
+                keys, clean, noisy, labels = read_batch(self.shards, indices, flips)
             yield step, keys, torch.from_numpy(clean), torch.from_numpy(noisy), labels
 
 
@@ -55,11 +63,12 @@ class WebDatasetLoader(TrainLoader):
         self._loader = DataLoader(
             _StepStream(self.shards, self.order, self.plan), batch_size=None,
             num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
+            prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+            generator=loader_generator(cfg.data.seed, rank, start_sample))
         self._it = None
 
     def _next_batch(self, step: int) -> Batch:
-        if self._it is None:
+        if self._it is None:  # started at the first batch (the workers fork then)
             self._it = iter(self._loader)
         got, keys, clean, noisy, labels = next(self._it)
         if got != step:  # would mean the worker round-robin broke: never train on a wrong order

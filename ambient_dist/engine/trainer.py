@@ -11,8 +11,10 @@ checkpoint cadence. It is given two parts:
 Every step draws the global batch (in micro-batches when accumulating), computes the loss, lets
 the backend step, and updates the EMA. Progress is counted in images, so schedules, intervals
 and resume points do not depend on the batch size. Resume is exact: model, EMA, optimizer, RNG
-states and the loader position are restored, so on CPU a resumed run produces bit for bit the
-losses of an uninterrupted one. engine/run.py builds the parts and does the end-of-run work.
+states and the loader position are restored (the RNG states after the loader is started; no
+loader draws from them), so on CPU a resumed run produces bit for bit the losses and weights of
+an uninterrupted one, with any loader and worker count. engine/run.py builds the parts and
+does the end-of-run work.
 """
 from __future__ import annotations
 
@@ -88,11 +90,16 @@ class Trainer:
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
         self.final_weights: Optional[dict[str, torch.Tensor]] = None  # set by train() at its end
 
-        saved_loader_state = self._restore(resume_from) if resume_from is not None else None
+        saved = self._restore(resume_from) if resume_from is not None else None
         self.loader = task.build_loader(self.rank, dist_info.world_size, self.images_seen)
-        if resume_from is not None:
-            self._check_same_data(saved_loader_state, resume_from)
+        if saved is not None:
+            self._check_same_data(saved.loader, resume_from)
         self.batches = iter(self.loader)
+        if saved is not None:
+            # The RNG states last, once the loader is built and started: whatever that draws
+            # (no loader of ours draws from the global RNG) a fresh run drew before its first
+            # step too, so the resumed run continues from exactly the saved states.
+            self._set_rng_states(saved.rng)
         self.stats = TrainingStats()
 
     # -- one optimizer step ------------------------------------------------------------
@@ -195,7 +202,12 @@ class Trainer:
         weights = self.ema_weights_full()
         if self.rank != 0:
             return None
-        return self.task.generate(self.task.sampling_network(weights), num_images)
+        # A picture must not change the run: building the sampling network draws its initial
+        # weights from the global RNG, which the run's dropout uses and a checkpoint saves, and
+        # a run stopped at this step (its last step draws no grid) would resume off the
+        # uninterrupted run's states.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self.task.generate(self.task.sampling_network(weights), num_images)
 
     def export_ema(self) -> dict[str, torch.Tensor]:
         """<run_dir>/ema.safetensors, what sampling and evaluation load (rank 0 writes it; a
@@ -215,8 +227,9 @@ class Trainer:
         self.backend.save(self.checkpoints, self.images_seen, state)
         return self.export_ema()
 
-    def _restore(self, path: Path) -> Optional[dict]:
-        """Continue from checkpoint `path`; returns the loader state it saved."""
+    def _restore(self, path: Path) -> TrainingState:
+        """Continue from checkpoint `path` (model, optimizer, EMA, counters); returns what it
+        saved, whose RNG states `_set_rng_states` applies once the loader is started."""
         meta = read_meta(path)
         check_resume_compatible(meta["config"], self.cfg, path)
         if meta["world_size"] != self.dist.world_size:
@@ -225,13 +238,15 @@ class Trainer:
                               "per-rank optimizer partitions and data positions depend on it).")
         state = self.backend.load(path)
         self.ema.load_state_dict(state.ema)
-        torch.set_rng_state(state.rng["torch"])
-        self.noise_generator.set_state(state.rng["noise"])
-        if "cuda" in state.rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state.rng["cuda"], self.device)
         self.images_seen = meta["images_seen"]
         self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
-        return state.loader
+        return state
+
+    def _set_rng_states(self, rng: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(rng["torch"])
+        self.noise_generator.set_state(rng["noise"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _check_same_data(self, saved: Optional[dict], path: Path) -> None:
         """Refuse to resume on other data: the method trains on ONE fixed noisy copy per image
