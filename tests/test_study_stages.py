@@ -119,7 +119,7 @@ def test_options_that_do_not_change_the_weights_reuse_the_training(trained, tmp_
 
 # Inputs of the training that its checkpoints cannot continue under: refused, naming them.
 TRAINING_REFUSALS = {
-    "optimizer.lr": (with_overrides("optimizer.lr=0.002"), r"optimizer\.lr: 0\.01 -> 0\.002"),
+    "optimizer.lr": (with_overrides("optimizer.lr=0.002"), r"optimizer\.lr: 0\.001 -> 0\.002"),
     "network": (with_overrides("network.model_channels=16"), r"network\.model_channels: 8 -> 16"),
     "shorter schedule": (with_overrides("train.total_kimg=0.064"),
                          r"train\.total_kimg: 0\.096 -> 0\.064 \(it trained further than that\)"),
