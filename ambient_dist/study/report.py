@@ -311,28 +311,41 @@ def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Pat
             figure1(rows, figs / "figure1_quality_vs_memorization.png")
             return "figures/figure1_quality_vs_memorization.png"
         draw("Figure 1: quality vs memorization", fig1)
-        spec0 = next(iter(first_spec.values()))
-        train: list = []
+        trains: dict = {}
 
-        def fig3():
-            train.append(load_model_images(spec0.shards, "train", spec0.size))
-            held = load_model_images(spec0.shards, "heldout", study.evaluation.attraction_images)
-            # Only attraction outputs of the evaluation in the table (same digest).
-            made = {g: sp for g, sp in first_spec.items()
-                    if _attraction_digest(sp.run_dir / ATTRACTION_FILE) == evals_first[g].get("digest")}
-            if figure3(study, made, train[0], held, figs / "figure3_denoiser_attraction.png"):
-                return "figures/figure3_denoiser_attraction.png"
-            return None
-        draw("Figure 3: denoiser attraction", fig3)
+        def train_of(spec):
+            """Each run's own training images (sizes and resolutions may differ between runs)."""
+            if spec.shards not in trains:
+                trains[spec.shards] = load_model_images(spec.shards, "train", spec.size)
+            return trains[spec.shards]
+
+        # Figure 3 compares runs on the same held-out images: one panel per data geometry and
+        # size (the held-out images depend on both; across sigma_tn they are the same images).
+        made = {g: sp for g, sp in first_spec.items()
+                if _attraction_digest(sp.run_dir / ATTRACTION_FILE) == evals_first[g].get("digest")}
+        panels: dict = {}
+        for group, spec in made.items():
+            d = spec.config.data
+            panels.setdefault((spec.size, d.resolution, d.channels), {})[group] = spec
+        for (size, res, _), members in panels.items():
+            first = next(iter(members.values()))
+            suffix = "" if len(panels) == 1 else f"_n{size}_{res}px"
+            title = "Figure 3: denoiser attraction" + ("" if len(panels) == 1 else f" (n={size}, {res} px)")
+
+            def fig3(members=members, first=first, suffix=suffix):
+                held = load_model_images(first.shards, "heldout", study.evaluation.attraction_images)
+                name = f"figure3_denoiser_attraction{suffix}.png"
+                if figure3(study, members, train_of(first), held, figs / name):
+                    return f"figures/{name}"
+                return None
+            draw(title, fig3)
         curves = {}
         for group, spec in first_spec.items():
             def copies(group=group, spec=spec):
                 mem = evals_first[group]["memorization"]["pixels"]
-                if not train:
-                    train.append(load_model_images(spec0.shards, "train", spec0.size))
                 _, gen, _ = S.read_samples(spec.run_dir / "samples", limit=study.evaluation.num_samples)
                 name = f"copies_{spec.name}.png"
-                rep.nearest_pairs_figure(gen, train[0], mem["generated"]["max_similarity"],
+                rep.nearest_pairs_figure(gen, train_of(spec), mem["generated"]["max_similarity"],
                                          mem["generated"]["nearest_index"], figs / name,
                                          feature_space=mem["feature_space"])
                 curves[group] = mem["generated"]["max_similarity"]
