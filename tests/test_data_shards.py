@@ -37,7 +37,7 @@ def test_manifest_and_noisy_copy_regenerates(tmp_path):
     out, m = make(tmp_path, noise_seed=3)
     assert m["complete"] and m["format_version"] == 1 and m["sigma_tn"] == 0.5 and m["form"] == "edm"
     assert (m["resolution"], m["channels"], m["num_classes"]) == (16, 3, 5)
-    assert m["counts"] == {"train": 20, "heldout": 6, "skipped": 0, "converted": 0}
+    assert m["counts"] == {"train": 20, "heldout": 6, "skipped": 0, "duplicates": 0, "converted": 0}
     assert [e["samples"] for e in m["shards"]] == [8, 8, 4]  # shards need not divide evenly
     for e in m["shards"]:
         assert sha256_file(out / e["name"]) == e["sha256"] and (out / e["index"]).is_file()

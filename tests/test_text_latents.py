@@ -38,7 +38,7 @@ def test_latent_shards_round_trip(latent_shards):
     out, components, opts = latent_shards
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["form"] == "latent_v" and manifest["t_n"] == 50
-    assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0, "converted": 0,
+    assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0, "duplicates": 0, "converted": 0,
                                   "captionless_kept": 0}
     assert manifest["latent_shape"] == [4, RES // 8, RES // 8] and len(manifest["shards"]) == 4
     s = LatentShardSet(out)

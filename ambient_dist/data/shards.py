@@ -55,7 +55,8 @@ from ambient_dist.noise import keyed_mask, make_noisy_copy
 from ambient_dist.progress import progress as progress_bar
 
 from .augment import to_model_units
-from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
+from .sources import (DUPLICATE_POLICIES, FIT_MODES, Source, SourceError, choose_subset, fit_image,
+                      resolve_duplicates, tar_end_problem, webdataset_members)
 
 FORMAT_NAME = "ambient_dist.shards"
 FORMAT_VERSION = 1
@@ -87,11 +88,16 @@ def scan_tar(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, in
     try:
         with tarfile.open(path, "r:") as tar:
             for key, ext, m in webdataset_members(tar):
-                if not samples or samples[-1][0] != key:
+                if not samples or samples[-1][0] != key or ext in samples[-1][1]:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (m.offset_data, m.size)
+            problem = tar_end_problem(tar)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+    if problem:
+        last = f", the last {samples[-1][0]}" if samples else ""
+        raise ShardError(f"{path}: {problem}; {len(samples)} samples read{last}, the rest are "
+                         "missing: re-run make_shards to rewrite it")
     return samples
 
 
@@ -149,13 +155,16 @@ class ShardOptions:
     # Masking baseline: erase each pixel of each image's fixed mask with this probability
     # (0 = no masks.npz).
     mask_corruption: float = 0.0
-    # Not part of the content:
+    # Source samples that repeat an earlier one (sources.find_duplicates): "error" refuses
+    # them, "keep-first" keeps the first and lists the others in the manifest.
+    duplicates: str = "error"
+    # Not part of the content (duplicates decides which keys are written; those are hashed):
     workers: int = 1
     skip_bad: bool = False
 
     def content(self) -> dict:
         d = asdict(self)
-        for k in ("workers", "skip_bad"):
+        for k in ("workers", "skip_bad", "duplicates"):
             d.pop(k)
         if not d["mask_corruption"]:  # shards made before masks existed keep their plan hash
             d.pop("mask_corruption")
@@ -181,6 +190,8 @@ def _check_options(opts: ShardOptions) -> None:
     for name in ("count", "per_class", "heldout"):
         if getattr(opts, name) < 0:
             bad(f"--{name.replace('_', '-')}", "must be >= 0")
+    if opts.duplicates not in DUPLICATE_POLICIES:
+        bad("--duplicates", f"expected one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}")
     if not 0 <= opts.mask_corruption < 1:
         bad("--mask-corruption", f"must be in [0, 1) (0 = no masks), got {opts.mask_corruption}")
 
@@ -257,6 +268,7 @@ class ShardTar:
 class ShardWriter:
     """What writing any shard directory takes, for one source, directory and geometry:
 
+        choose(...)                    the subset, without duplicates (policy), keys checked
         jobs(train, per_shard)         the numbered tars train-000000.tar, ... of a subset
         plan_hash(jobs, heldout, ...)  the hash that identifies the directory's content
         check_unique_keys(indices)     refuse two images with one key
@@ -287,6 +299,18 @@ class ShardWriter:
                            "shards": [[j.name, [key(i) for i in j.indices]] for j in jobs],
                            "heldout": [key(i) for i in heldout]}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def choose(self, count: int, per_class: int, heldout: int, seed: int, duplicates: str
+               ) -> tuple[list[int], list[int], list[dict]]:
+        """(training indices, held-out indices, duplicates left out): the seeded subset
+        (sources.choose_subset) of the source's samples that repeat no earlier one, after the
+        `duplicates` policy (sources.resolve_duplicates: "error" raises SourceError naming
+        the first duplicate). Each duplicate is {"key", "where", "first", "reason"}."""
+        dups = resolve_duplicates(self.source, duplicates)
+        train, held = choose_subset(self.source, count, per_class, heldout, seed,
+                                    exclude=frozenset(d["index"] for d in dups))
+        self.check_unique_keys(train + held)
+        return train, held, [{k: v for k, v in d.items() if k != "index"} for d in dups]
 
     def check_unique_keys(self, indices: list[int]) -> None:
         """ShardError naming the first image whose key another of `indices` already has
@@ -402,9 +426,9 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
     _check_options(opts)
     out_dir = Path(out_dir)
     channels = opts.channels or (1 if source.kind == "idx" else 3)
-    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
     writer = ShardWriter(source, out_dir, opts.resolution, channels, opts.fit)
-    writer.check_unique_keys(train + heldout)
+    train, heldout, duplicates = writer.choose(opts.count, opts.per_class, opts.heldout,
+                                               opts.subset_seed, opts.duplicates)
     jobs = writer.jobs(train, opts.samples_per_shard)
     desc = source.describe()
     plan = writer.plan_hash(jobs, heldout, opts.content(), desc)
@@ -426,6 +450,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
         "fit": opts.fit, "selection": {"count": opts.count, "per_class": opts.per_class,
                                        "heldout": opts.heldout},
         "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "duplicates": duplicates, "duplicates_policy": opts.duplicates,
         "members": {"clean": CLEAN_EXT, "noisy": NOISY_EXT, "meta": META_EXT,
                     "noisy_dtype": "float16", "noisy_layout": "CHW"},
     }
@@ -468,7 +493,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
         manifest["masks"] = _write_masks(keys, out_dir, opts, channels)
     train_count = sum(e["samples"] for e in manifest["shards"])
     manifest["counts"] = {"train": train_count, "heldout": len(heldout),
-                          "skipped": len(manifest["skipped"]),
+                          "skipped": len(manifest["skipped"]), "duplicates": len(duplicates),
                           "converted": sum(manifest["converted"].values())}
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest)

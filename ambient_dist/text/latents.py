@@ -51,7 +51,7 @@ from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
     ShardSet, ShardWriter, count_conversion, encode_npy, finite_array,
     merge_conversions, read_index, read_manifest, scan_tar)
-from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
+from ambient_dist.data.sources import DUPLICATE_POLICIES, FIT_MODES, Source, SourceError
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
 from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
@@ -123,14 +123,17 @@ class LatentShardOptions:
     # empty caption, i.e. as an unconditional sample (the classifier-free-guidance null
     # prompt). Skipped and kept-empty samples are counted in the manifest and on screen.
     missing_caption: str = "error"
-    # Not part of the content:
+    # Source samples that repeat an earlier one (data.sources.find_duplicates): "error"
+    # refuses them, "keep-first" keeps the first and lists the others in the manifest.
+    duplicates: str = "error"
+    # Not part of the content (duplicates decides which keys are written; those are hashed):
     batch_size: int = 32
     workers: int = 4                  # image decoding threads
     skip_bad: bool = False            # skip (and list) undecodable images instead of stopping
 
     def content(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "skip_bad"):
+        for k in ("batch_size", "workers", "skip_bad", "duplicates"):
             d.pop(k)
         if d["missing_caption"] == "error":  # the data of earlier shards: same plan hash
             d.pop("missing_caption")
@@ -148,6 +151,8 @@ def _check_options(opts: LatentShardOptions) -> None:
         bad("--fit", f"expected one of {', '.join(FIT_MODES)}, got {opts.fit!r}")
     if opts.samples_per_shard < 1 or opts.batch_size < 1:
         bad("--samples-per-shard/--batch", "must be >= 1")
+    if opts.duplicates not in DUPLICATE_POLICIES:
+        bad("--duplicates", f"expected one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}")
     if opts.missing_caption not in MISSING_CAPTION_POLICIES:
         bad("--missing-caption", f"expected one of {', '.join(MISSING_CAPTION_POLICIES)}, "
             f"got {opts.missing_caption!r}")
@@ -263,9 +268,9 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
     if not 0 <= rank < world_size:
         raise ShardError(f"rank {rank} outside world size {world_size}")
     out_dir = Path(out_dir)
-    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
     shards = ShardWriter(source, out_dir, opts.resolution, 3, opts.fit)
-    shards.check_unique_keys(train + heldout)
+    train, heldout, duplicates = shards.choose(opts.count, opts.per_class, opts.heldout,
+                                               opts.subset_seed, opts.duplicates)
     jobs = shards.jobs(train, opts.samples_per_shard)
     desc = {**source.describe(), "model": _model_description(components)}
     plan = shards.plan_hash(jobs, heldout, opts.content(), desc)
@@ -311,6 +316,7 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
         "num_classes": source.num_classes, "class_names": list(source.class_names), "fit": opts.fit,
         "selection": {"count": opts.count, "per_class": opts.per_class, "heldout": opts.heldout},
         "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "duplicates": duplicates, "duplicates_policy": opts.duplicates,
         "latent_shape": latent_shape, "noisy_shape": latent_shape,
         "scaling_factor": components.scaling_factor, "online": opts.online,
         "text_embeddings": opts.text_embeddings, "missing_caption": opts.missing_caption,
@@ -359,6 +365,7 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
     manifest["converted"] = merge_conversions(manifest["shards"])
     manifest["counts"] = {"train": sum(e["samples"] for e in manifest["shards"]),
                           "heldout": heldout, "skipped": len(manifest["skipped"]),
+                          "duplicates": len(manifest["duplicates"]),
                           "converted": sum(manifest["converted"].values()),
                           "captionless_kept": sum(e.get("captionless", 0) for e in manifest["shards"])}
     manifest["complete"] = True
