@@ -12,7 +12,7 @@ from PIL import Image
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import load_images, read_manifest
 from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_manifest, encode_npy,
-                                      make_shards, scan_tar)
+                                      make_shards, scan_tar, write_manifest)
 from ambient_dist.data.sources import SourceError, choose_subset, open_source
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.noise import make_noisy_copy
@@ -177,7 +177,9 @@ def test_skip_bad_counts_and_lists(tmp_path):
 def test_checksum_mismatch(tmp_path):
     out, m = make(tmp_path)
     p = out / m["shards"][2]["name"]
-    p.write_bytes(p.read_bytes()[:-1024])
+    data = bytearray(p.read_bytes())
+    data[-10] = 1  # in the end-of-archive padding: only the checksum can tell
+    p.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=f"{p.name}: checksum mismatch"):
         ShardSet(out)
     # Ranks split the verification: shard 2 is rank 0's of 2 (0, 2, ...), not rank 1's.
@@ -189,13 +191,33 @@ def test_checksum_mismatch(tmp_path):
 def test_truncated_tar(tmp_path):
     out, m = make(tmp_path)
     p = out / m["shards"][0]["name"]
-    p.write_bytes(p.read_bytes()[:4000])
+    whole = p.read_bytes()
+    p.write_bytes(whole[:4000])
+    # Refused at open on every rank, checksums verified or not: the size the manifest records.
+    with pytest.raises(ShardError, match=f"{p.name}: 4000 bytes, the manifest says {len(whole)} "
+                                         r"\(cut short"):
+        ShardSet(out, verify=False)
+    m["shards"][0]["bytes"] = 4000  # past that check, a read names the truncated member
+    write_manifest(out, m)
     shards = ShardSet(out, verify=False)
     with pytest.raises(ShardError, match=f"{p.name}, key {shards.keys[7]}: .*truncated"):
         shards.sample(7)
     (out / m["shards"][0]["index"]).unlink()  # without the index the tar is scanned
     with pytest.raises(ShardError, match=f"{p.name}: corrupt or truncated tar"):
         ShardSet(out, verify=False)
+
+
+def test_our_tar_cut_at_a_member_boundary_is_refused_when_scanned(tmp_path):
+    out, m = make(tmp_path)
+    p = out / m["shards"][0]["name"]
+    with tarfile.open(p) as tar:
+        members = tar.getmembers()
+    cut = members[9].offset  # after sample 3's three members: a whole-member prefix
+    p.write_bytes(p.read_bytes()[:cut])
+    with pytest.raises(ShardError, match=f"{p.name}: the tar ends early: no end-of-archive marker "
+                                         f".* at byte {cut} .*; 3 samples read, the last "
+                                         f"{members[8].name.split('.')[0]}, the rest are missing"):
+        scan_tar(p)
 
 
 def test_corrupt_tar_header(tmp_path):
@@ -228,8 +250,8 @@ def _rewrite_shard(out, m, edit):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     write_index(scan_tar(p), out / entry["index"])
-    entry["sha256"] = sha256_file(p)
-    atomic_write_json(out / "manifest.json", m)
+    entry["sha256"], entry["bytes"] = sha256_file(p), p.stat().st_size
+    write_manifest(out, m)  # as another writer would: sealed
 
 
 def test_missing_noisy_copy(tmp_path):
@@ -260,11 +282,11 @@ def test_noisy_copy_wrong_dtype_or_shape(tmp_path, bad):
 def test_empty_shard_list_and_incomplete_manifest(tmp_path):
     out, m = make(tmp_path)
     m["shards"] = []
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     with pytest.raises(ShardError, match="shard list is empty"):
         ShardSet(out)
     m["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     with pytest.raises(ShardError, match="incomplete.*re-run the same make_shards"):
         ShardSet(out)
     with pytest.raises(ShardError, match="manifest.json: not found"):
@@ -360,7 +382,7 @@ def test_nan_in_a_stored_noisy_copy_is_named_where_it_is_read(tmp_path):
     os.replace(rebuilt, tar_path)
     (out / m["shards"][0]["index"]).unlink()     # rebuilt from the tar
     m["shards"][0]["sha256"] = sha256_file(tar_path)
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     shards = ShardSet(out)
     with pytest.raises(ShardError, match=f"key {key}: noisy copy holds 1 non-finite values"):
         shards.sample(3)

@@ -50,7 +50,7 @@ from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
     ShardSet, ShardWriter, count_conversion, encode_npy, finite_array,
-    merge_conversions, read_index, read_manifest, scan_tar)
+    check_seal, merge_conversions, read_index, read_manifest, scan_tar, write_manifest)
 from ambient_dist.data.sources import DUPLICATE_POLICIES, FIT_MODES, Source, SourceError
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
@@ -338,6 +338,8 @@ def _finished_shards(shards: ShardWriter, part_path: Path, plan: str, overwrite:
             old = json.loads(path.read_text())
         except ValueError as e:
             raise ShardError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+        if path.name == MANIFEST_NAME:  # an older unsealed one is rebuilt from the options
+            check_seal(old, path, require_seal=False)
         if old.get("plan") != plan:
             raise ShardError(f"{path}: this directory holds latent shards made from a different "
                              "source, model or options; choose another --out or pass --overwrite")
@@ -369,7 +371,7 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
                           "converted": sum(manifest["converted"].values()),
                           "captionless_kept": sum(e.get("captionless", 0) for e in manifest["shards"])}
     manifest["complete"] = True
-    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -436,6 +438,24 @@ class LatentShardSet(ShardSet):
                         raise ShardError(f"{path}, key {key}: no .{ext} member in the sample")
                     self.extra[ext][i] = comps[ext]
                 i += 1
+        self.check_latent_noise()
+
+    def check_latent_noise(self) -> None:
+        """The manifest's t_n (and sigma_tn = s_tn / alpha_tn) against the data: the stored
+        noisy latents minus alpha_tn x the clean ones must have std s_tn. Online shards store
+        no clean latent (the seal alone protects their t_n)."""
+        m = self.manifest
+        alpha, s_tn = ddpm_alpha_sigma(m["t_n"])
+        if not np.isclose(float(m["sigma_tn"]), float(s_tn / alpha), rtol=1e-6):
+            self._refuse("sigma_tn", m["sigma_tn"], f"t_n {m['t_n']} gives s_tn / alpha_tn = "
+                         f"{float(s_tn / alpha):.6g}")
+        if self.online:
+            return
+        pairs = self._readable(lambda i: (self.noisy(i), self.latent(i)), self.check_samples())
+        if pairs:
+            residual = torch.stack([torch.from_numpy(z).float() - float(alpha) * torch.from_numpy(z0).float()
+                                    for z, z0 in pairs])
+            self.check_noise_level(residual, float(s_tn), "t_n", m["t_n"])
 
     def _npy(self, i: int, ext: str, shape=None) -> np.ndarray:
         off, size = self.extra[ext][i]
