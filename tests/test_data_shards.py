@@ -410,3 +410,94 @@ def test_a_shard_tar_is_published_whole_or_not_at_all(tmp_path):
     entry = shard.publish([], None)
     assert entry["samples"] == 1 and entry["sha256"] == sha256_file(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.idx", "train-000000.tar"]
+
+
+# ----------------------------------------------------------------------------------------
+# The manifest's word against the data: the seal, and checks on the data themselves
+# ----------------------------------------------------------------------------------------
+
+def _edit(out, path, value):
+    """Set field `path` ("counts.train", "shards.0.sha256") of out's manifest as a text editor
+    would (the seal left as it was)."""
+    m = json.loads((out / "manifest.json").read_text())
+    *parents, last = path.split(".")
+    node = m
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[int(last) if isinstance(node, list) else last] = value
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("sigma_tn", 1.0, "sigma_tn"), ("form", "vp", "form"), ("noise_seed", 3, "noise_seed"),
+    ("resolution", 32, "resolution"), ("channels", 1, "channels"), ("num_classes", 10, "num_classes"),
+    ("counts.train", 12, "counts.train"), ("plan", "0" * 64, "plan"), ("shards.0.sha256", "f" * 64, "shards"),
+    ("masks.corruption", 0.2, "masks.corruption"), ("heldout.sha256", "0" * 64, "heldout.sha256")])
+def test_an_edited_manifest_field_is_refused_naming_it(tmp_path, field, value, named):
+    out, _ = make(tmp_path, mask_corruption=0.5)
+    _edit(out, field, value)
+    message = rf"manifest.json: manifest field {named} differs from what make_shards wrote"
+    for read in (read_manifest, ShardSet, lambda d: load_images(d, "heldout")):
+        with pytest.raises(ShardError, match=message):
+            read(out)
+
+
+def test_an_edited_sigma_tn_is_refused_by_the_training_loader_and_evaluation(tmp_path):
+    from ambient_dist.data.build import build_loader
+    out, _ = make(tmp_path)
+    _edit(out, "sigma_tn", 1.0)
+    cfg = load_config(None, [f"data.shards={out}", "data.resolution=16", "data.channels=3",
+                             "objective.sigma_tn=1.0", "network.channel_mult=[1,2]", "train.batch=4"])
+    for loader in ("resident", "webdataset"):
+        cfg.data.loader = loader
+        with pytest.raises(ShardError, match="manifest field sigma_tn differs"):
+            build_loader(cfg, 0, 1, "cpu")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sigma_tn", 1.0, r"field sigma_tn says 1.0, but the stored noisy copies have noise std 0.5\d* "
+                      r"\(expected 1; measured on 8 samples\)"),
+    ("sigma_tn", 0.0, r"field sigma_tn says 0.0, but the stored noisy copies have noise std 0.5"),
+    ("resolution", 32, r"field resolution says 32, but the stored images are 16x16 px"),
+    ("channels", 1, r"field channels says 1, but the stored images have 3"),
+    ("counts.train", 12, r"field counts.train says 12, but the tars hold 20 samples")])
+def test_a_manifest_resealed_after_an_edit_is_still_refused_by_the_data(tmp_path, field, value, message):
+    """Another tool that rewrites the manifest (and so its seal) cannot make it lie: what the
+    data show is measured."""
+    out, _ = make(tmp_path)
+    write_manifest(out, _edit(out, field, value))
+    read_manifest(out)  # the seal holds: it is the data that refuse
+    with pytest.raises(ShardError, match=rf"manifest.json: {message}.*does not describe these shards"):
+        ShardSet(out)
+
+
+def test_the_data_checks_accept_every_true_manifest(tmp_path):
+    for kw in (dict(sigma_tn=0.0), dict(sigma_tn=2.0), dict(form="vp", sigma_tn=0.5),
+               dict(form="vp", sigma_tn=5.0), dict(count=1, heldout=0, resolution=8)):
+        out, _ = make(tmp_path, name=f"s{len(list(tmp_path.iterdir()))}", **kw)
+        assert len(ShardSet(out)) == (kw.get("count") or OPTS["count"])
+
+
+def test_resealed_mask_corruption_is_refused_by_the_masks(tmp_path):
+    from ambient_dist.data.shards import read_masks
+    out, m = make(tmp_path, mask_corruption=0.5)
+    keys = ShardSet(out).keys
+    assert read_masks(out, keys).shape == (20, 3, 16, 16)
+    write_manifest(out, _edit(out, "masks.corruption", 0.2))
+    with pytest.raises(ShardError, match=r"field masks.corruption says 0.2, but the stored masks "
+                                         r"erase 0.(4|5)\d* of the pixels \(20 masks\)"):
+        read_masks(out, keys)
+
+
+def test_an_unsealed_manifest_is_refused_and_resealed_by_rerunning_make_shards(tmp_path):
+    out, m = make(tmp_path)
+    stamps = {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in m["shards"]}
+    del m["seal"]  # as shards made before manifests were sealed
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="manifest.json: the manifest carries no seal .* re-run the "
+                                         "ambient-make-shards command"):
+        ShardSet(out)
+    again = make_shards(npz_source(tmp_path), out, ShardOptions(**OPTS), progress=False)
+    assert {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in again["shards"]} == stamps
+    assert len(ShardSet(out)) == 20 and read_manifest(out)["plan"] == m["plan"]
