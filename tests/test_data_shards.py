@@ -501,3 +501,21 @@ def test_an_unsealed_manifest_is_refused_and_resealed_by_rerunning_make_shards(t
     again = make_shards(npz_source(tmp_path), out, ShardOptions(**OPTS), progress=False)
     assert {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in again["shards"]} == stamps
     assert len(ShardSet(out)) == 20 and read_manifest(out)["plan"] == m["plan"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("counts.heldout", 4, r"field counts.heldout says 4, but heldout.npz holds 6 images"),
+    ("resolution", 8, r"fields resolution / channels say 8 px x 3, but heldout.npz holds images of shape \[16, 16, 3\]")])
+def test_held_out_images_are_checked_against_a_resealed_manifest(tmp_path, field, value, message):
+    out, _ = make(tmp_path)
+    write_manifest(out, _edit(out, field, value))
+    with pytest.raises(ShardError, match=message):
+        load_images(out, "heldout")
+
+
+def test_an_unverified_cut_heldout_file_is_named(tmp_path):
+    out, m = make(tmp_path)
+    p = out / "heldout.npz"
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(ShardError, match=r"heldout.npz: unreadable"):
+        load_images(out, "heldout", verify=False)

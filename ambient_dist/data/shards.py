@@ -939,8 +939,21 @@ def load_images(shards_dir: str | os.PathLike, split: str = "train", verify: boo
             raise ShardError(f"{path}: listed in the manifest but missing")
         if verify and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch; re-run make_shards to rewrite it")
-        with np.load(path, allow_pickle=False) as npz:
-            keys, images, labels = [str(k) for k in npz["keys"]], npz["images"], npz["labels"]
+        try:  # unverified, a cut file reaches here
+            with np.load(path, allow_pickle=False) as npz:
+                keys, images, labels = [str(k) for k in npz["keys"]], npz["images"], npz["labels"]
+        except Exception as e:
+            raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run make_shards "
+                             "to rewrite it") from None
+        R, C = manifest["resolution"], manifest["channels"]
+        if images.shape[1:] != (R, R, C):
+            raise ShardError(f"{shards_dir / MANIFEST_NAME}: fields resolution / channels say {R} "
+                             f"px x {C}, but {HELDOUT_NAME} holds images of shape "
+                             f"{list(images.shape[1:])}: the manifest does not describe these shards")
+        if len(keys) != manifest["counts"].get("heldout", len(keys)):
+            raise ShardError(f"{shards_dir / MANIFEST_NAME}: field counts.heldout says "
+                             f"{manifest['counts']['heldout']}, but {HELDOUT_NAME} holds {len(keys)} "
+                             "images: the manifest does not describe these shards")
         has_labels = manifest["num_classes"] > 0
     else:
         raise ValueError(f"load_images: split must be 'train' or 'heldout', got {split!r}")
