@@ -13,7 +13,9 @@ A shard directory holds
                             image's ONE fixed inpainting mask, keyed like the noisy copies
                             (keys, bit-packed bool masks [N, C, H, W], True = kept)
     manifest.json           format version, sigma_tn, form, seeds, geometry, class count,
-                            counts, per-file sha256, the source description, the plan hash
+                            counts, per-file sha256 and size, the source description, the
+                            duplicates left out, the plan hash, and its seal (a digest of
+                            each field, so that an edit is refused naming the field)
 
 Writing (`make_shards`) is resumable: each shard goes to a temporary name and is renamed when
 complete, the manifest is rewritten (atomically) after every shard, and a re-run with the same
@@ -25,9 +27,10 @@ The mechanics of writing are public and shared with the latent writer (text.late
 resume check) and `ShardTar` (one tar written under a temporary name, published with its
 index and manifest entry); `tar_member` adds one member with fixed metadata.
 
-Reading (`ShardSet`) verifies checksums, loads the indexes, and decodes any sample by index,
-checking its tar header, its noisy copy's shape and dtype, and naming shard and key in every
-error. `load_images` reads a whole split; `check_manifest` compares a manifest to a config.
+Reading (`ShardSet`) checks the manifest's seal, each tar's size (and sha256), loads the
+indexes, checks what the manifest says against the data (counts, image shape, the noisy
+copies' measured noise level), and decodes any sample by index, checking its tar header, its
+noisy copy's shape and dtype, and naming shard and key in every error. `load_images` reads a whole split; `check_manifest` compares a manifest to a config.
 """
 from __future__ import annotations
 

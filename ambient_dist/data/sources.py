@@ -565,8 +565,8 @@ class WebDatasetSource(Source):
         times = Counter(s[2] for s in out)
         out = [(*s, n if times[s[2]] > 1 else None) for n, s in enumerate(out)]
         stats_path, recorded = img2dataset_stats(tar_path)
-        missing = (f"; {stats_path.name} records {recorded} samples: {recorded - len(out)} are "
-                   "missing" if recorded is not None else "; the samples after it are missing")
+        missing = (f"; {stats_path.name} records {recorded} samples: {max(recorded - len(out), 0)} "
+                   "are missing" if recorded is not None else "; the samples after it are missing")
         if problem:
             last = f", the last {out[-1][2]}" if out else ""
             raise SourceError(f"{tar_path}: {problem}; {len(out)} samples read{last}{missing}. "
