@@ -519,3 +519,28 @@ def test_an_unverified_cut_heldout_file_is_named(tmp_path):
     p.write_bytes(p.read_bytes()[:300])
     with pytest.raises(ShardError, match=r"heldout.npz: unreadable"):
         load_images(out, "heldout", verify=False)
+
+
+def test_training_on_an_edited_manifest_is_one_error_line(tmp_path, capsys):
+    """Field case: sigma_tn edited 0.5 -> 1.0 after the shards were written; ambient-train
+    (with objective.sigma_tn=1.0, as the edit suggests) ran at the edited value, exit 0."""
+    from ambient_dist.cli.train import main as train
+    out, _ = make(tmp_path)
+    _edit(out, "sigma_tn", 1.0)
+    (tmp_path / "exp.yaml").write_text("{}\n")
+    rc = train(["--config", str(tmp_path / "exp.yaml"), f"data.shards={out}", "data.resolution=16", "data.channels=3", "objective.sigma_tn=1.0",
+                "network.channel_mult=[1,2]", f"train.run_root={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "manifest field sigma_tn differs" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_make_shards_cli_names_a_truncated_source_tar(tmp_path, capsys):
+    from helpers import cut_tar_after, jpeg_bytes, write_wds_tar
+    tar = write_wds_tar(tmp_path / "wds" / "00000.tar",
+                        [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "txt": "c"} for i in range(4)], stats=4)
+    cut_tar_after(tar, 4)
+    assert _cli()(["--source", str(tmp_path / "wds"), "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{tar}: the tar ends early" in err
+    assert "2 samples read, the last k1; 00000_stats.json records 4 samples: 2 are missing" in err
