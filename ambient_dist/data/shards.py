@@ -58,6 +58,7 @@ from ambient_dist.noise import keyed_mask, make_noisy_copy, vp_alpha_sigma
 from ambient_dist.progress import progress as progress_bar
 
 from .augment import to_model_units
+from .order import position_random_state
 from .sources import (DUPLICATE_POLICIES, FIT_MODES, Source, SourceError, choose_subset, fit_image,
                       resolve_duplicates, tar_end_problem, webdataset_members)
 
@@ -785,7 +786,11 @@ class ShardSet:
                 self._refuse("channels", m["channels"], f"the stored images have {c} (key {self.keys[i]})")
         if m.get("form") not in PIXEL_FORMS:
             return  # latent shards: text.latents.LatentShardSet measures the latent noise
-        samples = self._readable(self.sample, idx)
+        # Under a fixed random state that is put back afterwards: the check reads through the
+        # same decode as training, and whatever a decode may draw must not move the caller's
+        # RNGs (exact resume: a resumed run opens the shards again where a fresh one did not).
+        with position_random_state(0, -1):
+            samples = self._readable(self.sample, idx)
         if not samples:
             return
         clean = torch.from_numpy(np.stack([smp.clean for smp in samples]))
