@@ -234,3 +234,108 @@ def perturb_state(state: dict) -> dict:
     g = torch.Generator().manual_seed(7)
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
             for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22: odd inputs (an image folder of any format, inputs of another shape)
+# --------------------------------------------------------------------------------------
+
+def _write_folder(folder: Path, images: np.ndarray, fmt: str, ext: str) -> Path:
+    """images uint8 [N, H, W] or [N, H, W, 3] -> folder/img-<n>.<ext> in PIL format `fmt`."""
+    folder.mkdir(parents=True)
+    for n, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"img-{n:02d}.{ext}", format=fmt)
+    return folder
+
+
+def test_a_jpeg_folder_as_fid_reference_gives_the_fid_of_the_same_images_as_pngs(setup, evaluated, tmp_path):
+    """Field case 1: a folder of JPEGs was read by a PNG-only reader ("no PNG files")."""
+    root, runs = setup
+    rng = np.random.default_rng(3)
+    jpegs = _write_folder(tmp_path / "jpegs", (rng.random((12, 8, 8)) * 255).astype(np.uint8), "JPEG", "jpg")
+    decoded = np.stack([np.asarray(Image.open(f)) for f in sorted(jpegs.glob("*.jpg"))])
+    pngs = _write_folder(tmp_path / "pngs", decoded, "PNG", "png")  # the same pixels, lossless
+    common = ["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+              "--features", "pixels", "--inception-path", str(root / "standin.pt"),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    fids = {}
+    for name, folder in (("jpeg", jpegs), ("png", pngs)):
+        assert evaluate_launcher.main([*common, "--fid-reference", str(folder), "--out", str(tmp_path / name)]) == 0
+        fids[name] = rep.read_report(tmp_path / name)["fid"]
+    assert fids["jpeg"]["reference_count"] == fids["png"]["reference_count"] == 12
+    assert fids["jpeg"]["value"] == pytest.approx(fids["png"]["value"], rel=1e-12)
+    assert fids["jpeg"]["value"] != pytest.approx(rep.read_report(runs["edm"] / "eval")["fid"]["value"])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("channels,side", [(3, 8), (3, 16), (1, 16)])
+@pytest.mark.parametrize("space", ["pixels", "inception"])
+def test_samples_of_another_shape_are_refused_naming_both_shapes(setup, tmp_path, capsys, channels, side, space):
+    """Field case 2: 3-channel 32 / 64 px samples against 1-channel 32 px shards gave a
+    RuntimeError traceback (pixel space); every feature space refuses them the same way."""
+    root, _ = setup
+    rng = np.random.default_rng(0)
+    shape = (6, side, side, 3) if channels == 3 else (6, side, side)
+    samples = _write_folder(tmp_path / "s", (rng.random(shape) * 255).astype(np.uint8), "PNG", "png")
+    assert evaluate_launcher.main(["--samples", str(samples), "--shards", str(root / "shards"),
+                                   "--features", space, "--inception-path", str(root / "standin.pt"),
+                                   "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                                   "--out", str(tmp_path / "e")]) == 2
+    err = _error(capsys)
+    assert f"samples {samples}: images are [C, H, W] = [{channels}, {side}, {side}]" in err
+    assert f"training shards {root / 'shards'} (--shards): [1, 8, 8]" in err
+    assert not (tmp_path / "e").exists()  # refused before anything was computed or written
+
+
+def test_fid_references_of_another_shape_are_refused_naming_both(setup, evaluated, tmp_path, capsys):
+    root, runs = setup
+    rng = np.random.default_rng(1)
+    common = ["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+              "--features", "pixels", "--inception-path", str(root / "standin.pt"),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(tmp_path / "e")]
+    # an RGB JPEG folder against grey samples
+    rgb = _write_folder(tmp_path / "rgb", (rng.random((6, 8, 8, 3)) * 255).astype(np.uint8), "JPEG", "jpeg")
+    assert evaluate_launcher.main([*common, "--fid-reference", str(rgb)]) == 2
+    err = _error(capsys)
+    assert f"--fid-reference {rgb}: images are [C, H, W] = [3, 8, 8]" in err
+    assert f"samples {runs['edm'] / 'samples'}: [1, 8, 8]" in err
+    # shards of another resolution as the reference
+    big = random_grey_shards(tmp_path, 12, 16, ShardOptions(resolution=16, channels=1, sigma_tn=0.5,
+                                                           count=12, samples_per_shard=12))
+    assert evaluate_launcher.main([*common, "--fid-reference", str(big)]) == 2
+    assert f"--fid-reference {big}: images are [C, H, W] = [1, 16, 16]" in _error(capsys)
+    # statistics we wrote record the images' shape: those of 16 px images are refused too
+    from ambient_dist.metrics import fid as fidlib
+    stats = tmp_path / "stats16.npz"
+    fidlib.save_statistics(stats, np.zeros(8), np.eye(8), 12, image_shape=[1, 16, 16])
+    assert evaluate_launcher.main([*common, "--fid-reference", str(stats)]) == 2
+    err = _error(capsys)
+    assert f"--fid-reference {stats}: statistics of images [C, H, W] = [1, 16, 16]" in err and "[1, 8, 8]" in err
+    # the statistics cached by an evaluation record the shape they were computed on
+    cached = sorted((root / "cache").glob("fidstats-*.npz"))[-1]
+    assert fidlib.recorded_image_shape(cached) == [1, 8, 8]
+
+
+def test_baseline_and_compare_reports_of_another_space_or_shape_are_refused(setup, evaluated, tmp_path, capsys):
+    import shutil
+    root, runs = setup
+    base_dir, ambient_dir = evaluated
+    other = tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    report = json.loads((other / "report.json").read_text())
+    assert report["image_shape"] == [1, 8, 8]
+    report["image_shape"] = [3, 16, 16]
+    (other / "report.json").write_text(json.dumps(report))
+    assert evaluate_launcher.main(["--compare", str(ambient_dir), str(other), "--out", str(tmp_path / "c")]) == 2
+    err = _error(capsys)
+    assert f"--compare {other} was evaluated on images [C, H, W] = [3, 16, 16]" in err
+    assert f"--compare {ambient_dir} on [1, 8, 8]" in err
+    assert evaluate_launcher.main([str(runs["ambient"]), "--num", "6", "--inception-path", str(root / "standin.pt"),
+                                   "--cache-dir", str(root / "cache"), "--quiet", "--baseline", str(other),
+                                   "--out", str(tmp_path / "b")]) == 2
+    assert f"--baseline {other} was evaluated on images [C, H, W] = [3, 16, 16], this run on [1, 8, 8]" in _error(capsys)

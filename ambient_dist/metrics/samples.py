@@ -16,7 +16,8 @@ is around it for ambient-sample and ambient-evaluate:
                              so an interrupted run resumes by skipping what exists.
     generate(...)            the loop: this rank's pending images, batch by batch, with tqdm
     sample_run(...)          samples.json check + generate (what both launchers call)
-    read_samples(path)       images back as uint8 [N, C, H, W] (either layout)
+    read_samples(path)       images back as uint8 [N, C, H, W] (either layout, or any
+                             image folder, through data.sources.FolderSource)
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
 from ambient_dist.data.shards import tar_member
-from ambient_dist.data.sources import decode_image_bytes
+from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
@@ -261,11 +262,15 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
 # Reading back
 # --------------------------------------------------------------------------------------
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
+def iter_samples(path: str | os.PathLike, what: str = "samples"
+                 ) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
     """(index, uint8 [H, W, C], label or None) for every stored image, in index order.
 
-    Reads a SampleStore of either layout, or any folder of PNGs (index = position in
-    sorted order)."""
+    Reads a SampleStore of either layout, or any folder of images: the folder is read by
+    `data.sources.FolderSource`, the one image-folder reader (what make_shards reads too:
+    PNG, JPEG, WebP, BMP, GIF, TIFF, recursively, sorted by path; samples.json and other
+    files are ignored). A file named by a number keeps it as its index, others get their
+    position. `what` names the input in errors (e.g. "--fid-reference")."""
     root = Path(path)
     shards = sorted(root.glob("samples-*.tar")) if root.is_dir() else [root]
     if shards and all(p.suffix == ".tar" for p in shards):
@@ -284,20 +289,22 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Opt
                 yield int(stem.rsplit("/", 1)[-1]), decode_image_bytes(g["png"], f"{shard}:{stem}"), label
         return
     if not root.is_dir():
-        raise SampleStoreError(f"samples {root}: neither a directory nor a .tar shard")
-    files = sorted(root.rglob("*.png"))
-    if not files:
-        raise SampleStoreError(f"samples {root}: no PNG files and no samples-*.tar shards")
-    for i, f in enumerate(files):
-        index = int(f.stem) if f.stem.isdigit() else i
-        yield index, decode_image_bytes(f.read_bytes(), str(f)), None
+        raise SampleStoreError(f"{what} {root}: neither a directory nor a .tar shard")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*")):
+        raise SampleStoreError(f"{what} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                               "and no samples-*.tar shards")
+    folder = FolderSource(root)
+    for i in range(len(folder)):
+        stem = Path(folder.files[i]).stem
+        yield int(stem) if stem.isdigit() else i, folder.load(i).image, None
 
 
-def read_samples(path: str | os.PathLike, limit: int = 0
+def read_samples(path: str | os.PathLike, limit: int = 0, what: str = "samples"
                  ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
-    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples."""
+    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples or an image folder
+    (`iter_samples`); images of different shapes raise SampleStoreError naming `what`."""
     indices, images, labels = [], [], []
-    for n, img, label in iter_samples(path):
+    for n, img, label in iter_samples(path, what):
         indices.append(n)
         images.append(img)
         labels.append(label)
@@ -305,7 +312,7 @@ def read_samples(path: str | os.PathLike, limit: int = 0
             break
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise SampleStoreError(f"samples {path}: images of different shapes {sorted(shapes)}")
+        raise SampleStoreError(f"{what} {path}: images of different shapes {sorted(shapes)}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     has_labels = all(lab is not None for lab in labels)
     return indices, pixels, (torch.tensor(labels) if has_labels else None)
