@@ -339,3 +339,84 @@ def test_baseline_and_compare_reports_of_another_space_or_shape_are_refused(setu
                                    "--cache-dir", str(root / "cache"), "--quiet", "--baseline", str(other),
                                    "--out", str(tmp_path / "b")]) == 2
     assert f"--baseline {other} was evaluated on images [C, H, W] = [3, 16, 16], this run on [1, 8, 8]" in _error(capsys)
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22 case 3: a run is evaluated on the data it was trained on, from any directory
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained (with checkpoints) from work/ on `data.shards=shards` (relative), and
+    other/ holding other shards of the same name (another noise seed)."""
+    import os
+
+    from helpers import toy_overrides
+    base = tmp_path_factory.mktemp("cwd")
+    work, other = base / "work", base / "other"
+    for folder, seed in ((work, 0), (other, 1)):
+        folder.mkdir()
+        random_grey_shards(folder, 30, 16, ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=24,
+                                                        heldout=6, samples_per_shard=12, noise_seed=seed))
+    before = os.getcwd()
+    os.chdir(work)
+    try:
+        Path("exp.yaml").write_text("name: rel\n")
+        overrides = toy_overrides(Path("shards"), Path("runs"), **{"data.subset": 20})
+        assert load_launcher("train").main(["--config", "exp.yaml", *overrides]) == 0
+    finally:
+        os.chdir(before)
+    return work, other, work / "runs" / "rel"
+
+
+def test_a_run_evaluated_from_another_directory_uses_its_own_shards(trained, monkeypatch, tmp_path):
+    work, other, run = trained
+    saved = load_config(run / "config.yaml", check_paths=False)
+    assert saved.data.shards == str(work / "shards") and saved.train.run_root == str(work / "runs")
+    info = json.loads((run / "run.json").read_text())
+    assert info["paths_as_typed"]["data.shards"] == "shards" and info["cwd"] == str(work)
+    common = ["--num", "4", "--features", "pixels", "--no-fid", "--batch", "4", "--quiet"]
+    reports = {}
+    for cwd in (work, other):
+        monkeypatch.chdir(cwd)
+        assert evaluate_launcher.main([str(run), *common, "--out", str(tmp_path / cwd.name)]) == 0
+        reports[cwd.name] = rep.read_report(tmp_path / cwd.name)
+    for r in reports.values():
+        assert r["shards"] == str(work / "shards") and r["memorization"]["num_train"] == 20
+    assert reports["other"]["memorization"]["generated"]["max_similarity"] == \
+        reports["work"]["memorization"]["generated"]["max_similarity"]
+
+
+def test_a_run_is_not_evaluated_against_shards_it_was_not_trained_on(trained, monkeypatch, tmp_path, capsys):
+    """The shards named (an override, --shards, or the run's own data.shards after they were
+    remade) are checked against the data plan the run's checkpoint records, as resume does."""
+    import shutil
+    work, other, run = trained
+    common = ["--num", "4", "--features", "pixels", "--no-fid", "--batch", "4", "--quiet",
+              "--out", str(tmp_path / "e")]
+    monkeypatch.chdir(other)
+    assert evaluate_launcher.main([str(run), "data.shards=shards", *common]) == 2
+    err = _error(capsys)
+    assert f"data.shards of {run / 'config.yaml'} (shards) is not the data run {run} was trained on" in err
+    assert "noise_seed 0 then, 1 now" in err and str(work / "shards") in err
+    assert evaluate_launcher.main([str(run), "--shards", str(other / "shards"), *common]) == 2
+    assert f"--shards ({other / 'shards'}) is not the data run" in _error(capsys)
+    # the run's own shards replaced in place by others
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    replaced = tmp_path / "replaced"
+    shutil.copytree(other / "shards", replaced)
+    cfg_path = copy / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace(str(work / "shards"), str(replaced)))
+    assert evaluate_launcher.main([str(copy), *common]) == 2
+    err = _error(capsys)
+    assert f"data.shards of {cfg_path} ({replaced}) is not the data run" in err and "noise_seed 0 then, 1 now" in err
+    # checkpoints written before meta.json recorded the data: state.pt's loader state is read
+    ckpt = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["data"]["manifest_plan"] and meta["data"]["shards"] == str(work / "shards")
+    del meta["data"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert evaluate_launcher.main([str(copy), *common]) == 2
+    assert "noise_seed 0 then, 1 now" in _error(capsys)
+    assert not (tmp_path / "e").exists()  # refused before anything was written

@@ -185,13 +185,13 @@ def _fid_reference(opts: EvalOptions, full_train: torch.Tensor, shards: str,
         if shape is not None and shape != list(generated.shape[1:]):
             raise ImageShapeError(f"--fid-reference {ref}: statistics of images [C, H, W] = "
                                   f"{shape}, but samples {sample_path}: {list(generated.shape[1:])}")
-        return stats, ref
+        return stats, os.path.abspath(ref)
     if (Path(ref) / "manifest.json").is_file():
         images = data.load_pixel_images(ref, "train")
     else:
         images = S.read_samples(ref, what="--fid-reference")[1]
     check_same_shape(samples, (f"--fid-reference {ref}", images))
-    return images, ref
+    return images, os.path.abspath(ref)  # report.json names it from any directory
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -207,6 +207,12 @@ def evaluate(opts: EvalOptions) -> dict:
     if not shards:
         raise S.SampleStoreError("no training shards: pass --shards (or a run directory whose "
                                  "config names data.shards)")
+    if opts.run_dir:
+        # What the run was trained on, checked as resume checks it: the run's memorization
+        # is measured against data.subset of these shards, and must be of its own data.
+        S.check_training_data(opts.run_dir, shards, "--shards" if opts.shards else
+                              f"data.shards of {Path(opts.run_dir) / 'config.yaml'}")
+    shards = os.path.abspath(shards)  # report.json names it from any directory
     sample_path, generated = _generated(opts, cfg)
     full_train, train, heldout = _reference_images(shards, cfg, eval_cfg.heldout_images)
     # Every mismatch of shape between the inputs is refused here, naming both, before any
@@ -220,7 +226,7 @@ def evaluate(opts: EvalOptions) -> dict:
     mem = memorization_summary(generated, train, heldout, eval_cfg, opts.device,
                                batch_size=opts.batch, progress=opts.progress)
     report: dict = {"run": Path(opts.run_dir).name if opts.run_dir else sample_path.name,
-                    "samples": str(sample_path), "num_samples": int(len(generated)),
+                    "samples": os.path.abspath(sample_path), "num_samples": int(len(generated)),
                     "image_shape": list(generated.shape[1:]),
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None}

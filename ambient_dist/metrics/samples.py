@@ -34,7 +34,8 @@ import torch
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
-from ambient_dist.data.shards import tar_member
+from ambient_dist.data.loader import data_differences, data_identity
+from ambient_dist.data.shards import read_manifest, tar_member
 from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
@@ -99,6 +100,53 @@ def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", over
     except RuntimeError as e:
         raise SampleStoreError(f"{weights}: weights do not fit the network of {config_path} ({e})") from None
     return net.eval().requires_grad_(False).to(device), cfg, weights
+
+
+class TrainingDataError(UserError):
+    """Shards given as a run's training set are not the data the run was trained on."""
+
+
+def recorded_training_data(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict]]:
+    """(checkpoint, what it records of the data it was trained on: data.loader.data_identity
+    plus the loader position) of a run's latest checkpoint, or None when the run has no
+    checkpoint (a bare exported model). Read from meta.json, or from state.pt for
+    checkpoints written before meta.json held it (those also record it, with the loader)."""
+    run = Path(run_dir)
+    latest = run / "checkpoints" / "latest"
+    ckpt = run / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+    if ckpt is None or not (ckpt / "meta.json").is_file():
+        return None
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "data" in meta:
+        return ckpt, meta["data"]
+    state = ckpt / "state.pt"
+    if state.is_file():
+        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True).get("loader")
+        if saved and "manifest_plan" in saved:
+            return ckpt, saved
+    return None
+
+
+def check_training_data(run_dir: str | os.PathLike, shards: str | os.PathLike, option: str,
+                        manifest: Optional[dict] = None) -> None:
+    """Refuse `shards` as the training set of the run in `run_dir` unless they hold the data
+    its latest checkpoint was trained on: the check resume makes (data.loader.data_differences
+    on the manifest's plan hash), made before evaluating against them too. `option` names
+    where the shards came from (e.g. "data.shards of RUN/config.yaml", "--shards"). Runs
+    without a checkpoint are not checked (nothing records their data). `manifest`: the
+    shards' manifest when already read (latent shards have their own reader)."""
+    recorded = recorded_training_data(run_dir)
+    if recorded is None:
+        return
+    ckpt, saved = recorded
+    now = data_identity(manifest if manifest is not None else read_manifest(shards), shards)
+    diffs = data_differences(saved, now)
+    if diffs:
+        raise TrainingDataError(
+            f"{option} ({shards}) is not the data run {run_dir} was trained on (checkpoint "
+            f"{ckpt.name} records {saved.get('shards', 'other shards')}): {'; '.join(diffs)}. "
+            "Give the run's own shards (--shards, or data.shards=...), or evaluate the samples "
+            "with --samples and --shards without the run")
 
 
 # --------------------------------------------------------------------------------------
