@@ -127,19 +127,18 @@ def recorded_training_data(run_dir: str | os.PathLike) -> Optional[tuple[Path, d
     return None
 
 
-def check_training_data(run_dir: str | os.PathLike, shards: str | os.PathLike, option: str,
-                        manifest: Optional[dict] = None) -> None:
+def check_training_data(run_dir: str | os.PathLike, shards: str | os.PathLike, option: str) -> None:
     """Refuse `shards` as the training set of the run in `run_dir` unless they hold the data
     its latest checkpoint was trained on: the check resume makes (data.loader.data_differences
     on the manifest's plan hash), made before evaluating against them too. `option` names
     where the shards came from (e.g. "data.shards of RUN/config.yaml", "--shards"). Runs
-    without a checkpoint are not checked (nothing records their data). `manifest`: the
-    shards' manifest when already read (latent shards have their own reader)."""
+    without a checkpoint are not checked (nothing records their data). Pixel and latent
+    shards alike (both manifests hold the plan hash)."""
     recorded = recorded_training_data(run_dir)
     if recorded is None:
         return
     ckpt, saved = recorded
-    now = data_identity(manifest if manifest is not None else read_manifest(shards), shards)
+    now = data_identity(read_manifest(shards), shards)
     diffs = data_differences(saved, now)
     if diffs:
         raise TrainingDataError(
