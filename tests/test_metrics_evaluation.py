@@ -385,6 +385,10 @@ def test_a_run_evaluated_from_another_directory_uses_its_own_shards(trained, mon
         assert r["shards"] == str(work / "shards") and r["memorization"]["num_train"] == 20
     assert reports["other"]["memorization"]["generated"]["max_similarity"] == \
         reports["work"]["memorization"]["generated"]["max_similarity"]
+    # ambient-sample reads the same config.yaml: from a directory without any shards too
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert sample_launcher.main([str(run), "--num", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
 
 
 def test_a_run_is_not_evaluated_against_shards_it_was_not_trained_on(trained, monkeypatch, tmp_path, capsys):
