@@ -338,7 +338,9 @@ def test_baseline_and_compare_reports_of_another_space_or_shape_are_refused(setu
     assert evaluate_launcher.main([str(runs["ambient"]), "--num", "6", "--inception-path", str(root / "standin.pt"),
                                    "--cache-dir", str(root / "cache"), "--quiet", "--baseline", str(other),
                                    "--out", str(tmp_path / "b")]) == 2
-    assert f"--baseline {other} was evaluated on images [C, H, W] = [3, 16, 16], this run on [1, 8, 8]" in _error(capsys)
+    err = _error(capsys)
+    assert f"--baseline {other} was evaluated on images [C, H, W] = [3, 16, 16], samples " in err
+    assert "are [1, 8, 8]" in err
 
 
 # --------------------------------------------------------------------------------------

@@ -221,6 +221,15 @@ def evaluate(opts: EvalOptions) -> dict:
     check_same_shape((f"training shards {shards} ({shard_option})", full_train),
                      (f"samples {sample_path}", generated),
                      (f"held-out images of {shards}", heldout))
+    if opts.fid:
+        reference, ref_name = _fid_reference(opts, full_train, shards, generated, sample_path)
+    for what, path in ([("--baseline", opts.baseline)] if opts.baseline else []) + \
+            [("--compare", c) for c in opts.compare]:
+        shape = rep.read_report(path).get("image_shape")
+        if shape is not None and list(shape) != list(generated.shape[1:]):
+            raise ReportMismatchError(f"{what} {path} was evaluated on images [C, H, W] = {list(shape)}, "
+                                      f"samples {sample_path} are {list(generated.shape[1:])}: "
+                                      "similarities of different image shapes are not comparable")
     rank, _ = ranks.rank_and_world()
 
     mem = memorization_summary(generated, train, heldout, eval_cfg, opts.device,
@@ -231,7 +240,6 @@ def evaluate(opts: EvalOptions) -> dict:
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None}
     if opts.fid:
-        reference, ref_name = _fid_reference(opts, full_train, shards, generated, sample_path)
         report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
     if opts.prompts and opts.clip_path:
         from ambient_dist.metrics.clip_score import clip_score
