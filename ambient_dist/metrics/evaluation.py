@@ -249,7 +249,7 @@ def evaluate(opts: EvalOptions) -> dict:
     if opts.baseline:
         base = rep.read_report(opts.baseline)
         same_space(report, base, f"--baseline {opts.baseline}")
-        report["baseline"] = {"name": base.get("run", opts.baseline), "report": str(opts.baseline),
+        report["baseline"] = {"name": base.get("run", opts.baseline), "report": os.path.abspath(opts.baseline),
                               **base["memorization"]["generated"]}
     if rank == 0:
         write_outputs(opts, report, generated, train)
