@@ -12,8 +12,9 @@ An experiment is one `ExperimentConfig` (a tree of dataclasses). It is built by
 Errors are `ConfigError`s whose message starts with the dotted key (`train.batch: ...`) and
 the file it came from, so a user can fix the YAML without reading this module.
 
-`save_config(cfg, run_dir)` writes the resolved config as `config.yaml` into a run directory;
-`load_config(run_dir / "config.yaml")` reproduces the run's options exactly.
+`save_config(cfg, run_dir)` writes the resolved config as `config.yaml` into a run directory,
+with every path option (PATH_OPTIONS) absolute; `load_config(run_dir / "config.yaml")`
+reproduces the run's options exactly, from any working directory.
 """
 from __future__ import annotations
 
@@ -611,9 +612,48 @@ def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
                f"(choose a multiple of {world_size}, or set train.batch_per_gpu)", "")
 
 
-def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config (every option, defaults included) into the run directory."""
+# Options that name a file or directory. A relative one means "from the working directory",
+# which a run's config.yaml read later from elsewhere would silently re-aim (another `fm64`
+# there): a run saves them absolute (`with_absolute_paths`), and keeps what was typed beside.
+PATH_OPTIONS = ("data.shards", "train.run_root", "evaluation.inception_path",
+                "evaluation.dinov2_path", "evaluation.sscd_path", "text.model_path",
+                "text.prompts", "distributed.deepspeed_config")
+
+
+def typed_paths(cfg: ExperimentConfig) -> dict[str, str]:
+    """{dotted key: value} of the PATH_OPTIONS given as relative paths (what was typed)."""
+    out = {}
+    for key in PATH_OPTIONS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not os.path.isabs(value):
+            out[key] = value
+    return out
+
+
+def with_absolute_paths(cfg: ExperimentConfig, base: str | os.PathLike | None = None) -> ExperimentConfig:
+    """A copy of `cfg` whose PATH_OPTIONS are absolute (relative ones joined to `base`,
+    default the working directory; normalised, symlinks kept: a re-pointed link is caught by
+    the data checks, not hidden here). Empty values stay empty."""
+    base = os.path.abspath(base or os.getcwd())
+    changes: dict[str, dict] = {}
+    for key, value in typed_paths(cfg).items():
+        section, name = key.split(".")
+        changes.setdefault(section, {})[name] = os.path.normpath(os.path.join(base, value))
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **kv)
+                                       for sec, kv in changes.items()})
+
+
+def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike,
+                typed: Optional[dict[str, str]] = None) -> Path:
+    """Write the resolved config (every option, defaults included, PATH_OPTIONS absolute)
+    into the run directory, so that it means the same from any working directory. The
+    relative values as typed (`typed`, default those of `cfg`) head the file as comments."""
+    typed = typed_paths(cfg) if typed is None else typed
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    head = "".join(f"#   {k}: {v}\n" for k, v in typed.items())
+    if head:
+        head = f"# Paths as typed, relative to {os.getcwd()} (absolute below):\n{head}"
+    atomic_write_text(path, head + yaml.safe_dump(to_dict(with_absolute_paths(cfg)), sort_keys=False))
     return path

@@ -119,8 +119,10 @@ def test_save_and_reload_is_identical(tmp_path):
     c = load_config(ROOT / "configs/ffhq64-ncsnpp.yaml", ["objective.sigma_tn=2"], check_paths=False)
     path = save_config(c, tmp_path / "run")
     again = load_config(path, check_paths=False)
-    assert to_dict(again) == to_dict(c)
-    assert again.fingerprint() == c.fingerprint()
+    # identical, with the relative path options saved absolute (they name the same files)
+    from ambient_dist.config import with_absolute_paths
+    assert to_dict(again) == to_dict(with_absolute_paths(c)) and again.data.shards.startswith("/")
+    assert again.fingerprint() == with_absolute_paths(c).fingerprint()
     assert yaml.safe_load(path.read_text())["objective"]["sigma_tn"] == 2.0
     assert load_config(path, ["objective.sigma_tn=1"], check_paths=False).fingerprint() != c.fingerprint()
 
@@ -183,3 +185,31 @@ def test_task_resolves_from_the_model_path_and_is_validated(tmp_path):
     # The resolved task is saved with the run, so config.yaml says what was trained.
     save_config(load_config(None, check_paths=False), tmp_path)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["task"] == "image"
+
+
+def test_a_saved_config_names_the_same_paths_from_any_working_directory(tmp_path, monkeypatch):
+    """Issue 22 case 3: a run's config.yaml held data.shards as typed (relative), so read from
+    another directory it named other shards. Every path option is saved absolute, with the
+    typed value beside it (a comment heading config.yaml)."""
+    from ambient_dist.config import PATH_OPTIONS, typed_paths, with_absolute_paths
+    work = tmp_path / "work"
+    (work / "fm64").mkdir(parents=True)
+    (work / "inc.pt").write_bytes(b"x")
+    monkeypatch.chdir(work)
+    c = load_config(None, ["data.shards=fm64", "train.run_root=runs", "evaluation.inception_path=./inc.pt",
+                           "text.prompts=../abs-elsewhere.txt"], check_paths=False)
+    assert typed_paths(c) == {"data.shards": "fm64", "train.run_root": "runs",
+                              "evaluation.inception_path": "./inc.pt", "text.prompts": "../abs-elsewhere.txt"}
+    path = save_config(c, tmp_path / "run")
+    text = path.read_text()
+    assert text.startswith(f"# Paths as typed, relative to {work}") and "#   data.shards: fm64\n" in text
+    other = tmp_path / "other"
+    (other / "fm64").mkdir(parents=True)  # other shards of the same name, elsewhere
+    monkeypatch.chdir(other)
+    again = load_config(path, check_paths=False)
+    assert again.data.shards == str(work / "fm64") and again.train.run_root == str(work / "runs")
+    assert again.evaluation.inception_path == str(work / "inc.pt")
+    assert again.text.prompts == str(tmp_path / "abs-elsewhere.txt")
+    assert again.text.model_path == "" and typed_paths(again) == {}  # empty stays empty
+    assert with_absolute_paths(again) == again  # idempotent
+    assert set(typed_paths(c)) <= set(PATH_OPTIONS)

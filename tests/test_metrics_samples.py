@@ -122,7 +122,7 @@ def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys
     assert "config" in capsys.readouterr().err
     assert sample_launcher.main(["--quiet"]) == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(S.SampleStoreError, match="no PNG files"):
+    with pytest.raises(S.SampleStoreError, match="no image files"):
         S.read_samples(tmp_path / "empty")
 
 
@@ -151,3 +151,45 @@ def test_a_run_killed_mid_way_resumes_to_the_same_images(run, tmp_path, monkeypa
                   monkeypatch=monkeypatch) == 0
     assert "wrote 3 images" in capsys.readouterr().out
     assert torch.equal(S.read_samples(tmp_path / "cut")[1], S.read_samples(tmp_path / "ref")[1])
+
+
+def test_any_image_folder_is_read_by_the_one_folder_reader(tmp_path):
+    """Issue 22 case 1: sample folders (and FID reference folders) are read by
+    data.sources.FolderSource, make_shards' reader: every format it reads, not only PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from ambient_dist.data.sources import FolderSource
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((5, 8, 8, 3)) * 255).astype(np.uint8)
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    for n, (fmt, ext) in enumerate((("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("BMP", "bmp"),
+                                    ("TIFF", "tif"))):
+        Image.fromarray(pixels[n]).save(folder / ("sub" if n == 2 else "") / f"{n:06d}.{ext}", format=fmt)
+    (folder / "samples.json").write_text("{}")  # bookkeeping files are not images
+    (folder / "notes.txt").write_text("not an image")
+    indices, images, labels = S.read_samples(folder)
+    source = FolderSource(folder)
+    assert len(source) == 5 and labels is None and images.shape == (5, 3, 8, 8)
+    assert indices == [0, 1, 3, 4, 2]  # numbered files keep their number; sorted by path
+    for i in range(5):
+        assert torch.equal(images[i], torch.from_numpy(np.array(source.load(i).image)).permute(2, 0, 1))
+    lossless = [0, 2, 3]  # png, bmp, tif (positions in path order)
+    for pos, n in zip(lossless, (0, 3, 4)):
+        assert torch.equal(images[pos], torch.from_numpy(pixels[n]).permute(2, 0, 1))
+
+
+def test_image_folders_that_cannot_be_read_name_the_folder(tmp_path):
+    from PIL import Image
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "samples.json").write_text("{}")
+    with pytest.raises(S.SampleStoreError, match=rf"--fid-reference {empty}: no image files \(.png, .jpg"):
+        S.read_samples(empty, what="--fid-reference")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.jpg")
+    Image.new("L", (8, 8)).save(mixed / "b.png")
+    with pytest.raises(S.SampleStoreError, match=r"samples .*: images of different shapes \[\(8, 8, 1\), \(8, 8, 3\)\]"):
+        S.read_samples(mixed)

@@ -116,3 +116,24 @@ def test_sample_text_on_a_bare_model_takes_only_the_samplers_overrides(trained_r
     assert sample_text.main([*bare, "text.sample_steps=1", f"data.resolution={RES}"]) == 0
     from ambient_dist.metrics.samples import read_samples
     assert read_samples(tmp_path / "s")[1].shape == (1, 3, RES, RES)
+
+
+def test_sample_text_refuses_training_captions_of_other_shards(trained_run, tmp_path, capsys):
+    """Issue 22 case 3 for text runs: the prompts are the run's training captions, so the
+    shards named are checked against the data its checkpoint records, as resume does."""
+    import shutil
+
+    import sample_text
+    run, _ = trained_run
+    from ambient_dist.config import load_config
+    shards = Path(load_config(run / "config.yaml", check_paths=False).data.shards)
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["plan"] = "0" * len(manifest["plan"])  # as if made from other images or options
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    argv = [str(run), "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--quiet"]
+    assert sample_text.main([*argv, f"data.shards={other}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.shards of {run / 'config.yaml'} ({other}) is not the data run {run}")
+    assert "plan hash" in err and "Traceback" not in err and not (tmp_path / "s").exists()

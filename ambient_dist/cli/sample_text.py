@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from ambient_dist import distributed as ranks
-    from ambient_dist.metrics.samples import SampleStore, file_digest
+    from ambient_dist.metrics.samples import SampleStore, check_training_data, file_digest
     from ambient_dist.text import sampling as ts
     from ambient_dist.text.sd_models import ModelError, load_components
 
@@ -91,6 +91,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.shards:
         cfg = cfg or load_config(None, check_paths=False)
         cfg.data.shards, cfg.text.prompts = args.shards, ""
+    if args.prompts:
+        pool = ts.read_prompts(args.prompts)
+        prompts = [pool[i % len(pool)] for i in range(args.num)]
+    elif cfg is not None:
+        if is_run and not args.shards and not cfg.text.prompts:
+            # the prompts are the run's training captions: of the data it was trained on
+            # (checked before any model is loaded)
+            check_training_data(root, cfg.data.shards, f"data.shards of {root / 'config.yaml'}")
+        prompts = ts.prompts_for(cfg, args.num)
+    else:
+        raise ConfigError("give --prompts FILE or --shards DIR (MODEL is not a training run)")
     model_dir = root / "diffusers" if is_run else root
     rank, world, local = ranks.env_rank_world()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -99,13 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelError as e:
         raise ConfigError(str(e)) from None
     components.unet.eval().requires_grad_(False)
-    if args.prompts:
-        pool = ts.read_prompts(args.prompts)
-        prompts = [pool[i % len(pool)] for i in range(args.num)]
-    elif cfg is not None:
-        prompts = ts.prompts_for(cfg, args.num)
-    else:
-        raise ConfigError("give --prompts FILE or --shards DIR (MODEL is not a training run)")
     prediction = {"v_prediction": "v", "epsilon": "epsilon"}[
         components.scheduler_config.get("prediction_type", "epsilon")]
     defaults = (ts.TextSamplerSettings.from_config(cfg) if cfg is not None else

@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from ambient_dist import metrics
-from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
+from ambient_dist.config import (ConfigError, ExperimentConfig, save_config, to_dict, typed_paths,
+                                 validate_world, with_absolute_paths)
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
@@ -156,8 +157,10 @@ def finish(trainer: Trainer) -> Optional[dict]:
     return summary
 
 
-def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
-    """run.json: what produced this run (config, versions, world size, git revision)."""
+def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int,
+                   paths_as_typed: Optional[dict] = None) -> None:
+    """run.json: what produced this run (config, versions, world size, git revision; the
+    path options as typed, when relative: config holds them absolute)."""
     def git_revision() -> Optional[str]:
         try:
             return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -166,7 +169,8 @@ def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> Non
             return None
     info = {"config": to_dict(cfg), "fingerprint": cfg.fingerprint(), "world_size": world_size,
             "git_revision": git_revision(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "host": platform.node(), "argv": sys.argv}
+            "torch": torch.__version__, "host": platform.node(), "argv": sys.argv,
+            "cwd": os.getcwd(), "paths_as_typed": paths_as_typed or {}}
     atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
@@ -197,7 +201,12 @@ def format_memorization(summary: dict) -> str:
 def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
                  resume: Optional[str] = None) -> Path:
     """The whole job on this rank: join the process group, prepare the run directory, train
-    (or continue), then report. Works the same as a plain process or under a launcher."""
+    (or continue), then report. Works the same as a plain process or under a launcher.
+
+    Relative path options are made absolute first (config.with_absolute_paths): the
+    checkpoints, config.yaml and run.json then name the same files from any directory."""
+    typed = typed_paths(cfg)
+    cfg = with_absolute_paths(cfg)
     task_class(cfg).check_data(cfg)  # a clear error before any model is loaded
     info = init_distributed(cfg)
     try:
@@ -211,8 +220,8 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
         # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
         check_output_dir(run_dir, trainer.num_parameters * 4 * 4 * (cfg.train.keep_checkpoints + 1))
         if info.is_main:
-            save_config(cfg, run_dir)
-            write_run_info(run_dir, cfg, info.world_size)
+            save_config(cfg, run_dir, typed)
+            write_run_info(run_dir, cfg, info.world_size, typed)
             if resume_from is not None:
                 print(f"resuming from {resume_from} at {trainer.images_seen} images")
         if trainer.train():

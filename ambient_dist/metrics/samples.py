@@ -16,7 +16,8 @@ is around it for ambient-sample and ambient-evaluate:
                              so an interrupted run resumes by skipping what exists.
     generate(...)            the loop: this rank's pending images, batch by batch, with tqdm
     sample_run(...)          samples.json check + generate (what both launchers call)
-    read_samples(path)       images back as uint8 [N, C, H, W] (either layout)
+    read_samples(path)       images back as uint8 [N, C, H, W] (either layout, or any
+                             image folder, through data.sources.FolderSource)
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ import torch
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
-from ambient_dist.data.shards import tar_member
-from ambient_dist.data.sources import decode_image_bytes
+from ambient_dist.data.loader import data_differences, data_identity
+from ambient_dist.data.shards import read_manifest, tar_member
+from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
@@ -98,6 +100,52 @@ def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", over
     except RuntimeError as e:
         raise SampleStoreError(f"{weights}: weights do not fit the network of {config_path} ({e})") from None
     return net.eval().requires_grad_(False).to(device), cfg, weights
+
+
+class TrainingDataError(UserError):
+    """Shards given as a run's training set are not the data the run was trained on."""
+
+
+def recorded_training_data(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict]]:
+    """(checkpoint, what it records of the data it was trained on: data.loader.data_identity
+    plus the loader position) of a run's latest checkpoint, or None when the run has no
+    checkpoint (a bare exported model). Read from meta.json, or from state.pt for
+    checkpoints written before meta.json held it (those also record it, with the loader)."""
+    run = Path(run_dir)
+    latest = run / "checkpoints" / "latest"
+    ckpt = run / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+    if ckpt is None or not (ckpt / "meta.json").is_file():
+        return None
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "data" in meta:
+        return ckpt, meta["data"]
+    state = ckpt / "state.pt"
+    if state.is_file():
+        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True).get("loader")
+        if saved and "manifest_plan" in saved:
+            return ckpt, saved
+    return None
+
+
+def check_training_data(run_dir: str | os.PathLike, shards: str | os.PathLike, option: str) -> None:
+    """Refuse `shards` as the training set of the run in `run_dir` unless they hold the data
+    its latest checkpoint was trained on: the check resume makes (data.loader.data_differences
+    on the manifest's plan hash), made before evaluating against them too. `option` names
+    where the shards came from (e.g. "data.shards of RUN/config.yaml", "--shards"). Runs
+    without a checkpoint are not checked (nothing records their data). Pixel and latent
+    shards alike (both manifests hold the plan hash)."""
+    recorded = recorded_training_data(run_dir)
+    if recorded is None:
+        return
+    ckpt, saved = recorded
+    now = data_identity(read_manifest(shards), shards)
+    diffs = data_differences(saved, now)
+    if diffs:
+        raise TrainingDataError(
+            f"{option} ({shards}) is not the data run {run_dir} was trained on (checkpoint "
+            f"{ckpt.name} records {saved.get('shards', 'other shards')}): {'; '.join(diffs)}. "
+            "Give the run's own shards (--shards, or data.shards=...), or evaluate the samples "
+            "with --samples and --shards without the run")
 
 
 # --------------------------------------------------------------------------------------
@@ -261,11 +309,15 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
 # Reading back
 # --------------------------------------------------------------------------------------
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
+def iter_samples(path: str | os.PathLike, what: str = "samples"
+                 ) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
     """(index, uint8 [H, W, C], label or None) for every stored image, in index order.
 
-    Reads a SampleStore of either layout, or any folder of PNGs (index = position in
-    sorted order)."""
+    Reads a SampleStore of either layout, or any folder of images: the folder is read by
+    `data.sources.FolderSource`, the one image-folder reader (what make_shards reads too:
+    PNG, JPEG, WebP, BMP, GIF, TIFF, recursively, sorted by path; samples.json and other
+    files are ignored). A file named by a number keeps it as its index, others get their
+    position. `what` names the input in errors (e.g. "--fid-reference")."""
     root = Path(path)
     shards = sorted(root.glob("samples-*.tar")) if root.is_dir() else [root]
     if shards and all(p.suffix == ".tar" for p in shards):
@@ -284,20 +336,22 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Opt
                 yield int(stem.rsplit("/", 1)[-1]), decode_image_bytes(g["png"], f"{shard}:{stem}"), label
         return
     if not root.is_dir():
-        raise SampleStoreError(f"samples {root}: neither a directory nor a .tar shard")
-    files = sorted(root.rglob("*.png"))
-    if not files:
-        raise SampleStoreError(f"samples {root}: no PNG files and no samples-*.tar shards")
-    for i, f in enumerate(files):
-        index = int(f.stem) if f.stem.isdigit() else i
-        yield index, decode_image_bytes(f.read_bytes(), str(f)), None
+        raise SampleStoreError(f"{what} {root}: neither a directory nor a .tar shard")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*")):
+        raise SampleStoreError(f"{what} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                               "and no samples-*.tar shards")
+    folder = FolderSource(root)
+    for i in range(len(folder)):
+        stem = Path(folder.files[i]).stem
+        yield int(stem) if stem.isdigit() else i, folder.load(i).image, None
 
 
-def read_samples(path: str | os.PathLike, limit: int = 0
+def read_samples(path: str | os.PathLike, limit: int = 0, what: str = "samples"
                  ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
-    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples."""
+    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples or an image folder
+    (`iter_samples`); images of different shapes raise SampleStoreError naming `what`."""
     indices, images, labels = [], [], []
-    for n, img, label in iter_samples(path):
+    for n, img, label in iter_samples(path, what):
         indices.append(n)
         images.append(img)
         labels.append(label)
@@ -305,7 +359,7 @@ def read_samples(path: str | os.PathLike, limit: int = 0
             break
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise SampleStoreError(f"samples {path}: images of different shapes {sorted(shapes)}")
+        raise SampleStoreError(f"{what} {path}: images of different shapes {sorted(shapes)}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     has_labels = all(lab is not None for lab in labels)
     return indices, pixels, (torch.tensor(labels) if has_labels else None)

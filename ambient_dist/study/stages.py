@@ -127,7 +127,7 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
     from ambient_dist import sampling
     from ambient_dist.metrics import fid as fidlib
     from ambient_dist.metrics import samples as S
-    from ambient_dist.metrics.features import as_model_units, extract
+    from ambient_dist.metrics.features import as_model_units, check_same_shape, extract
     from ambient_dist.metrics.kid import kernel_inception_distance
     from ambient_dist.metrics.memorization import memorization_summary, network_attraction
 
@@ -144,6 +144,8 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
         raise StudyError(f"{spec.run_dir / 'samples'}: {len(generated)} samples, expected {ev.num_samples}")
     generated = as_model_units(generated)
     train, calibration, attraction_held, _ = refs.images(spec)
+    check_same_shape((f"training shards {spec.shards}", train),
+                     (f"samples {spec.run_dir / 'samples'}", generated))  # before KID, FID, memorization
 
     gen_feats = extract(refs.inception(), generated, ev.batch, desc="sample features")
     memorization = {}
