@@ -4,7 +4,8 @@ An experiment is one `ExperimentConfig` (a tree of dataclasses). It is built by
 `load_config(path, overrides)`, which
 
 1. reads the YAML file (which may name a `base:` YAML file it extends),
-2. applies `section.key=value` overrides from the command line (values parsed as YAML),
+2. applies `section.key=value` overrides from the command line (each value read by its
+   field's type, never as YAML: `parse_overrides`),
 3. checks every key against the dataclass fields (unknown key -> error naming it, with the
    closest valid name), converts and type-checks every value, and runs the semantic checks
    in `validate()`.
@@ -419,18 +420,25 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return raw
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ["train.batch=64", "network.channel_mult=[1,2]"] into a nested dict."""
+def parse_overrides(overrides: list[str], schema: type | None = None) -> dict:
+    """Turn ["train.batch=64", "network.channel_mult=[1,2]"] into a nested dict of typed values.
+
+    Each value is read by the type its key declares in `schema` (default ExperimentConfig),
+    never as YAML, so no part of it is dropped or reinterpreted: a str field (a path, a name)
+    takes the text after '=' literally ('W/exp #2/runs', 'yes', '010', '~', '---' stay what
+    they are); int / float / bool fields and lists of them must be exactly a number, true or
+    false, or [a, b, ...], else a ConfigError names the key. A key the schema does not know
+    keeps its text, and the config check names it (with the closest valid key).
+    """
+    schema = schema or ExperimentConfig
     out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
         parts = key.strip().split(".")
+        tp = _field_type(schema, parts)
+        value = text if tp is None else parse_value(text, tp, ".".join(parts))
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -438,6 +446,83 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {p} is both a value and a section")
         node[parts[-1]] = value
     return out
+
+
+def _field_type(schema: type, parts: list[str]) -> Any:
+    """The declared type of the dotted key `parts` in the dataclass `schema`, or None when
+    the key is not one of its fields."""
+    tp: Any = schema
+    for p in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            return None
+        tp = hints[p]
+    return tp
+
+
+_INT_TEXT = re.compile(r"[-+]?\d+")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?\.?inf(inity)?", re.IGNORECASE)
+_BOOL_TEXT = {"true": True, "false": False}
+_QUOTES = ("'", '"')
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """`text` (an override's value, as typed) read as the type `tp`, strictly.
+
+    str and Literal fields: the text itself. int: decimal digits ('010' is 10, not YAML's
+    octal 8). float: a decimal or exponent number, or inf. bool: true / false (any case).
+    list[T]: '[a, b, ...]', each item read as T (a str item may be quoted). Anything else,
+    or anything after the value (a ' # comment', a second document), is a ConfigError naming
+    `key`: a value is never cut or reinterpreted."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        names = [f.name for f in dataclasses.fields(tp)]
+        raise ConfigError(f"{key}: is a section, not a value; set its keys ({key}.{names[0]}=...)")
+    if tp is str or origin is Literal:
+        # Literal: the membership check of _convert names the choices.
+        return text
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and text.strip() in ("null", "~", "none", "None"):
+            return None
+        for a in args:
+            try:
+                return parse_value(text, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}")
+    stripped = text.strip()
+    if origin is list:
+        if not (stripped.startswith("[") and stripped.endswith("]")):
+            raise ConfigError(f"{key}: expected {_type_name(tp)} written [a, b, ...], got {text!r}")
+        (item_tp,) = typing.get_args(tp)
+        inner = stripped[1:-1]
+        if not inner.strip():
+            return []
+        items = []
+        for i, part in enumerate(inner.split(",")):
+            part = part.strip()
+            if item_tp is str and len(part) >= 2 and part[0] == part[-1] and part[0] in _QUOTES:
+                part = part[1:-1]   # inside a list, quotes are syntax
+            elif not part:
+                raise ConfigError(f"{key}[{i}]: empty item in {text!r}")
+            items.append(parse_value(part, item_tp, f"{key}[{i}]"))
+        return items
+    if tp is bool:
+        if stripped.lower() not in _BOOL_TEXT:
+            raise ConfigError(f"{key}: expected true or false, got {text!r}")
+        return _BOOL_TEXT[stripped.lower()]
+    if tp is int:
+        if not _INT_TEXT.fullmatch(stripped):
+            raise ConfigError(f"{key}: expected an integer, got {text!r}")
+        return int(stripped)
+    if tp is float:
+        if not _FLOAT_TEXT.fullmatch(stripped):
+            raise ConfigError(f"{key}: expected a number, got {text!r}")
+        return float(stripped.lower().replace(".inf", "inf"))  # YAML's .inf, as config.yaml has it
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
 
 
 def from_dict(raw: dict, source: str = "", check_paths: bool = True) -> ExperimentConfig:

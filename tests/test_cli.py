@@ -12,7 +12,7 @@ import pytest
 
 from ambient_dist.cli import evaluate as evaluate_cli
 from ambient_dist.cli import sample as sample_cli
-from ambient_dist.cli import split_run_and_overrides
+from ambient_dist.cli import overrides_of, split_run_and_overrides
 from ambient_dist.cli import train as train_cli
 from ambient_dist.config import load_config
 from ambient_dist.data import ShardOptions
@@ -129,3 +129,20 @@ def test_evaluate_applies_overrides_to_the_run_config(toy_run, monkeypatch, caps
     assert sampler_of(toy_run / "samples")["num_steps"] == 1
     report = json.loads((toy_run / "eval" / "report.json").read_text())
     assert report["memorization"]["thresholds"] == [0.5]
+
+
+def test_short_flags_and_bare_model_overrides_are_read_by_type():
+    """Flags become overrides, read by the config's typed parser: nothing after a value is
+    dropped, and a number with trailing text is refused naming the key (issue 22, case 4)."""
+    from ambient_dist.cli import sample_text
+    from ambient_dist.config import ConfigError
+    args = sample_text.build_parser().parse_intermixed_args(
+        ["m", "--guidance", "3", "--seed", "010", "--sampler", "euler"])
+    assert sample_text._bare_model_settings(overrides_of(args)) == {
+        "guidance_scale": 3.0, "seed": 10, "sampler": "euler"}
+    for flags, key in ((["--steps", "30 # fewer"], "text.sample_steps"),
+                       (["--guidance", "7.5x"], "text.guidance_scale"),
+                       (["--resolution", "0x100"], "data.resolution")):
+        args = sample_text.build_parser().parse_intermixed_args(["m", *flags])
+        with pytest.raises(ConfigError, match=f"^{key}: expected"):
+            sample_text._bare_model_settings(overrides_of(args))
