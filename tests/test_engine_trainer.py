@@ -329,3 +329,38 @@ def test_resume_on_remade_shards_is_refused_naming_what_changed(tmp_path, capsys
     assert "one fixed noisy copy per image" in err and "Traceback" not in err
     # The same shards resume as before.
     assert train_launcher.main(["--resume", str(run), "train.total_kimg=0.064"]) == 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_noisy_copy_read_by_a_loader_worker_is_one_error_line(pixel_shards, tmp_path, capsys,
+                                                                    monkeypatch, workers):
+    """Field case (issue 22, 5): a stored noisy copy holding a NaN, read with
+    data.loader=webdataset data.workers=1, was shown as "Caught ShardError in DataLoader worker
+    process 0." and the worker's traceback; now the same line as the resident loader's."""
+    import io
+
+    import numpy as np
+
+    from ambient_dist.data.shards import ShardSet
+    decode = ShardSet.decode_noisy
+
+    def with_a_nan(self, i, data):   # the worker (a fork of this process) reads through it
+        if i == 3:
+            noisy = np.load(io.BytesIO(data))
+            noisy.flat[7] = np.nan
+            buf = io.BytesIO()
+            np.save(buf, noisy)
+            data = buf.getvalue()
+        return decode(self, i, data)
+    monkeypatch.setattr(ShardSet, "decode_noisy", with_a_nan)
+    key = ShardSet(pixel_shards).keys[3]
+    overrides = toy_overrides(pixel_shards, tmp_path / "runs", **{"data.loader": "webdataset",
+                                                                  "data.workers": workers})
+    capsys.readouterr()
+    assert train_launcher.main(overrides_config(tmp_path, overrides)) == 2
+    err = capsys.readouterr().err   # the progress bar's lines, then the error
+    assert "Traceback" not in err and "Caught" not in err, err
+    assert err.count("error: ") == 1 and err.splitlines()[-1].startswith("error: ")
+    assert err.endswith(
+        f"key {key}: noisy copy holds 1 non-finite values (NaN or inf); the shard was written "
+        "by something else or damaged: remake it with make_shards\n")
