@@ -668,6 +668,9 @@ def _validate_method(cfg: ExperimentConfig, c) -> None:
     if o.method == "noise_only":
         c(o.sigma_tn > 0, "objective.sigma_tn", "must be > 0 for objective.method=noise_only "
           "(the noise level of the only data it trains on)")
+        c(o.sigma_tn < cfg.sampling.sigma_max, "objective.sigma_tn", f"must be below "
+          f"sampling.sigma_max ({cfg.sampling.sigma_max:g}) for objective.method=noise_only, "
+          f"which samples from sigma_max down to sigma_tn; got {o.sigma_tn:g}")
     if o.method == "masking":
         c(o.sigma_tn == 0, "objective.sigma_tn", "must be 0 for objective.method=masking (its "
           f"corruption is the fixed mask, not noise), got {o.sigma_tn}")
@@ -694,6 +697,25 @@ def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
         _check(t.batch % world_size == 0, "train.batch",
                f"global batch {t.batch} does not divide over {world_size} ranks "
                f"(choose a multiple of {world_size}, or set train.batch_per_gpu)", "")
+
+
+def training_notes(cfg: ExperimentConfig, world_size: int) -> list[str]:
+    """What training does other than the config says in so many words (run.json's notes,
+    said on screen at the start): today, a length that is not a whole number of batches."""
+    notes = []
+    total, batch = int(round(cfg.train.total_kimg * 1000)), cfg.train.batch
+    if total % batch:
+        notes.append(f"train.total_kimg {cfg.train.total_kimg:g} is {total} images, not a whole "
+                     f"number of train.batch {batch}: training runs to {-(-total // batch) * batch} "
+                     "images (steps are whole batches)")
+    return notes
+
+
+def resolved_fields(cfg: ExperimentConfig, world_size: int) -> dict:
+    """The values the config leaves to be worked out ("auto", 0 = derived), as resolved for
+    `world_size` ranks (run.json records them)."""
+    return {"task": cfg.task, "world_size": world_size, "batch_per_gpu": cfg.micro_batch(world_size),
+            "accumulation_steps": cfg.accumulation_steps(world_size)}
 
 
 def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:

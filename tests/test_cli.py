@@ -253,3 +253,28 @@ def test_an_os_error_while_writing_names_the_file(tmp_path, capsys):
     with pytest.raises(FileNotFoundError) as e:
         atomic_write_bytes(tmp_path / "no" / "dir" / "x", b"")
     assert user_error_message(e.value) == f"{tmp_path / 'no' / 'dir' / 'x'}: No such file or directory"
+
+
+def test_samples_json_keeps_the_notes_of_what_the_sampler_replaced(toy_run, tmp_path, monkeypatch, capsys):
+    """Noise-only sampling stops at sigma_tn whatever sampling.sigma_min says: on screen once
+    and in samples.json's notes, beside the provenance (issue 22, cases 6 and 7)."""
+    from ambient_dist import progress
+    monkeypatch.setattr(progress, "_SAID", set())
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "noise-only"
+    argv = [str(toy_run), "--num", "2", "--batch", "2", "--quiet", "--out", str(out),
+            "objective.method=noise_only", "objective.sigma_tn=0.5", "sampling.sigma_min=0.002"]
+    assert sample_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("note: sampling.sigma_min 0.002 replaced by objective.sigma_tn = 0.5") == 1
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["sampler"]["sigma_min"] == 0.5 and "notes" not in meta["sampler"]
+    assert len(meta["notes"]) == 1 and meta["notes"][0].startswith("sampling.sigma_min 0.002 replaced")
+    assert meta["provenance"]["version"] == importlib.metadata.version("ambient_dist")
+    # notes and provenance describe the set, they do not define it: a samples.json written
+    # without them (before they were recorded) is the same sample set, topped up without refusal
+    meta.pop("notes"), meta.pop("provenance")
+    (out / "samples.json").write_text(json.dumps(meta))
+    assert sample_cli.main([*argv[:2], "3", *argv[3:]]) == 0
+    assert json.loads((out / "samples.json").read_text())["num"] == 3

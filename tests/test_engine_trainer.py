@@ -364,3 +364,35 @@ def test_a_bad_noisy_copy_read_by_a_loader_worker_is_one_error_line(pixel_shards
     assert err.endswith(
         f"key {key}: noisy copy holds 1 non-finite values (NaN or inf); the shard was written "
         "by something else or damaged: remake it with make_shards\n")
+
+
+def test_run_json_records_provenance_resolved_fields_and_notes(pixel_shards, tmp_path, capsys, monkeypatch):
+    """run.json (issue 22, cases 6 and 7): the package version and the revision of its own
+    checkout (this one), library versions, the fields resolved for the world size, and what
+    the run does other than the config says -- also said on screen, once."""
+    import importlib.metadata
+    import subprocess
+
+    from ambient_dist import progress
+    from ambient_dist.engine.run import write_run_info
+    monkeypatch.setattr(progress, "_SAID", set())
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = toy_config(pixel_shards, tmp_path, **{"objective.method": "noise_only", "sampling.sigma_min": 0.002,
+                                                "train.total_kimg": 0.05, "train.batch": 8})
+    write_run_info(tmp_path, cfg, world_size=2)
+    info = json.loads((tmp_path / "run.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert info["git_revision"] == head and isinstance(info["git_dirty"], bool)
+    assert info["version"] == importlib.metadata.version("ambient_dist")
+    assert info["torch"] == importlib.metadata.version("torch") and "cuda" in info and info["numpy"]
+    assert info["resolved"] == {"task": "image", "world_size": 2, "batch_per_gpu": 4, "accumulation_steps": 1}
+    assert info["notes"] == [
+        "train.total_kimg 0.05 is 50 images, not a whole number of train.batch 8: training runs "
+        "to 56 images (steps are whole batches)",
+        "sampling.sigma_min 0.002 replaced by objective.sigma_tn = 0.5: objective.method=noise_only "
+        "never learned below sigma_tn, so sampling stops there and returns the denoiser's estimate "
+        "D(x; sigma_tn)"]
+    assert capsys.readouterr().out == "".join(f"note: {n}\n" for n in info["notes"])
+    write_run_info(tmp_path, toy_config(pixel_shards, tmp_path), world_size=1)
+    assert json.loads((tmp_path / "run.json").read_text())["notes"] == []

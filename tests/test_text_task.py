@@ -116,3 +116,20 @@ def test_sample_text_on_a_bare_model_takes_only_the_samplers_overrides(trained_r
     assert sample_text.main([*bare, "text.sample_steps=1", f"data.resolution={RES}"]) == 0
     from ambient_dist.metrics.samples import read_samples
     assert read_samples(tmp_path / "s")[1].shape == (1, 3, RES, RES)
+
+
+def test_sample_text_says_what_the_model_replaces_of_the_config(trained_run, tmp_path, capsys, monkeypatch):
+    """The scheduler's prediction type wins over text.prediction: said on screen and kept in
+    samples.json's notes (issue 22, case 7)."""
+    import sample_text
+    from ambient_dist import progress
+    monkeypatch.setattr(progress, "_SAID", set())
+    run, _ = trained_run
+    out = tmp_path / "samples"
+    assert sample_text.main([str(run), "--num", "1", "--steps", "1", "--out", str(out), "--quiet",
+                             "text.prediction=epsilon"]) == 0
+    note = (f"text.prediction 'epsilon' replaced by 'v', the prediction type of "
+            f"{run / 'diffusers' / 'scheduler'} (what the U-Net was trained for)")
+    assert f"note: {note}\n" in capsys.readouterr().out
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["notes"] == [note] and meta["provenance"]["version"]
