@@ -508,7 +508,7 @@ def fmt(v, digits=3):
 
 def markdown(report: dict) -> str:
     env = report["sections"].get("environment", {})
-    lines = [f"# Fused two-branch kernels: GPU check ({env.get('gpu', env.get('device'))}, {env.get('date')})", "",
+    lines = [f"# Fused two-branch kernels: GPU check ({env.get('gpu') or env.get('device')}, {env.get('date')})", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}; "
              f"reference: {env.get('reference')}", ""]
 
