@@ -17,7 +17,7 @@ none (None), even when that virtualenv lives inside some other git repository, w
 says nothing about this code. `git_dirty` says whether tracked files differ from that
 revision (None without a checkout).
 
-This module imports nothing of the project but the package's version (a low helper).
+This module imports nothing of the project (a low helper).
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def library_version(distribution: str) -> Optional[str]:
 
 def package_version() -> str:
     """This package's version: the installed distribution's, else the source's __version__."""
-    from ambient_dist import __version__
-    return library_version(PROJECT) or __version__
+    # The package is imported whenever this module is (no import needed: a low helper).
+    return library_version(PROJECT) or sys.modules[__package__].__version__
 
 
 def _git(cwd: Path, *args: str) -> Optional[str]:

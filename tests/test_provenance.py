@@ -92,3 +92,10 @@ def test_a_checkout_of_ours_gives_its_revision_and_whether_it_is_dirty(tmp_path)
     (ours / "ambient_dist" / "__init__.py").write_text("__version__ = '0'\n")
     (ours / "new.txt").write_text("untracked files do not make a revision irreproducible")
     assert P.source_revision(ours / "ambient_dist")[2] is False
+
+
+def test_a_source_tree_that_is_not_installed_reports_its_own_version(monkeypatch):
+    import ambient_dist
+    real = P.library_version
+    monkeypatch.setattr(P, "library_version", lambda name: None if name == P.PROJECT else real(name))
+    assert P.provenance()["version"] == ambient_dist.__version__
