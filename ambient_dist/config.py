@@ -19,6 +19,7 @@ the file it came from, so a user can fix the YAML without reading this module.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -359,7 +360,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            # A YAML file read unquoted yes / 010 / ~ / 2024-01-01 as another type: say so.
+            hint = (" (YAML reads that unquoted text as a "
+                    f"{'null' if value is None else type(value).__name__}; quote it)"
+                    if isinstance(value, (bool, int, float, type(None), datetime.date)) else "")
+            raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
 

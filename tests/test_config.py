@@ -246,3 +246,16 @@ def test_override_values_are_parsed_strictly_by_type():
     }
     for override, message in refused.items():
         assert _err([override]).startswith(message), (override, _err([override]))
+
+
+def test_a_yaml_file_value_read_as_another_type_is_refused_for_a_str_field(tmp_path):
+    """In a config file YAML's own rules apply (a comment is a comment); a str field that YAML
+    turned into a bool, number, null or date is refused naming the key, with the fix."""
+    for text, got in (("yes", "True"), ("010", "8"), ("~", "None"), ("2024-01-01", "datetime.date(2024, 1, 1)")):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"train:\n  run_root: {text}\n")
+        msg = _err([], path=f)
+        assert msg.startswith(f"train.run_root: expected a string, got {got} (YAML reads that "
+                              "unquoted text as a ") and msg.endswith(f"; quote it) [{f}]"), msg
+        f.write_text(f"train:\n  run_root: '{text}'\n")
+        assert load_config(f, check_paths=False).train.run_root == text
