@@ -331,12 +331,14 @@ def test_resume_on_remade_shards_is_refused_naming_what_changed(tmp_path, capsys
     assert train_launcher.main(["--resume", str(run), "train.total_kimg=0.064"]) == 0
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("loader, workers", [("resident", 0), ("webdataset", 0), ("webdataset", 1),
+                                             ("webdataset", 2), ("dali", 1)])
 def test_a_bad_noisy_copy_read_by_a_loader_worker_is_one_error_line(pixel_shards, tmp_path, capsys,
-                                                                    monkeypatch, workers):
+                                                                    monkeypatch, loader, workers):
     """Field case (issue 22, 5): a stored noisy copy holding a NaN, read with
     data.loader=webdataset data.workers=1, was shown as "Caught ShardError in DataLoader worker
-    process 0." and the worker's traceback; now the same line as the resident loader's."""
+    process 0." and the worker's traceback; now every loader, in whichever process or thread
+    reads it, gives the resident loader's line."""
     import io
 
     import numpy as np
@@ -354,7 +356,7 @@ def test_a_bad_noisy_copy_read_by_a_loader_worker_is_one_error_line(pixel_shards
         return decode(self, i, data)
     monkeypatch.setattr(ShardSet, "decode_noisy", with_a_nan)
     key = ShardSet(pixel_shards).keys[3]
-    overrides = toy_overrides(pixel_shards, tmp_path / "runs", **{"data.loader": "webdataset",
+    overrides = toy_overrides(pixel_shards, tmp_path / "runs", **{"data.loader": loader,
                                                                   "data.workers": workers})
     capsys.readouterr()
     assert train_launcher.main(overrides_config(tmp_path, overrides)) == 2
