@@ -139,3 +139,19 @@ def test_sample_text_refuses_training_captions_of_other_shards(trained_run, tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"error: data.shards of {run / 'config.yaml'} ({other}) is not the data run {run}")
     assert "plan hash" in err and "Traceback" not in err and not (tmp_path / "s").exists()
+
+def test_sample_text_says_what_the_model_replaces_of_the_config(trained_run, tmp_path, capsys, monkeypatch):
+    """The scheduler's prediction type wins over text.prediction: said on screen and kept in
+    samples.json's notes (issue 22, case 7)."""
+    import sample_text
+    from ambient_dist import progress
+    monkeypatch.setattr(progress, "_SAID", set())
+    run, _ = trained_run
+    out = tmp_path / "samples"
+    assert sample_text.main([str(run), "--num", "1", "--steps", "1", "--out", str(out), "--quiet",
+                             "text.prediction=epsilon"]) == 0
+    note = (f"text.prediction 'epsilon' replaced by 'v', the prediction type of "
+            f"{run / 'diffusers' / 'scheduler'} (what the U-Net was trained for)")
+    assert f"note: {note}\n" in capsys.readouterr().out
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["notes"] == [note] and meta["provenance"]["version"]

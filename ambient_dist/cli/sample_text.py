@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from ambient_dist.cli import SetsOverride, add_overrides, overrides_of, reports_user_errors
 from ambient_dist.config import ConfigError, load_config, parse_overrides
+from ambient_dist.progress import say_once
 
 # The config keys of the sampler, and their TextSamplerSettings names: what a bare Stable
 # Diffusion directory (no config.yaml) takes as overrides.
@@ -117,12 +118,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        * components.vae_scale_factor))
     settings = ts.TextSamplerSettings(**{**vars(defaults), **bare, "prediction": prediction,
                                          "batch_size": args.batch})
+    notes = []   # what is not as the run's config (or the defaults) says: on screen and in samples.json
+    if defaults.prediction != prediction and cfg is not None:
+        notes.append(f"text.prediction {defaults.prediction!r} replaced by {prediction!r}, the "
+                     f"prediction type of {model_dir / 'scheduler'} (what the U-Net was trained for)")
+    if cfg is None and "resolution" not in bare:
+        notes.append(f"resolution {settings.resolution} px: the U-Net's sample_size x the VAE's "
+                     f"scale factor ({model_dir} has no config.yaml; --resolution sets it)")
+    for note in notes:
+        say_once(note)
     store = SampleStore(args.out or root / "samples-text")
     weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
     made = ts.write_samples(components, store, prompts, settings, device, rank, world,
                             weights_sha=file_digest(weights) if weights.is_file() else "",
                             autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                            progress=not args.quiet)
+                            progress=not args.quiet, notes=notes)
     print(f"rank {rank}: {made} images written to {store.root} (prompts in {store.root / 'prompts.txt'})")
     return 0
 

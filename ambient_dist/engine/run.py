@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +27,8 @@ from typing import Optional
 import torch
 
 from ambient_dist import metrics
-from ambient_dist.config import (ConfigError, ExperimentConfig, save_config, to_dict, typed_paths,
-                                 validate_world, with_absolute_paths)
+from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
+                                 training_notes, typed_paths, validate_world, with_absolute_paths)
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
@@ -38,6 +36,9 @@ from ambient_dist.engine.task import Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
+from ambient_dist.progress import say_once
+from ambient_dist.provenance import provenance
+from ambient_dist.sampling import SamplerSettings
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
@@ -159,18 +160,18 @@ def finish(trainer: Trainer) -> Optional[dict]:
 
 def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int,
                    paths_as_typed: Optional[dict] = None) -> None:
-    """run.json: what produced this run (config, versions, world size, git revision; the
-    path options as typed, when relative: config holds them absolute)."""
-    def git_revision() -> Optional[str]:
-        try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                  capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
+    """run.json: what produced this run (config, the fields it resolves for this world size,
+    provenance: package version, its own checkout's revision, library versions, machine; the
+    working directory and the path options as typed, when relative: config holds them
+    absolute) and `notes`, what the run does other than the config says in so many words
+    (said on screen once, too): a length rounded to whole batches, the end-of-run sampler's
+    adjustments."""
+    notes = training_notes(cfg, world_size) + SamplerSettings.for_run(cfg, announce=False).notes
+    for note in notes:
+        say_once(note)
     info = {"config": to_dict(cfg), "fingerprint": cfg.fingerprint(), "world_size": world_size,
-            "git_revision": git_revision(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "host": platform.node(), "argv": sys.argv,
-            "cwd": os.getcwd(), "paths_as_typed": paths_as_typed or {}}
+            "resolved": resolved_fields(cfg, world_size), "notes": notes, **provenance(),
+            "argv": sys.argv, "cwd": os.getcwd(), "paths_as_typed": paths_as_typed or {}}
     atomic_write_json(run_dir / "run.json", info, indent=2)
 
 

@@ -25,7 +25,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -41,6 +41,7 @@ from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
 from ambient_dist.progress import progress as progress_bar
+from ambient_dist.provenance import provenance
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
@@ -163,6 +164,15 @@ class SampleMeta:
     layout: str
     shard_size: int
     labels: str               # "none", "cycle" (n % classes) or "class=<k>"
+    # Not part of what makes the sample set (a set recorded without them is the same set):
+    # what was changed of the settings asked for (SamplerSettings.notes), in words, and what
+    # made the images (package version and revision, library versions: ambient_dist.provenance).
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=provenance)
+
+
+# The fields of samples.json that describe, rather than define, the sample set.
+DESCRIPTIVE = ("num", "notes", "provenance")
 
 
 def recorded_meta(root: str | os.PathLike) -> Optional[dict]:
@@ -216,7 +226,8 @@ class SampleStore:
         wanted = asdict(meta)
         have = recorded_meta(self.root)
         if have is not None:
-            diff = {k: (have.get(k), v) for k, v in wanted.items() if k != "num" and have.get(k) != v}
+            diff = {k: (have.get(k), v) for k, v in wanted.items()
+                    if k not in DESCRIPTIVE and have.get(k) != v}
             if diff:
                 raise SampleStoreError(
                     f"{self.root} holds samples made differently ({'; '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
@@ -293,12 +304,12 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
     store = SampleStore(out, layout, shard_size)
     labels = ("none" if not net.label_dim else
               f"class={fixed_class}" if fixed_class is not None else "cycle")
-    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items()}
+    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items() if k != "notes"}
     sampler["guidance"] = guidance_scale
     store.check_meta(SampleMeta(
         num=num, seed=seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
         weights_sha=file_digest(weights), sampler=sampler, layout=layout, shard_size=shard_size,
-        labels=labels))
+        labels=labels, notes=list(settings.notes)))
     guidance = sampling.classifier_free_guidance(guidance_scale) if guidance_scale else None
     return generate(net, store, num, batch, seed, settings, rank, world, fixed_class=fixed_class,
                     autocast_dtype=autocast_dtype, guidance=guidance, device=device,
