@@ -30,6 +30,7 @@ from ambient_dist import metrics
 from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
                                  training_notes, typed_paths, validate_world, with_absolute_paths)
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
+from ambient_dist.errors import original_message
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.task import Task
@@ -236,7 +237,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
         if info.distributed:
             # Name the rank: with several ranks the first line a user sees is often another
             # rank's "connection closed", caused by this one.
-            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {e}\n"
+            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {original_message(e)}\n"
                   f"(a rank that dies or stops answering ends every other rank at its next "
                   f"collective, after at most distributed.timeout_s = {cfg.distributed.timeout_s:g} s)",
                   file=sys.stderr, flush=True)
