@@ -112,6 +112,38 @@ def test_webdataset_shards_with_class_labels_resume_per_shard(tmp_path, monkeypa
     assert "--class 9" in capsys.readouterr().err
 
 
+def test_a_sample_shard_cut_or_doubled_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """Sample shards are written whole; one cut between two members (a killed copy) or holding
+    a member twice is refused naming the shard, not read as fewer or other samples."""
+    import io
+    import tarfile
+
+    from helpers import cut_tar_after
+    run = make_run(tmp_path)
+    out = tmp_path / "wds"
+    assert sample(run, out, "--format", "wds", "--shard-size", "4", "--batch", "2",
+                  monkeypatch=monkeypatch) == 0
+    first = out / "samples-000000.tar"
+    whole = first.read_bytes()
+    cut_tar_after(first, 2)
+    with pytest.raises(S.SampleStoreError, match=r"samples-000000.tar: the tar ends early: no "
+                       r"end-of-archive marker .*; 2 samples read, the rest are missing"):
+        S.read_samples(out)
+    first.unlink()  # what the message says to do: the sampler remakes the shard
+    assert sample(run, out, "--format", "wds", "--shard-size", "4", "--batch", "2",
+                  monkeypatch=monkeypatch) == 0
+    assert first.read_bytes() == whole
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m, data in members + members[:1]:
+            tar.addfile(m, io.BytesIO(data))
+    first.write_bytes(buf.getvalue())
+    with pytest.raises(S.SampleStoreError, match=f"samples-000000.tar: member {members[0][0].name} is there twice"):
+        S.read_samples(out)
+
+
 def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x"
     assert sample_launcher.main(["--config", str(run / "config.yaml"), "--checkpoint",

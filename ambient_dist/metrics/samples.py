@@ -36,7 +36,7 @@ from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
 from ambient_dist.data.loader import data_differences, data_identity
 from ambient_dist.data.shards import read_manifest, tar_member
-from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes
+from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes, tar_end_problem
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
@@ -334,11 +334,24 @@ def iter_samples(path: str | os.PathLike, what: str = "samples"
     if shards and all(p.suffix == ".tar" for p in shards):
         for shard in shards:
             groups: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    if m.isfile():
-                        stem, _, ext = m.name.rpartition(".")
-                        groups.setdefault(stem, {})[ext] = tar.extractfile(m).read()
+            try:
+                with tarfile.open(shard) as tar:
+                    for m in tar.getmembers():
+                        if m.isfile():
+                            stem, _, ext = m.name.rpartition(".")
+                            group = groups.setdefault(stem, {})
+                            if ext in group:  # we write each member once: never let one replace another
+                                raise SampleStoreError(f"{what} {shard}: member {m.name} is there twice")
+                            group[ext] = tar.extractfile(m).read()
+                    # The store writes whole tars atomically, so a cut one comes from a copy
+                    # killed between two members: refused, not read as fewer samples.
+                    problem = tar_end_problem(tar)
+            except tarfile.TarError as e:
+                raise SampleStoreError(f"{what} {shard}: not a readable tar ({e})") from None
+            if problem:
+                raise SampleStoreError(f"{what} {shard}: {problem}; {len(groups)} samples read, the "
+                                       "rest are missing (copy the sample set again, or delete "
+                                       "that shard and re-run ambient-sample: it remakes it)")
             for stem in sorted(groups):
                 g = groups[stem]
                 if "png" not in g:
