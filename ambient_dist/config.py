@@ -4,7 +4,8 @@ An experiment is one `ExperimentConfig` (a tree of dataclasses). It is built by
 `load_config(path, overrides)`, which
 
 1. reads the YAML file (which may name a `base:` YAML file it extends),
-2. applies `section.key=value` overrides from the command line (values parsed as YAML),
+2. applies `section.key=value` overrides from the command line (each value read by its
+   field's type, never as YAML: `parse_overrides`),
 3. checks every key against the dataclass fields (unknown key -> error naming it, with the
    closest valid name), converts and type-checks every value, and runs the semantic checks
    in `validate()`.
@@ -12,12 +13,14 @@ An experiment is one `ExperimentConfig` (a tree of dataclasses). It is built by
 Errors are `ConfigError`s whose message starts with the dotted key (`train.batch: ...`) and
 the file it came from, so a user can fix the YAML without reading this module.
 
-`save_config(cfg, run_dir)` writes the resolved config as `config.yaml` into a run directory;
-`load_config(run_dir / "config.yaml")` reproduces the run's options exactly.
+`save_config(cfg, run_dir)` writes the resolved config as `config.yaml` into a run directory,
+with every path option (PATH_OPTIONS) absolute; `load_config(run_dir / "config.yaml")`
+reproduces the run's options exactly, from any working directory.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -358,7 +361,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            # A YAML file read unquoted yes / 010 / ~ / 2024-01-01 as another type: say so.
+            hint = (" (YAML reads that unquoted text as a "
+                    f"{'null' if value is None else type(value).__name__}; quote it)"
+                    if isinstance(value, (bool, int, float, type(None), datetime.date)) else "")
+            raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
 
@@ -419,18 +426,25 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return raw
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """Turn ["train.batch=64", "network.channel_mult=[1,2]"] into a nested dict."""
+def parse_overrides(overrides: list[str], schema: type | None = None) -> dict:
+    """Turn ["train.batch=64", "network.channel_mult=[1,2]"] into a nested dict of typed values.
+
+    Each value is read by the type its key declares in `schema` (default ExperimentConfig),
+    never as YAML, so no part of it is dropped or reinterpreted: a str field (a path, a name)
+    takes the text after '=' literally ('W/exp #2/runs', 'yes', '010', '~', '---' stay what
+    they are); int / float / bool fields and lists of them must be exactly a number, true or
+    false, or [a, b, ...], else a ConfigError names the key. A key the schema does not know
+    keeps its text, and the config check names it (with the closest valid key).
+    """
+    schema = schema or ExperimentConfig
     out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
         parts = key.strip().split(".")
+        tp = _field_type(schema, parts)
+        value = text if tp is None else parse_value(text, tp, ".".join(parts))
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -438,6 +452,83 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {p} is both a value and a section")
         node[parts[-1]] = value
     return out
+
+
+def _field_type(schema: type, parts: list[str]) -> Any:
+    """The declared type of the dotted key `parts` in the dataclass `schema`, or None when
+    the key is not one of its fields."""
+    tp: Any = schema
+    for p in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            return None
+        tp = hints[p]
+    return tp
+
+
+_INT_TEXT = re.compile(r"[-+]?\d+")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?\.?inf(inity)?", re.IGNORECASE)
+_BOOL_TEXT = {"true": True, "false": False}
+_QUOTES = ("'", '"')
+
+
+def parse_value(text: str, tp: Any, key: str) -> Any:
+    """`text` (an override's value, as typed) read as the type `tp`, strictly.
+
+    str and Literal fields: the text itself. int: decimal digits ('010' is 10, not YAML's
+    octal 8). float: a decimal or exponent number, or inf. bool: true / false (any case).
+    list[T]: '[a, b, ...]', each item read as T (a str item may be quoted). Anything else,
+    or anything after the value (a ' # comment', a second document), is a ConfigError naming
+    `key`: a value is never cut or reinterpreted."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        names = [f.name for f in dataclasses.fields(tp)]
+        raise ConfigError(f"{key}: is a section, not a value; set its keys ({key}.{names[0]}=...)")
+    if tp is str or origin is Literal:
+        # Literal: the membership check of _convert names the choices.
+        return text
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and text.strip() in ("null", "~", "none", "None"):
+            return None
+        for a in args:
+            try:
+                return parse_value(text, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {text!r}")
+    stripped = text.strip()
+    if origin is list:
+        if not (stripped.startswith("[") and stripped.endswith("]")):
+            raise ConfigError(f"{key}: expected {_type_name(tp)} written [a, b, ...], got {text!r}")
+        (item_tp,) = typing.get_args(tp)
+        inner = stripped[1:-1]
+        if not inner.strip():
+            return []
+        items = []
+        for i, part in enumerate(inner.split(",")):
+            part = part.strip()
+            if item_tp is str and len(part) >= 2 and part[0] == part[-1] and part[0] in _QUOTES:
+                part = part[1:-1]   # inside a list, quotes are syntax
+            elif not part:
+                raise ConfigError(f"{key}[{i}]: empty item in {text!r}")
+            items.append(parse_value(part, item_tp, f"{key}[{i}]"))
+        return items
+    if tp is bool:
+        if stripped.lower() not in _BOOL_TEXT:
+            raise ConfigError(f"{key}: expected true or false, got {text!r}")
+        return _BOOL_TEXT[stripped.lower()]
+    if tp is int:
+        if not _INT_TEXT.fullmatch(stripped):
+            raise ConfigError(f"{key}: expected an integer, got {text!r}")
+        return int(stripped)
+    if tp is float:
+        if not _FLOAT_TEXT.fullmatch(stripped):
+            raise ConfigError(f"{key}: expected a number, got {text!r}")
+        return float(stripped.lower().replace(".inf", "inf"))  # YAML's .inf, as config.yaml has it
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a schema bug, not a user error
 
 
 def from_dict(raw: dict, source: str = "", check_paths: bool = True) -> ExperimentConfig:
@@ -583,6 +674,9 @@ def _validate_method(cfg: ExperimentConfig, c) -> None:
     if o.method == "noise_only":
         c(o.sigma_tn > 0, "objective.sigma_tn", "must be > 0 for objective.method=noise_only "
           "(the noise level of the only data it trains on)")
+        c(o.sigma_tn < cfg.sampling.sigma_max, "objective.sigma_tn", f"must be below "
+          f"sampling.sigma_max ({cfg.sampling.sigma_max:g}) for objective.method=noise_only, "
+          f"which samples from sigma_max down to sigma_tn; got {o.sigma_tn:g}")
     if o.method == "masking":
         c(o.sigma_tn == 0, "objective.sigma_tn", "must be 0 for objective.method=masking (its "
           f"corruption is the fixed mask, not noise), got {o.sigma_tn}")
@@ -611,9 +705,69 @@ def validate_world(cfg: ExperimentConfig, world_size: int) -> None:
                f"(choose a multiple of {world_size}, or set train.batch_per_gpu)", "")
 
 
-def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config (every option, defaults included) into the run directory."""
+def training_notes(cfg: ExperimentConfig, world_size: int) -> list[str]:
+    """What training does other than the config says in so many words (run.json's notes,
+    said on screen at the start): today, a length that is not a whole number of batches."""
+    notes = []
+    total, batch = int(round(cfg.train.total_kimg * 1000)), cfg.train.batch
+    if total % batch:
+        notes.append(f"train.total_kimg {cfg.train.total_kimg:g} is {total} images, not a whole "
+                     f"number of train.batch {batch}: training runs to {-(-total // batch) * batch} "
+                     "images (steps are whole batches)")
+    return notes
+
+
+def resolved_fields(cfg: ExperimentConfig, world_size: int) -> dict:
+    """The values the config leaves to be worked out ("auto", 0 = derived), as resolved for
+    `world_size` ranks (run.json records them)."""
+    return {"task": cfg.task, "world_size": world_size, "batch_per_gpu": cfg.micro_batch(world_size),
+            "accumulation_steps": cfg.accumulation_steps(world_size)}
+
+
+# Options that name a file or directory. A relative one means "from the working directory",
+# which a run's config.yaml read later from elsewhere would silently re-aim (another `fm64`
+# there): a run saves them absolute (`with_absolute_paths`), and keeps what was typed beside.
+PATH_OPTIONS = ("data.shards", "train.run_root", "evaluation.inception_path",
+                "evaluation.dinov2_path", "evaluation.sscd_path", "text.model_path",
+                "text.prompts", "distributed.deepspeed_config")
+
+
+def typed_paths(cfg: ExperimentConfig) -> dict[str, str]:
+    """{dotted key: value} of the PATH_OPTIONS given as relative paths (what was typed)."""
+    out = {}
+    for key in PATH_OPTIONS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not os.path.isabs(value):
+            out[key] = value
+    return out
+
+
+def with_absolute_paths(cfg: ExperimentConfig, base: str | os.PathLike | None = None) -> ExperimentConfig:
+    """A copy of `cfg` whose PATH_OPTIONS are absolute (relative ones joined to `base`,
+    default the working directory; normalised, symlinks kept: a re-pointed link is caught by
+    the data checks, not hidden here). Empty values stay empty."""
+    base = os.path.abspath(base or os.getcwd())
+    changes: dict[str, dict] = {}
+    for key, value in typed_paths(cfg).items():
+        section, name = key.split(".")
+        changes.setdefault(section, {})[name] = os.path.normpath(os.path.join(base, value))
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **kv)
+                                       for sec, kv in changes.items()})
+
+
+def save_config(cfg: ExperimentConfig, run_dir: str | os.PathLike,
+                typed: Optional[dict[str, str]] = None) -> Path:
+    """Write the resolved config (every option, defaults included, PATH_OPTIONS absolute)
+    into the run directory, so that it means the same from any working directory. The
+    relative values as typed (`typed`, default those of `cfg`) head the file as comments."""
+    typed = typed_paths(cfg) if typed is None else typed
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # A typed value may hold a line break (the parser takes str values literally): quoted, so
+    # that it stays inside its comment line.
+    head = "".join(f"#   {k}: {v if v.isprintable() else json.dumps(v)}\n" for k, v in typed.items())
+    if head:
+        head = f"# Paths as typed, relative to {os.getcwd()} (absolute below):\n{head}"
+    atomic_write_text(path, head + yaml.safe_dump(to_dict(with_absolute_paths(cfg)), sort_keys=False))
     return path

@@ -54,7 +54,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     `path`; when it raises, the temporary file is removed and `path` is untouched. `suffix`
     keeps an extension that a writer reads the format from (e.g. ".png" for PIL). The
     process id in the name keeps concurrent writers of one path (several ranks) apart.
-    Raises FileNotFoundError if the block wrote nothing there.
+    Raises FileNotFoundError if the block wrote nothing there; an OSError that names no file
+    (a full disk, a quota, an I/O error while writing) is raised again naming `path`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
@@ -62,9 +63,24 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path, tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _naming(e: OSError, path: Path, tmp: Path) -> OSError:
+    """`e`, or when it names no file (write() on a full disk says only ENOSPC) or only the
+    temporary file, the same error naming `path`: the message says which file could not be
+    written."""
+    if e.errno is None or (e.filename is not None and str(e.filename) != str(tmp)) \
+            or e.filename2 is not None:
+        return e
+    named = OSError(e.errno, e.strerror, str(path))  # the errno's subclass (PermissionError, ...)
+    named.__cause__ = e
+    return named
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -100,6 +116,9 @@ def replace_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(e, path, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,7 @@ seconds or every `percent_step` percent of the total, whichever comes first, plu
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO, Iterable, Optional
 
@@ -112,3 +113,17 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[float] = No
     if is_terminal(file):
         return tqdm(iterable, **kwargs)
     return LineProgress(iterable, interval_s=interval_s, percent_step=percent_step, **kwargs)
+
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Print `note: message` on stdout, once per process (the same note from a later call is
+    not repeated) and only on the launcher's rank 0: what a command changed of the user's
+    settings (a replaced or clamped value, an auto-resolved field), said where it happens.
+    Goes through tqdm.write, so an open progress bar is redrawn below it."""
+    if message in _SAID or os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    _SAID.add(message)
+    tqdm.write(f"note: {message}", file=sys.stdout)

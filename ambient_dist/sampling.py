@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ambient_dist.config import ConfigError
 from ambient_dist.noise import key_seed, keyed_uniform
+from ambient_dist.progress import say_once
 
 # D(x [B,C,H,W] float32, sigma [B] float32, labels or None) -> x0 estimate [B,C,H,W]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# EDM's largest churn factor per step: gamma = min(S_churn / steps, sqrt(2) - 1).
+MAX_GAMMA = math.sqrt(2) - 1
 # guidance(denoiser, x, sigma, labels) -> combined x0 estimate
 Guidance = Callable[[Denoiser, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -53,6 +57,9 @@ class SamplerSettings:
     S_noise: float = 1.0
     # Masking baseline: fraction of pixels each image's fixed sampling mask keeps (0 = none).
     mask_survival: float = 0.0
+    # What for_run changed of the config's sampling section, in words (not a setting: the
+    # sampler ignores it; samples.json records it as its notes).
+    notes: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplerSettings":
@@ -62,16 +69,47 @@ class SamplerSettings:
                       "S_max": cfg.S_max, "S_noise": cfg.S_noise, **overrides})
 
     @classmethod
-    def for_run(cls, cfg, **overrides) -> "SamplerSettings":
+    def for_run(cls, cfg, announce: bool = True, **overrides) -> "SamplerSettings":
         """From an `ExperimentConfig`: its sampling section, adjusted for objective.method
-        (noise_only: stop at sigma_tn; masking: the fixed-mask sampler's survival rate)."""
+        (noise_only: stop at sigma_tn; masking: the fixed-mask sampler's survival rate).
+
+        Every adjustment is said in `notes` (recorded in samples.json) and, with `announce`,
+        once on screen (progress.say_once). Raises ConfigError when objective.sigma_tn leaves
+        noise_only nothing to sample (sigma_tn >= sampling.sigma_max)."""
         settings = cls.from_config(cfg.sampling, **overrides)
         o = cfg.objective
         if o.method == "noise_only":
-            settings.sigma_min = max(settings.sigma_min, o.sigma_tn)
+            if o.sigma_tn >= settings.sigma_max:
+                raise ConfigError(f"objective.sigma_tn: {o.sigma_tn:g} is not below sampling.sigma_max "
+                                  f"({settings.sigma_max:g}); objective.method=noise_only samples from "
+                                  "sigma_max down to sigma_tn")
+            if settings.sigma_min < o.sigma_tn:
+                settings.notes.append(
+                    f"sampling.sigma_min {settings.sigma_min:g} replaced by objective.sigma_tn = "
+                    f"{o.sigma_tn:g}: objective.method=noise_only never learned below sigma_tn, so "
+                    "sampling stops there and returns the denoiser's estimate D(x; sigma_tn)")
+                settings.sigma_min = o.sigma_tn
         elif o.method == "masking":
             settings.mask_survival = (1 - o.mask_corruption) * (1 - o.mask_delta)
+            settings.notes.append(
+                f"objective.method=masking samples with Ambient Diffusion's fixed-mask sampler: each "
+                f"image keeps (1 - mask_corruption)(1 - mask_delta) = {settings.mask_survival:.4g} of "
+                "its pixels, and the denoiser's output is clipped to [-1, 1]")
+        settings.notes.extend(settings.clamp_notes())
+        if announce:
+            for note in settings.notes:
+                say_once(note)
         return settings
+
+    def clamp_notes(self) -> list[str]:
+        """What the sampler will clamp of these settings (EDM's limit on the churn)."""
+        notes = []
+        if self.S_churn > 0 and self.S_churn / self.num_steps > MAX_GAMMA:
+            notes.append(
+                f"sampling.S_churn {self.S_churn:g} over {self.num_steps} steps is clamped to "
+                f"gamma = sqrt(2) - 1 = {MAX_GAMMA:.4f} per step (EDM's limit): any S_churn >= "
+                f"{MAX_GAMMA * self.num_steps:.4g} samples the same")
+        return notes
 
     def check(self) -> None:
         if self.solver not in ("heun", "euler"):
@@ -182,7 +220,7 @@ def edm_sample(denoiser: Denoiser, indices: Sequence[int], image_shape: Sequence
     x = noise.randn(image_shape, device) * steps[0]
     for i, (t_cur, t_next) in enumerate(zip(steps[:-1], steps[1:])):
         # Churn: raise the noise level from t_cur to t_hat with fresh noise.
-        gamma = min(s.S_churn / s.num_steps, math.sqrt(2) - 1) if s.S_min <= t_cur <= s.S_max else 0.0
+        gamma = min(s.S_churn / s.num_steps, MAX_GAMMA) if s.S_min <= t_cur <= s.S_max else 0.0
         t_hat = t_cur * (1 + gamma)
         if gamma > 0:
             x = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * s.S_noise * noise.randn(image_shape, device)

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,26 +259,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> Optional[str]:
-    # importlib.metadata reads the installed version without importing the package
-    # (importing deepspeed takes seconds and prints accelerator warnings).
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def machine_info(device: str) -> dict:
     """CPU/GPU model, library versions, git revision and date, for the JSON header."""
+    from ambient_dist.provenance import provenance   # the one home of versions and revision
+    prov = provenance()
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "hostname": platform.node(),
@@ -288,16 +270,11 @@ def machine_info(device: str) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "triton": _version("triton"),
-        "deepspeed": _version("deepspeed"),
-        "webdataset": _version("webdataset"),
-        "nvidia_dali": _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120"),
+        **prov,
+        "nvidia_dali": prov["nvidia-dali-cuda130"] or prov["nvidia-dali-cuda120"],
         # A copy of the tree without .git (the GPU machine's) is told its revision through
-        # $GIT_REVISION; uncommitted changes make a revision irreproducible: say so.
-        "git_revision": _git("rev-parse", "HEAD") or os.environ.get("GIT_REVISION"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # $GIT_REVISION; uncommitted changes make a revision irreproducible: provenance says so.
+        "git_revision": prov["git_revision"] or os.environ.get("GIT_REVISION"),
     }
     if device == "cuda":
         torch = _torch()

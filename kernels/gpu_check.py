@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 
 from ambient_dist.fileio import atomic_write_text
 from ambient_dist.objective import REFERENCE, select_kernel
+from ambient_dist.provenance import provenance
 
 from .philox import PhiloxNoise
 
@@ -447,15 +447,9 @@ class Report:
 
 
 def environment(device) -> dict:
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "device": str(device),
-            "reference": "ambient_dist.objective.REFERENCE"}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    # Versions, revision and machine from the package's one home of provenance.
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **provenance(),
+            "device": str(device), "reference": "ambient_dist.objective.REFERENCE"}
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, sms=props.multi_processor_count,
@@ -514,7 +508,7 @@ def fmt(v, digits=3):
 
 def markdown(report: dict) -> str:
     env = report["sections"].get("environment", {})
-    lines = [f"# Fused two-branch kernels: GPU check ({env.get('gpu', env.get('device'))}, {env.get('date')})", "",
+    lines = [f"# Fused two-branch kernels: GPU check ({env.get('gpu') or env.get('device')}, {env.get('date')})", "",
              f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}; "
              f"reference: {env.get('reference')}", ""]
 

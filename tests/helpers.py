@@ -190,6 +190,39 @@ def write_img2dataset(root: Path, n=8, per_shard=5) -> Path:
     return root
 
 
+def jpeg_bytes(seed: int, size=(40, 30)) -> bytes:
+    """A random RGB JPEG of `size` (H, W), different for each seed."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_wds_tar(path: Path, samples: list[dict], stats: int | None = None) -> Path:
+    """A WebDataset tar of `samples` ({"__key__", ext: bytes or str}) in that order, written
+    with webdataset's own TarWriter (a key may repeat, as after a restarted download); with
+    `stats`, also img2dataset's <shard>_stats.json recording that many successes."""
+    import json
+    import webdataset as wds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    if stats is not None:
+        Path(str(path)[:-4] + "_stats.json").write_text(json.dumps(
+            {"count": stats + 1, "successes": stats, "failed_to_download": 1, "failed_to_resize": 0}))
+    return path
+
+
+def cut_tar_after(path: Path, members: int) -> int:
+    """Cut the tar at `path` after its first `members` members, at a member boundary (what a
+    killed copy leaves: no end-of-archive blocks); return the new length in bytes."""
+    with tarfile.open(path) as tar:
+        infos = tar.getmembers()
+    cut = infos[members].offset
+    path.write_bytes(path.read_bytes()[:cut])
+    return cut
+
+
 # --------------------------------------------------------------------------------------------
 # Text-conditional (latent) data at toy size
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ambient_dist.config import ConfigError, load_config, save_config, to_dict
+from ambient_dist.config import ConfigError, load_config, save_config, to_dict, with_absolute_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
@@ -119,8 +119,10 @@ def test_save_and_reload_is_identical(tmp_path):
     c = load_config(ROOT / "configs/ffhq64-ncsnpp.yaml", ["objective.sigma_tn=2"], check_paths=False)
     path = save_config(c, tmp_path / "run")
     again = load_config(path, check_paths=False)
-    assert to_dict(again) == to_dict(c)
-    assert again.fingerprint() == c.fingerprint()
+    # identical, with the relative path options saved absolute (they name the same files)
+    from ambient_dist.config import with_absolute_paths
+    assert to_dict(again) == to_dict(with_absolute_paths(c)) and again.data.shards.startswith("/")
+    assert again.fingerprint() == with_absolute_paths(c).fingerprint()
     assert yaml.safe_load(path.read_text())["objective"]["sigma_tn"] == 2.0
     assert load_config(path, ["objective.sigma_tn=1"], check_paths=False).fingerprint() != c.fingerprint()
 
@@ -183,3 +185,107 @@ def test_task_resolves_from_the_model_path_and_is_validated(tmp_path):
     # The resolved task is saved with the run, so config.yaml says what was trained.
     save_config(load_config(None, check_paths=False), tmp_path)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["task"] == "image"
+
+
+def test_a_saved_config_names_the_same_paths_from_any_working_directory(tmp_path, monkeypatch):
+    """Issue 22 case 3: a run's config.yaml held data.shards as typed (relative), so read from
+    another directory it named other shards. Every path option is saved absolute, with the
+    typed value beside it (a comment heading config.yaml)."""
+    from ambient_dist.config import PATH_OPTIONS, typed_paths, with_absolute_paths
+    work = tmp_path / "work"
+    (work / "fm64").mkdir(parents=True)
+    (work / "inc.pt").write_bytes(b"x")
+    monkeypatch.chdir(work)
+    c = load_config(None, ["data.shards=fm64", "train.run_root=runs", "evaluation.inception_path=./inc.pt",
+                           "text.prompts=../abs-elsewhere.txt"], check_paths=False)
+    assert typed_paths(c) == {"data.shards": "fm64", "train.run_root": "runs",
+                              "evaluation.inception_path": "./inc.pt", "text.prompts": "../abs-elsewhere.txt"}
+    path = save_config(c, tmp_path / "run")
+    text = path.read_text()
+    assert text.startswith(f"# Paths as typed, relative to {work}") and "#   data.shards: fm64\n" in text
+    other = tmp_path / "other"
+    (other / "fm64").mkdir(parents=True)  # other shards of the same name, elsewhere
+    monkeypatch.chdir(other)
+    again = load_config(path, check_paths=False)
+    assert again.data.shards == str(work / "fm64") and again.train.run_root == str(work / "runs")
+    assert again.evaluation.inception_path == str(work / "inc.pt")
+    assert again.text.prompts == str(tmp_path / "abs-elsewhere.txt")
+    assert again.text.model_path == "" and typed_paths(again) == {}  # empty stays empty
+    assert with_absolute_paths(again) == again  # idempotent
+    assert set(typed_paths(c)) <= set(PATH_OPTIONS)
+
+# Values YAML would change (comments, anchors, tags, yes/no, octal, null, documents, flow
+# syntax, trailing ':' or quotes): a str field keeps each literally (issue 22, case 4).
+LITERAL_STRINGS = ["W/exp #2/runs", "data/exp #2/shards", "a: b", "x:", "'quoted'", '"dq"',
+                   "it's", "&anchor", "*alias", "!tag x", "!!int 3", "yes", "no", "on", "off",
+                   "true", "null", "~", "1e3", "010", "0x1F", "12", "---", "a\n---\nb", "...",
+                   "[1, 2]", "{a: 1}", " padded ", "%TAG", "@x", "`x`", "|", ">", "#", "a #b"]
+
+
+@pytest.mark.parametrize("key", ["train.run_root", "data.shards", "name", "description",
+                                 "text.prompts", "evaluation.dinov2_path"])
+def test_override_of_a_str_field_is_taken_literally(key, tmp_path):
+    section, _, field = key.rpartition(".")
+    for text in LITERAL_STRINGS:
+        cfg = load_config(None, [f"{key}={text}"], check_paths=False)
+        got = getattr(getattr(cfg, section) if section else cfg, field)
+        assert got == text, (key, text, got)
+        # config.yaml reads back the same value (PyYAML quotes what needs it; a path option
+        # comes back absolute, the same text joined to the working directory).
+        again = load_config(save_config(cfg, tmp_path / "run"), check_paths=False)
+        assert to_dict(again) == to_dict(with_absolute_paths(cfg)), text
+
+
+def test_override_values_are_parsed_strictly_by_type():
+    ok = {"train.batch=64": ("train", "batch", 64), "train.seed=010": ("train", "seed", 10),
+          "train.seed=-3": ("train", "seed", -3), "train.batch= 64 ": ("train", "batch", 64),
+          "optimizer.lr=1e-4": ("optimizer", "lr", 1e-4), "optimizer.lr=5E-6": ("optimizer", "lr", 5e-6),
+          "optimizer.lr=.5": ("optimizer", "lr", 0.5), "objective.sigma_tn=2": ("objective", "sigma_tn", 2.0),
+          "sampling.S_max=inf": ("sampling", "S_max", float("inf")),
+          "sampling.S_max=.inf": ("sampling", "S_max", float("inf")),
+          "data.xflip=True": ("data", "xflip", True), "data.xflip=false": ("data", "xflip", False),
+          "network.channel_mult=[1, 2]": ("network", "channel_mult", [1, 2]),
+          "evaluation.thresholds=[0.9,.95]": ("evaluation", "thresholds", [0.9, 0.95]),
+          "augment.transforms=['yflip', \"scale\", rotate90]": ("augment", "transforms",
+                                                                ["yflip", "scale", "rotate90"]),
+          "augment.transforms=[]": ("augment", "transforms", [])}
+    for override, (section, field, want) in ok.items():
+        got = getattr(getattr(load_config(None, [override], check_paths=False), section), field)
+        assert got == want and type(got) is type(want), (override, got)
+    refused = {
+        "train.batch=64 # per rank": "train.batch: expected an integer, got '64 # per rank'",
+        "train.batch=0x40": "train.batch: expected an integer", "train.batch=1e3": "train.batch: expected an integer",
+        "train.batch=64abc": "train.batch: expected an integer", "train.batch=6_4": "train.batch: expected an integer",
+        "train.batch=~": "train.batch: expected an integer", "train.batch=": "train.batch: expected an integer",
+        "train.batch=64\n---\n32": "train.batch: expected an integer",
+        "train.batch=&a 64": "train.batch: expected an integer",
+        "train.batch=!!int 64": "train.batch: expected an integer",
+        "optimizer.lr=1e-4 # small": "optimizer.lr: expected a number",
+        "optimizer.lr=nan": "optimizer.lr: expected a number", "optimizer.lr=.nan": "optimizer.lr: expected a number",
+        "optimizer.lr=1e-4:": "optimizer.lr: expected a number", "optimizer.lr='1e-4'": "optimizer.lr: expected a number",
+        "data.xflip=yes": "data.xflip: expected true or false", "data.xflip=on": "data.xflip: expected true or false",
+        "data.xflip=1": "data.xflip: expected true or false",
+        "data.xflip=true # flip": "data.xflip: expected true or false",
+        "network.channel_mult=[1,2] # two": "network.channel_mult: expected a list of int",
+        "network.channel_mult=[1,2": "network.channel_mult: expected a list of int",
+        "network.channel_mult=1,2": "network.channel_mult: expected a list of int",
+        "network.channel_mult=[1,,2]": "network.channel_mult[1]: empty item",
+        "network.channel_mult=[1,2 #,3]": "network.channel_mult[1]: expected an integer",
+        "data.loader=webdataset # 8 workers": "data.loader: 'webdataset # 8 workers' is not one of",
+        "data=x": "data: is a section, not a value",
+    }
+    for override, message in refused.items():
+        assert _err([override]).startswith(message), (override, _err([override]))
+
+
+def test_a_yaml_file_value_read_as_another_type_is_refused_for_a_str_field(tmp_path):
+    """In a config file YAML's own rules apply (a comment is a comment); a str field that YAML
+    turned into a bool, number, null or date is refused naming the key, with the fix."""
+    for text, got in (("yes", "True"), ("010", "8"), ("~", "None"), ("2024-01-01", "datetime.date(2024, 1, 1)")):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"train:\n  run_root: {text}\n")
+        msg = _err([], path=f)
+        assert msg.startswith(f"train.run_root: expected a string, got {got} (YAML reads that "
+                              "unquoted text as a ") and msg.endswith(f"; quote it) [{f}]"), msg
+        f.write_text(f"train:\n  run_root: '{text}'\n")
+        assert load_config(f, check_paths=False).train.run_root == text

@@ -141,7 +141,9 @@ def test_what_a_fetch_draws_depends_only_on_the_stream_position(shard_dir, monke
 
     def drawing(self, i, data):
         drawn = torch.rand(()).item() + np.random.random() + random.random()
-        return decode_noisy(self, i, data) + np.float16(drawn)
+        # Small enough that the stored noise still has the manifest's sigma_tn (ShardSet
+        # measures it when it opens the shards), large enough to survive float16 rounding.
+        return decode_noisy(self, i, data) + np.float16(0.01 * drawn)
     monkeypatch.setattr(ShardSet, "decode_noisy", drawing)
     before = global_random_states()
     runs = {w: take(build_loader(config(shard_dir, loader, **{"data.workers": w}), 0, 1, "cpu"), 6)

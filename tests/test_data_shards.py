@@ -12,7 +12,7 @@ from PIL import Image
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data import load_images, read_manifest
 from ambient_dist.data.shards import (ShardError, ShardOptions, ShardSet, check_manifest, encode_npy,
-                                      make_shards, scan_tar)
+                                      make_shards, scan_tar, write_manifest)
 from ambient_dist.data.sources import SourceError, choose_subset, open_source
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.noise import make_noisy_copy
@@ -37,7 +37,7 @@ def test_manifest_and_noisy_copy_regenerates(tmp_path):
     out, m = make(tmp_path, noise_seed=3)
     assert m["complete"] and m["format_version"] == 1 and m["sigma_tn"] == 0.5 and m["form"] == "edm"
     assert (m["resolution"], m["channels"], m["num_classes"]) == (16, 3, 5)
-    assert m["counts"] == {"train": 20, "heldout": 6, "skipped": 0, "converted": 0}
+    assert m["counts"] == {"train": 20, "heldout": 6, "skipped": 0, "duplicates": 0, "converted": 0}
     assert [e["samples"] for e in m["shards"]] == [8, 8, 4]  # shards need not divide evenly
     for e in m["shards"]:
         assert sha256_file(out / e["name"]) == e["sha256"] and (out / e["index"]).is_file()
@@ -177,7 +177,9 @@ def test_skip_bad_counts_and_lists(tmp_path):
 def test_checksum_mismatch(tmp_path):
     out, m = make(tmp_path)
     p = out / m["shards"][2]["name"]
-    p.write_bytes(p.read_bytes()[:-1024])
+    data = bytearray(p.read_bytes())
+    data[-10] = 1  # in the end-of-archive padding: only the checksum can tell
+    p.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=f"{p.name}: checksum mismatch"):
         ShardSet(out)
     # Ranks split the verification: shard 2 is rank 0's of 2 (0, 2, ...), not rank 1's.
@@ -189,13 +191,33 @@ def test_checksum_mismatch(tmp_path):
 def test_truncated_tar(tmp_path):
     out, m = make(tmp_path)
     p = out / m["shards"][0]["name"]
-    p.write_bytes(p.read_bytes()[:4000])
+    whole = p.read_bytes()
+    p.write_bytes(whole[:4000])
+    # Refused at open on every rank, checksums verified or not: the size the manifest records.
+    with pytest.raises(ShardError, match=f"{p.name}: 4000 bytes, the manifest says {len(whole)} "
+                                         r"\(cut short"):
+        ShardSet(out, verify=False)
+    m["shards"][0]["bytes"] = 4000  # past that check, a read names the truncated member
+    write_manifest(out, m)
     shards = ShardSet(out, verify=False)
     with pytest.raises(ShardError, match=f"{p.name}, key {shards.keys[7]}: .*truncated"):
         shards.sample(7)
     (out / m["shards"][0]["index"]).unlink()  # without the index the tar is scanned
     with pytest.raises(ShardError, match=f"{p.name}: corrupt or truncated tar"):
         ShardSet(out, verify=False)
+
+
+def test_our_tar_cut_at_a_member_boundary_is_refused_when_scanned(tmp_path):
+    out, m = make(tmp_path)
+    p = out / m["shards"][0]["name"]
+    with tarfile.open(p) as tar:
+        members = tar.getmembers()
+    cut = members[9].offset  # after sample 3's three members: a whole-member prefix
+    p.write_bytes(p.read_bytes()[:cut])
+    with pytest.raises(ShardError, match=f"{p.name}: the tar ends early: no end-of-archive marker "
+                                         f".* at byte {cut} .*; 3 samples read, the last "
+                                         f"{members[8].name.split('.')[0]}, the rest are missing"):
+        scan_tar(p)
 
 
 def test_corrupt_tar_header(tmp_path):
@@ -228,8 +250,8 @@ def _rewrite_shard(out, m, edit):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     write_index(scan_tar(p), out / entry["index"])
-    entry["sha256"] = sha256_file(p)
-    atomic_write_json(out / "manifest.json", m)
+    entry["sha256"], entry["bytes"] = sha256_file(p), p.stat().st_size
+    write_manifest(out, m)  # as another writer would: sealed
 
 
 def test_missing_noisy_copy(tmp_path):
@@ -260,11 +282,11 @@ def test_noisy_copy_wrong_dtype_or_shape(tmp_path, bad):
 def test_empty_shard_list_and_incomplete_manifest(tmp_path):
     out, m = make(tmp_path)
     m["shards"] = []
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     with pytest.raises(ShardError, match="shard list is empty"):
         ShardSet(out)
     m["complete"] = False
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     with pytest.raises(ShardError, match="incomplete.*re-run the same make_shards"):
         ShardSet(out)
     with pytest.raises(ShardError, match="manifest.json: not found"):
@@ -360,7 +382,7 @@ def test_nan_in_a_stored_noisy_copy_is_named_where_it_is_read(tmp_path):
     os.replace(rebuilt, tar_path)
     (out / m["shards"][0]["index"]).unlink()     # rebuilt from the tar
     m["shards"][0]["sha256"] = sha256_file(tar_path)
-    (out / "manifest.json").write_text(json.dumps(m))
+    write_manifest(out, m)
     shards = ShardSet(out)
     with pytest.raises(ShardError, match=f"key {key}: noisy copy holds 1 non-finite values"):
         shards.sample(3)
@@ -388,3 +410,137 @@ def test_a_shard_tar_is_published_whole_or_not_at_all(tmp_path):
     entry = shard.publish([], None)
     assert entry["samples"] == 1 and entry["sha256"] == sha256_file(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.idx", "train-000000.tar"]
+
+
+# ----------------------------------------------------------------------------------------
+# The manifest's word against the data: the seal, and checks on the data themselves
+# ----------------------------------------------------------------------------------------
+
+def _edit(out, path, value):
+    """Set field `path` ("counts.train", "shards.0.sha256") of out's manifest as a text editor
+    would (the seal left as it was)."""
+    m = json.loads((out / "manifest.json").read_text())
+    *parents, last = path.split(".")
+    node = m
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[int(last) if isinstance(node, list) else last] = value
+    (out / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("sigma_tn", 1.0, "sigma_tn"), ("form", "vp", "form"), ("noise_seed", 3, "noise_seed"),
+    ("resolution", 32, "resolution"), ("channels", 1, "channels"), ("num_classes", 10, "num_classes"),
+    ("counts.train", 12, "counts.train"), ("plan", "0" * 64, "plan"), ("shards.0.sha256", "f" * 64, "shards"),
+    ("masks.corruption", 0.2, "masks.corruption"), ("heldout.sha256", "0" * 64, "heldout.sha256")])
+def test_an_edited_manifest_field_is_refused_naming_it(tmp_path, field, value, named):
+    out, _ = make(tmp_path, mask_corruption=0.5)
+    _edit(out, field, value)
+    message = rf"manifest.json: manifest field {named} differs from what make_shards wrote"
+    for read in (read_manifest, ShardSet, lambda d: load_images(d, "heldout")):
+        with pytest.raises(ShardError, match=message):
+            read(out)
+
+
+def test_an_edited_sigma_tn_is_refused_by_the_training_loader_and_evaluation(tmp_path):
+    from ambient_dist.data.build import build_loader
+    out, _ = make(tmp_path)
+    _edit(out, "sigma_tn", 1.0)
+    cfg = load_config(None, [f"data.shards={out}", "data.resolution=16", "data.channels=3",
+                             "objective.sigma_tn=1.0", "network.channel_mult=[1,2]", "train.batch=4"])
+    for loader in ("resident", "webdataset"):
+        cfg.data.loader = loader
+        with pytest.raises(ShardError, match="manifest field sigma_tn differs"):
+            build_loader(cfg, 0, 1, "cpu")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sigma_tn", 1.0, r"field sigma_tn says 1.0, but the stored noisy copies have noise std 0.5\d* "
+                      r"\(expected 1; measured on 8 samples\)"),
+    ("sigma_tn", 0.0, r"field sigma_tn says 0.0, but the stored noisy copies have noise std 0.5"),
+    ("resolution", 32, r"field resolution says 32, but the stored images are 16x16 px"),
+    ("channels", 1, r"field channels says 1, but the stored images have 3"),
+    ("counts.train", 12, r"field counts.train says 12, but the tars hold 20 samples")])
+def test_a_manifest_resealed_after_an_edit_is_still_refused_by_the_data(tmp_path, field, value, message):
+    """Another tool that rewrites the manifest (and so its seal) cannot make it lie: what the
+    data show is measured."""
+    out, _ = make(tmp_path)
+    write_manifest(out, _edit(out, field, value))
+    read_manifest(out)  # the seal holds: it is the data that refuse
+    with pytest.raises(ShardError, match=rf"manifest.json: {message}.*does not describe these shards"):
+        ShardSet(out)
+
+
+def test_the_data_checks_accept_every_true_manifest(tmp_path):
+    for kw in (dict(sigma_tn=0.0), dict(sigma_tn=2.0), dict(form="vp", sigma_tn=0.5),
+               dict(form="vp", sigma_tn=5.0), dict(count=1, heldout=0, resolution=8)):
+        out, _ = make(tmp_path, name=f"s{len(list(tmp_path.iterdir()))}", **kw)
+        assert len(ShardSet(out)) == (kw.get("count") or OPTS["count"])
+
+
+def test_resealed_mask_corruption_is_refused_by_the_masks(tmp_path):
+    from ambient_dist.data.shards import read_masks
+    out, m = make(tmp_path, mask_corruption=0.5)
+    keys = ShardSet(out).keys
+    assert read_masks(out, keys).shape == (20, 3, 16, 16)
+    write_manifest(out, _edit(out, "masks.corruption", 0.2))
+    with pytest.raises(ShardError, match=r"field masks.corruption says 0.2, but the stored masks "
+                                         r"erase 0.(4|5)\d* of the pixels \(20 masks\)"):
+        read_masks(out, keys)
+
+
+def test_an_unsealed_manifest_is_refused_and_resealed_by_rerunning_make_shards(tmp_path):
+    out, m = make(tmp_path)
+    stamps = {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in m["shards"]}
+    del m["seal"]  # as shards made before manifests were sealed
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="manifest.json: the manifest carries no seal .* re-run the "
+                                         "ambient-make-shards command"):
+        ShardSet(out)
+    again = make_shards(npz_source(tmp_path), out, ShardOptions(**OPTS), progress=False)
+    assert {e["name"]: os.stat(out / e["name"]).st_mtime_ns for e in again["shards"]} == stamps
+    assert len(ShardSet(out)) == 20 and read_manifest(out)["plan"] == m["plan"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("counts.heldout", 4, r"field counts.heldout says 4, but heldout.npz holds 6 images"),
+    ("resolution", 8, r"fields resolution / channels say 8 px x 3, but heldout.npz holds images of shape \[16, 16, 3\]")])
+def test_held_out_images_are_checked_against_a_resealed_manifest(tmp_path, field, value, message):
+    out, _ = make(tmp_path)
+    write_manifest(out, _edit(out, field, value))
+    with pytest.raises(ShardError, match=message):
+        load_images(out, "heldout")
+
+
+def test_an_unverified_cut_heldout_file_is_named(tmp_path):
+    out, m = make(tmp_path)
+    p = out / "heldout.npz"
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(ShardError, match=r"heldout.npz: unreadable"):
+        load_images(out, "heldout", verify=False)
+
+
+def test_training_on_an_edited_manifest_is_one_error_line(tmp_path, capsys):
+    """Field case: sigma_tn edited 0.5 -> 1.0 after the shards were written; ambient-train
+    (with objective.sigma_tn=1.0, as the edit suggests) ran at the edited value, exit 0."""
+    from ambient_dist.cli.train import main as train
+    out, _ = make(tmp_path)
+    _edit(out, "sigma_tn", 1.0)
+    (tmp_path / "exp.yaml").write_text("{}\n")
+    rc = train(["--config", str(tmp_path / "exp.yaml"), f"data.shards={out}", "data.resolution=16", "data.channels=3", "objective.sigma_tn=1.0",
+                "network.channel_mult=[1,2]", f"train.run_root={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "manifest field sigma_tn differs" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_make_shards_cli_names_a_truncated_source_tar(tmp_path, capsys):
+    from helpers import cut_tar_after, jpeg_bytes, write_wds_tar
+    tar = write_wds_tar(tmp_path / "wds" / "00000.tar",
+                        [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "txt": "c"} for i in range(4)], stats=4)
+    cut_tar_after(tar, 4)
+    assert _cli()(["--source", str(tmp_path / "wds"), "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{tar}: the tar ends early" in err
+    assert "2 samples read, the last k1; 00000_stats.json records 4 samples: 2 are missing" in err

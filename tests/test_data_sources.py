@@ -4,17 +4,19 @@ The writers live in tests/helpers.py (other test files use them too): they lay f
 the originals are (idx headers, CIFAR batch pickles with bytes keys, img2dataset shards
 written by webdataset's own TarWriter).
 """
+import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (random_images, write_cifar10_dir, write_cifar100_tgz, write_folder,
-                     write_img2dataset, write_mnist_dir)
+from helpers import (cut_tar_after, jpeg_bytes, random_images, write_cifar10_dir, write_cifar100_tgz,
+                     write_folder, write_img2dataset, write_mnist_dir, write_wds_tar)
 
-from ambient_dist.data.sources import (FASHION_MNIST_DIR, SourceError, choose_subset, fit_image,
-                                       open_source, read_idx)
+from ambient_dist.data.sources import (FASHION_MNIST_DIR, SourceError, choose_subset, find_duplicates,
+                                       fit_image, open_source, read_idx, resolve_duplicates)
 
 
 def test_idx_gz_and_plain(tmp_path):
@@ -196,3 +198,159 @@ def test_sixteen_bit_folder_through_make_shards_keeps_the_ramp(tmp_path, capsys)
     assert manifest["converted"] == {"16-bit grey -> 8-bit (value / 257, rounded)": 1}
     assert manifest["counts"]["converted"] == 1
     assert "converted 1 images: 16-bit grey -> 8-bit" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------
+# Duplicates: one key twice, or one whole sample under two keys (--duplicates)
+# ----------------------------------------------------------------------------------------
+
+def _sample(key, seed, caption=None):
+    return {"__key__": key, "jpg": jpeg_bytes(seed), "txt": caption or f"caption {seed}"}
+
+
+def _shards_of(source, tmp_path, policy, name="out"):
+    from ambient_dist.data import ShardOptions, make_shards
+    return make_shards(source, tmp_path / name, ShardOptions(resolution=8, duplicates=policy),
+                       progress=False)
+
+
+def test_a_key_written_twice_within_a_tar_is_two_samples_and_refused_by_default(tmp_path):
+    tar = write_wds_tar(tmp_path / "wds" / "00000.tar",
+                        [_sample("a", 1), _sample("b", 2), _sample("b", 3), _sample("c", 4)])
+    src = open_source(str(tmp_path / "wds"))
+    # Nothing merged: the second "b" is a sample of its own, with its own image and caption.
+    assert [src.key(i) for i in range(len(src))] == ["a", "b", "b", "c"]
+    assert src.load(1).caption == "caption 2" and src.load(2).caption == "caption 3"
+    with pytest.raises(SourceError, match=rf"{tar} \(sample b, #3 in the tar\): repeats {tar} "
+                                          r"\(sample b, #2 in the tar\) \(same key, another image, "
+                                          r"key 'b'\); 1 duplicate samples .* --duplicates keep-first"):
+        _shards_of(src, tmp_path, "error")
+
+
+def test_keep_first_keeps_the_first_whole_and_lists_the_rest(tmp_path, capsys):
+    from ambient_dist.data import load_images
+    from ambient_dist.data.shards import ShardSet
+    write_wds_tar(tmp_path / "wds" / "00000.tar", [_sample("a", 1), _sample("b", 2), _sample("b", 3)])
+    src = open_source(str(tmp_path / "wds"))
+    m = _shards_of(src, tmp_path, "keep-first")
+    assert m["counts"]["train"] == 2 and m["counts"]["duplicates"] == 1
+    assert m["duplicates_policy"] == "keep-first"
+    [d] = m["duplicates"]
+    assert d["key"] == "b" and "#3 in the tar" in d["where"] and "#2 in the tar" in d["first"]
+    assert d["reason"] == "same key, another image"
+    # The first "b" landed with its own caption (not the second's).
+    shards = ShardSet(tmp_path / "out")
+    b = shards.keys.index("b")
+    assert json.loads(shards.raw(b)[2])["caption"] == "caption 2"
+    keys, images, _ = load_images(tmp_path / "out")
+    first_b = fit_image(src.load(1).image, 8, 3)
+    assert np.array_equal(images[keys.index("b")], first_b)
+
+
+def test_duplicates_across_tars_by_key_and_by_content(tmp_path):
+    write_wds_tar(tmp_path / "wds" / "00000.tar", [_sample("a", 1), _sample("b", 2)])
+    # Two overlapping downloads: "b" again, and the sample "a" again under another key.
+    write_wds_tar(tmp_path / "wds" / "00001.tar", [_sample("b", 2), _sample("z", 1), _sample("d", 5)])
+    src = open_source(str(tmp_path / "wds"))
+    dups = find_duplicates(src)
+    assert [(d["key"], d["reason"]) for d in dups] == [("b", "same key, same sample"),
+                                                       ("z", "same sample under another key")]
+    assert dups[0]["where"].endswith("00001.tar (sample b)") and dups[0]["first"].endswith("00000.tar (sample b)")
+    assert dups[1]["first"].endswith("00000.tar (sample a)")
+    with pytest.raises(SourceError, match=r"00001.tar \(sample b\): repeats .*00000.tar \(sample b\) "
+                                          r"\(same key, same sample.*2 duplicate samples"):
+        resolve_duplicates(src, "error")
+    m = _shards_of(src, tmp_path, "keep-first")
+    assert m["counts"]["train"] == 3 and m["counts"]["duplicates"] == 2
+    # The same image with another caption is another sample, not a duplicate.
+    write_wds_tar(tmp_path / "other" / "00000.tar", [_sample("a", 1), _sample("y", 1, "another caption")])
+    assert find_duplicates(open_source(str(tmp_path / "other"))) == []
+
+
+def test_folder_same_stem_in_two_extensions_nested_names_and_copies(tmp_path, capsys):
+    from helpers import load_launcher
+    d = tmp_path / "imgs"
+    (d / "x").mkdir(parents=True)
+    Image.fromarray(random_images(1, 8, 8, 3, seed=1)[0]).save(d / "a.png")
+    Image.fromarray(random_images(1, 8, 8, 3, seed=2)[0]).save(d / "a.jpg")
+    Image.fromarray(random_images(1, 8, 8, 3, seed=3)[0]).save(d / "x" / "b.png")
+    Image.fromarray(random_images(1, 8, 8, 3, seed=4)[0]).save(d / "x_b.png")   # key x_b too
+    (d / "x" / "c.jpg").write_bytes((d / "a.jpg").read_bytes())                # a copy of a.jpg
+    src = open_source(str(d))
+    got = {(Path(x["where"]).relative_to(d).as_posix(), Path(x["first"]).relative_to(d).as_posix(),
+            x["reason"]) for x in find_duplicates(src)}
+    assert got == {("a.png", "a.jpg", "same key, another image"),
+                   ("x_b.png", "x/b.png", "same key, another image"),
+                   ("x/c.jpg", "a.jpg", "same sample under another key")}
+    main = load_launcher("make_shards").main
+    assert main(["--source", str(d), "--out", str(tmp_path / "s"), "--resolution", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a.png: repeats" in err and "a.jpg" in err \
+        and "3 duplicate samples" in err and "--duplicates keep-first" in err
+    assert main(["--source", str(d), "--out", str(tmp_path / "s"), "--resolution", "8", "--quiet",
+                 "--duplicates", "keep-first"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 3 duplicate source samples (--duplicates keep-first" in out
+    assert f"{d / 'a.png'}: repeats {d / 'a.jpg'} (same key, another image)" in out
+
+
+def test_array_sources_duplicates_by_key_and_content(tmp_path):
+    images = random_images(5, 8, 8, 1)
+    images[3] = images[1]
+    np.savez(tmp_path / "a.npz", images=images, labels=np.array([0, 1, 0, 1, 1]))
+    dups = find_duplicates(open_source(str(tmp_path / "a.npz")))
+    assert [(d["key"], d["reason"]) for d in dups] == [("0000003", "same sample under another key")]
+    # The same picture under another label is another sample.
+    np.savez(tmp_path / "b.npz", images=images, labels=np.array([0, 1, 0, 0, 1]))
+    assert find_duplicates(open_source(str(tmp_path / "b.npz"))) == []
+    np.savez(tmp_path / "c.npz", images=random_images(3, 8, 8, 1), keys=np.array(["p", "q", "p"]))
+    [d] = find_duplicates(open_source(str(tmp_path / "c.npz")))
+    assert d["key"] == "p" and d["reason"] == "same key, another image"
+    # idx (MNIST) and CIFAR batches are array sources too.
+    mn = write_mnist_dir(tmp_path / "mnist", n_train=12, n_test=2)
+    src = open_source(str(mn))
+    assert find_duplicates(src) == []
+    src.images, src.labels = src.images.copy(), src.labels.copy()
+    src.images[7], src.labels[7] = src.images[2], src.labels[2]
+    assert [d["key"] for d in find_duplicates(src)] == ["train-00007"]
+    with pytest.raises(SourceError, match="--duplicates 'last'"):
+        resolve_duplicates(src, "last")
+
+
+# ----------------------------------------------------------------------------------------
+# A tar that ends early
+# ----------------------------------------------------------------------------------------
+
+def test_a_source_tar_cut_at_a_member_boundary_is_refused_naming_what_is_missing(tmp_path):
+    tar = write_wds_tar(tmp_path / "wds" / "00000.tar", [_sample(f"k{i}", i) for i in range(5)])
+    whole = tar.read_bytes()
+    cut = cut_tar_after(tar, 6)  # 3 whole samples (jpg + txt each)
+    with pytest.raises(SourceError, match=rf"{tar}: the tar ends early: no end-of-archive marker .* "
+                                          rf"at byte {cut} .*; 3 samples read, the last k2; the "
+                                          "samples after it are missing"):
+        open_source(str(tmp_path / "wds"))
+    # With img2dataset's stats file the missing count is known.
+    write_wds_tar(tar, [_sample(f"k{i}", i) for i in range(5)], stats=5)
+    cut_tar_after(tar, 6)
+    with pytest.raises(SourceError, match=r"3 samples read, the last k2; 00000_stats.json records "
+                                          r"5 samples: 2 are missing"):
+        open_source(str(tmp_path / "wds"))
+    tar.write_bytes(whole)
+    assert len(open_source(str(tmp_path / "wds"))) == 5
+
+
+def test_a_stats_count_mismatch_is_refused(tmp_path):
+    write_wds_tar(tmp_path / "wds" / "00000.tar", [_sample(f"k{i}", i) for i in range(4)], stats=6)
+    with pytest.raises(SourceError, match=r"00000.tar: holds 4 samples with an image but "
+                                          r"00000_stats.json records 6 successful downloads \(2 missing\)"):
+        open_source(str(tmp_path / "wds"))
+    write_wds_tar(tmp_path / "ok" / "00000.tar", [_sample(f"k{i}", i) for i in range(4)], stats=4)
+    assert len(open_source(str(tmp_path / "ok"))) == 4
+
+
+def test_a_truncated_cifar_archive_is_a_source_error(tmp_path):
+    tgz = write_cifar100_tgz(tmp_path / "cifar-100-python.tar.gz")
+    data = tgz.read_bytes()
+    tgz.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"cifar-100-python.tar.gz: corrupt or truncated archive"):
+        open_source(str(tgz), "cifar")

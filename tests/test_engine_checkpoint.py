@@ -115,3 +115,16 @@ def test_exported_weights_are_readable_by_the_team_as_the_umask_allows(tmp_path)
         os.umask(old)
     mode = (tmp_path / "ema.safetensors").stat().st_mode & 0o777
     assert mode == 0o644 == plain.stat().st_mode & 0o777
+
+
+def test_resume_compares_path_options_resolved(tmp_path, monkeypatch):
+    """Runs now save their paths absolute (issue 22 case 3); a checkpoint written before,
+    with the paths as typed, still resumes from the directory it was trained in, and a path
+    that names another file is still a different option."""
+    from ambient_dist.config import ConfigError, load_config, to_dict, with_absolute_paths
+    monkeypatch.chdir(tmp_path)
+    typed = load_config(None, ["distributed.deepspeed_config=ds.json", "data.shards=fm64"], check_paths=False)
+    ckpt_mod.check_resume_compatible(to_dict(typed), with_absolute_paths(typed), tmp_path / "ckpt")
+    moved = with_absolute_paths(typed, base=tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"distributed.deepspeed_config: '.*/ds.json' -> '.*/elsewhere/ds.json'"):
+        ckpt_mod.check_resume_compatible(to_dict(typed), moved, tmp_path / "ckpt")

@@ -456,3 +456,72 @@ def test_resume_on_remade_shards_is_refused_naming_what_changed(tmp_path, capsys
     assert "one fixed noisy copy per image" in err and "Traceback" not in err
     # The same shards resume as before.
     assert train_launcher.main(["--resume", str(run), "train.total_kimg=0.064"]) == 0
+
+
+@pytest.mark.parametrize("loader, workers", [("resident", 0), ("webdataset", 0), ("webdataset", 1),
+                                             ("webdataset", 2), ("dali", 1)])
+def test_a_bad_noisy_copy_read_by_a_loader_worker_is_one_error_line(pixel_shards, tmp_path, capsys,
+                                                                    monkeypatch, loader, workers):
+    """Field case (issue 22, 5): a stored noisy copy holding a NaN, read with
+    data.loader=webdataset data.workers=1, was shown as "Caught ShardError in DataLoader worker
+    process 0." and the worker's traceback; now every loader, in whichever process or thread
+    reads it, gives the resident loader's line."""
+    import io
+
+    import numpy as np
+
+    from ambient_dist.data.shards import ShardSet
+    decode = ShardSet.decode_noisy
+
+    def with_a_nan(self, i, data):   # the worker (a fork of this process) reads through it
+        if i == 3:
+            noisy = np.load(io.BytesIO(data))
+            noisy.flat[7] = np.nan
+            buf = io.BytesIO()
+            np.save(buf, noisy)
+            data = buf.getvalue()
+        return decode(self, i, data)
+    monkeypatch.setattr(ShardSet, "decode_noisy", with_a_nan)
+    key = ShardSet(pixel_shards).keys[3]
+    overrides = toy_overrides(pixel_shards, tmp_path / "runs", **{"data.loader": loader,
+                                                                  "data.workers": workers})
+    capsys.readouterr()
+    assert train_launcher.main(overrides_config(tmp_path, overrides)) == 2
+    err = capsys.readouterr().err   # the progress bar's lines, then the error
+    assert "Traceback" not in err and "Caught" not in err, err
+    assert err.count("error: ") == 1 and err.splitlines()[-1].startswith("error: ")
+    assert err.endswith(
+        f"key {key}: noisy copy holds 1 non-finite values (NaN or inf); the shard was written "
+        "by something else or damaged: remake it with make_shards\n")
+
+
+def test_run_json_records_provenance_resolved_fields_and_notes(pixel_shards, tmp_path, capsys, monkeypatch):
+    """run.json (issue 22, cases 6 and 7): the package version and the revision of its own
+    checkout (this one), library versions, the fields resolved for the world size, and what
+    the run does other than the config says -- also said on screen, once."""
+    import importlib.metadata
+    import subprocess
+
+    from ambient_dist import progress
+    from ambient_dist.engine.run import write_run_info
+    monkeypatch.setattr(progress, "_SAID", set())
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = toy_config(pixel_shards, tmp_path, **{"objective.method": "noise_only", "sampling.sigma_min": 0.002,
+                                                "train.total_kimg": 0.05, "train.batch": 8})
+    write_run_info(tmp_path, cfg, world_size=2)
+    info = json.loads((tmp_path / "run.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert info["git_revision"] == head and isinstance(info["git_dirty"], bool)
+    assert info["version"] == importlib.metadata.version("ambient_dist")
+    assert info["torch"] == importlib.metadata.version("torch") and "cuda" in info and info["numpy"]
+    assert info["resolved"] == {"task": "image", "world_size": 2, "batch_per_gpu": 4, "accumulation_steps": 1}
+    assert info["notes"] == [
+        "train.total_kimg 0.05 is 50 images, not a whole number of train.batch 8: training runs "
+        "to 56 images (steps are whole batches)",
+        "sampling.sigma_min 0.002 replaced by objective.sigma_tn = 0.5: objective.method=noise_only "
+        "never learned below sigma_tn, so sampling stops there and returns the denoiser's estimate "
+        "D(x; sigma_tn)"]
+    assert capsys.readouterr().out == "".join(f"note: {n}\n" for n in info["notes"])
+    write_run_info(tmp_path, toy_config(pixel_shards, tmp_path), world_size=1)
+    assert json.loads((tmp_path / "run.json").read_text())["notes"] == []

@@ -234,3 +234,195 @@ def perturb_state(state: dict) -> dict:
     g = torch.Generator().manual_seed(7)
     return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
             for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22: odd inputs (an image folder of any format, inputs of another shape)
+# --------------------------------------------------------------------------------------
+
+def _write_folder(folder: Path, images: np.ndarray, fmt: str, ext: str) -> Path:
+    """images uint8 [N, H, W] or [N, H, W, 3] -> folder/img-<n>.<ext> in PIL format `fmt`."""
+    folder.mkdir(parents=True)
+    for n, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"img-{n:02d}.{ext}", format=fmt)
+    return folder
+
+
+def test_a_jpeg_folder_as_fid_reference_gives_the_fid_of_the_same_images_as_pngs(setup, evaluated, tmp_path):
+    """Field case 1: a folder of JPEGs was read by a PNG-only reader ("no PNG files")."""
+    root, runs = setup
+    rng = np.random.default_rng(3)
+    jpegs = _write_folder(tmp_path / "jpegs", (rng.random((12, 8, 8)) * 255).astype(np.uint8), "JPEG", "jpg")
+    decoded = np.stack([np.asarray(Image.open(f)) for f in sorted(jpegs.glob("*.jpg"))])
+    pngs = _write_folder(tmp_path / "pngs", decoded, "PNG", "png")  # the same pixels, lossless
+    common = ["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+              "--features", "pixels", "--inception-path", str(root / "standin.pt"),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    fids = {}
+    for name, folder in (("jpeg", jpegs), ("png", pngs)):
+        assert evaluate_launcher.main([*common, "--fid-reference", str(folder), "--out", str(tmp_path / name)]) == 0
+        fids[name] = rep.read_report(tmp_path / name)["fid"]
+    assert fids["jpeg"]["reference_count"] == fids["png"]["reference_count"] == 12
+    assert fids["jpeg"]["value"] == pytest.approx(fids["png"]["value"], rel=1e-12)
+    assert fids["jpeg"]["value"] != pytest.approx(rep.read_report(runs["edm"] / "eval")["fid"]["value"])
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("channels,side", [(3, 8), (3, 16), (1, 16)])
+@pytest.mark.parametrize("space", ["pixels", "inception"])
+def test_samples_of_another_shape_are_refused_naming_both_shapes(setup, tmp_path, capsys, channels, side, space):
+    """Field case 2: 3-channel 32 / 64 px samples against 1-channel 32 px shards gave a
+    RuntimeError traceback (pixel space); every feature space refuses them the same way."""
+    root, _ = setup
+    rng = np.random.default_rng(0)
+    shape = (6, side, side, 3) if channels == 3 else (6, side, side)
+    samples = _write_folder(tmp_path / "s", (rng.random(shape) * 255).astype(np.uint8), "PNG", "png")
+    assert evaluate_launcher.main(["--samples", str(samples), "--shards", str(root / "shards"),
+                                   "--features", space, "--inception-path", str(root / "standin.pt"),
+                                   "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                                   "--out", str(tmp_path / "e")]) == 2
+    err = _error(capsys)
+    assert f"samples {samples}: images are [C, H, W] = [{channels}, {side}, {side}]" in err
+    assert f"training shards {root / 'shards'} (--shards): [1, 8, 8]" in err
+    assert not (tmp_path / "e").exists()  # refused before anything was computed or written
+
+
+def test_fid_references_of_another_shape_are_refused_naming_both(setup, evaluated, tmp_path, capsys):
+    root, runs = setup
+    rng = np.random.default_rng(1)
+    common = ["--samples", str(runs["edm"] / "samples"), "--shards", str(root / "shards"),
+              "--features", "pixels", "--inception-path", str(root / "standin.pt"),
+              "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(tmp_path / "e")]
+    # an RGB JPEG folder against grey samples
+    rgb = _write_folder(tmp_path / "rgb", (rng.random((6, 8, 8, 3)) * 255).astype(np.uint8), "JPEG", "jpeg")
+    assert evaluate_launcher.main([*common, "--fid-reference", str(rgb)]) == 2
+    err = _error(capsys)
+    assert f"--fid-reference {rgb}: images are [C, H, W] = [3, 8, 8]" in err
+    assert f"samples {runs['edm'] / 'samples'}: [1, 8, 8]" in err
+    # shards of another resolution as the reference
+    big = random_grey_shards(tmp_path, 12, 16, ShardOptions(resolution=16, channels=1, sigma_tn=0.5,
+                                                           count=12, samples_per_shard=12))
+    assert evaluate_launcher.main([*common, "--fid-reference", str(big)]) == 2
+    assert f"--fid-reference {big}: images are [C, H, W] = [1, 16, 16]" in _error(capsys)
+    # statistics we wrote record the images' shape: those of 16 px images are refused too
+    from ambient_dist.metrics import fid as fidlib
+    stats = tmp_path / "stats16.npz"
+    fidlib.save_statistics(stats, np.zeros(8), np.eye(8), 12, image_shape=[1, 16, 16])
+    assert evaluate_launcher.main([*common, "--fid-reference", str(stats)]) == 2
+    err = _error(capsys)
+    assert f"--fid-reference {stats}: statistics of images [C, H, W] = [1, 16, 16]" in err and "[1, 8, 8]" in err
+    # the statistics cached by an evaluation record the shape they were computed on
+    cached = sorted((root / "cache").glob("fidstats-*.npz"))[-1]
+    assert fidlib.recorded_image_shape(cached) == [1, 8, 8]
+
+
+def test_baseline_and_compare_reports_of_another_space_or_shape_are_refused(setup, evaluated, tmp_path, capsys):
+    import shutil
+    root, runs = setup
+    base_dir, ambient_dir = evaluated
+    other = tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    report = json.loads((other / "report.json").read_text())
+    assert report["image_shape"] == [1, 8, 8]
+    report["image_shape"] = [3, 16, 16]
+    (other / "report.json").write_text(json.dumps(report))
+    assert evaluate_launcher.main(["--compare", str(ambient_dir), str(other), "--out", str(tmp_path / "c")]) == 2
+    err = _error(capsys)
+    assert f"--compare {other} was evaluated on images [C, H, W] = [3, 16, 16]" in err
+    assert f"--compare {ambient_dir} on [1, 8, 8]" in err
+    assert evaluate_launcher.main([str(runs["ambient"]), "--num", "6", "--inception-path", str(root / "standin.pt"),
+                                   "--cache-dir", str(root / "cache"), "--quiet", "--baseline", str(other),
+                                   "--out", str(tmp_path / "b")]) == 2
+    err = _error(capsys)
+    assert f"--baseline {other} was evaluated on images [C, H, W] = [3, 16, 16], samples " in err
+    assert "are [1, 8, 8]" in err
+
+
+# --------------------------------------------------------------------------------------
+# Issue 22 case 3: a run is evaluated on the data it was trained on, from any directory
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained (with checkpoints) from work/ on `data.shards=shards` (relative), and
+    other/ holding other shards of the same name (another noise seed)."""
+    import os
+
+    from helpers import toy_overrides
+    base = tmp_path_factory.mktemp("cwd")
+    work, other = base / "work", base / "other"
+    for folder, seed in ((work, 0), (other, 1)):
+        folder.mkdir()
+        random_grey_shards(folder, 30, 16, ShardOptions(resolution=16, channels=1, sigma_tn=0.5, count=24,
+                                                        heldout=6, samples_per_shard=12, noise_seed=seed))
+    before = os.getcwd()
+    os.chdir(work)
+    try:
+        Path("exp.yaml").write_text("name: rel\n")
+        overrides = toy_overrides(Path("shards"), Path("runs"), **{"data.subset": 20})
+        assert load_launcher("train").main(["--config", "exp.yaml", *overrides]) == 0
+    finally:
+        os.chdir(before)
+    return work, other, work / "runs" / "rel"
+
+
+def test_a_run_evaluated_from_another_directory_uses_its_own_shards(trained, monkeypatch, tmp_path):
+    work, other, run = trained
+    saved = load_config(run / "config.yaml", check_paths=False)
+    assert saved.data.shards == str(work / "shards") and saved.train.run_root == str(work / "runs")
+    info = json.loads((run / "run.json").read_text())
+    assert info["paths_as_typed"]["data.shards"] == "shards" and info["cwd"] == str(work)
+    common = ["--num", "4", "--features", "pixels", "--no-fid", "--batch", "4", "--quiet"]
+    reports = {}
+    for cwd in (work, other):
+        monkeypatch.chdir(cwd)
+        assert evaluate_launcher.main([str(run), *common, "--out", str(tmp_path / cwd.name)]) == 0
+        reports[cwd.name] = rep.read_report(tmp_path / cwd.name)
+    for r in reports.values():
+        assert r["shards"] == str(work / "shards") and r["memorization"]["num_train"] == 20
+    assert reports["other"]["memorization"]["generated"]["max_similarity"] == \
+        reports["work"]["memorization"]["generated"]["max_similarity"]
+    # ambient-sample reads the same config.yaml: from a directory without any shards too
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert sample_launcher.main([str(run), "--num", "2", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+
+
+def test_a_run_is_not_evaluated_against_shards_it_was_not_trained_on(trained, monkeypatch, tmp_path, capsys):
+    """The shards named (an override, --shards, or the run's own data.shards after they were
+    remade) are checked against the data plan the run's checkpoint records, as resume does."""
+    import shutil
+    work, other, run = trained
+    common = ["--num", "4", "--features", "pixels", "--no-fid", "--batch", "4", "--quiet",
+              "--out", str(tmp_path / "e")]
+    monkeypatch.chdir(other)
+    assert evaluate_launcher.main([str(run), "data.shards=shards", *common]) == 2
+    err = _error(capsys)
+    assert f"data.shards of {run / 'config.yaml'} (shards) is not the data run {run} was trained on" in err
+    assert "noise_seed 0 then, 1 now" in err and str(work / "shards") in err
+    assert evaluate_launcher.main([str(run), "--shards", str(other / "shards"), *common]) == 2
+    assert f"--shards ({other / 'shards'}) is not the data run" in _error(capsys)
+    # the run's own shards replaced in place by others
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    replaced = tmp_path / "replaced"
+    shutil.copytree(other / "shards", replaced)
+    cfg_path = copy / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace(str(work / "shards"), str(replaced)))
+    assert evaluate_launcher.main([str(copy), *common]) == 2
+    err = _error(capsys)
+    assert f"data.shards of {cfg_path} ({replaced}) is not the data run" in err and "noise_seed 0 then, 1 now" in err
+    # checkpoints written before meta.json recorded the data: state.pt's loader state is read
+    ckpt = copy / "checkpoints" / (copy / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["data"]["manifest_plan"] and meta["data"]["shards"] == str(work / "shards")
+    del meta["data"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert evaluate_launcher.main([str(copy), *common]) == 2
+    assert "noise_seed 0 then, 1 now" in _error(capsys)
+    assert not (tmp_path / "e").exists()  # refused before anything was written

@@ -49,3 +49,8 @@ def test_kid_standard_error_matches_the_spread_of_repeated_estimates():
     assert runs[0]["blocks"] == 10 and runs[0]["num_samples"] == 200 and runs[0]["num_reference"] == 400
     with pytest.raises(ValueError, match="at least 2 images"):
         mmd2_unbiased(ref[:1], ref)
+
+
+def test_kid_refuses_features_of_different_widths_naming_both():
+    with pytest.raises(ValueError, match=r"generated features \[6, 4\] and reference features \[5, 8\]"):
+        kernel_inception_distance(torch.randn(6, 4), torch.randn(5, 8))

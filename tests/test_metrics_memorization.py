@@ -301,3 +301,26 @@ def test_memorization_summary_refuses_images_in_zero_one_units():
         args[bad == "train"] = (args[bad == "train"] + 1) / 2
         with pytest.raises(ImageRangeError, match=r"\[0, 1\] units"):
             mem.memorization_summary(args[0], args[1], None, cfg)
+
+
+@pytest.mark.parametrize("space", ["pixels", "inception"])
+def test_memorization_summary_refuses_sets_of_different_shapes_before_any_maths(space, tmp_path):
+    """Issue 22 case 2, for every caller (end of training, the study): channels or size of the
+    generated or held-out images that differ from the training images' are an ImageShapeError
+    naming both shapes, in pixel space (the maths would fail) and in a network's space (the
+    maths would run, on resized or colour-repeated images)."""
+    from ambient_dist.errors import UserError
+
+    class StandIn(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    torch.jit.script(StandIn()).save(str(tmp_path / "standin.pt"))
+    cfg = EvaluationConfig(memorization_features=space, inception_path=str(tmp_path / "standin.pt"))
+    train = (torch.rand(10, 1, 8, 8) * 255).to(torch.uint8)
+    for generated, heldout, bad in ((torch.rand(4, 3, 8, 8) * 2 - 1, None, "generated: images are [C, H, W] = [3, 8, 8]"),
+                                    (torch.rand(4, 1, 16, 16) * 2 - 1, None, "generated: images are [C, H, W] = [1, 16, 16]"),
+                                    (torch.rand(4, 1, 8, 8) * 2 - 1, train[:3, :, :4], "heldout_images: images are [C, H, W] = [1, 4, 8]")):
+        with pytest.raises(feats.ImageShapeError, match=r"but train_images: \[1, 8, 8\]") as e:
+            mem.memorization_summary(generated, train, heldout, cfg)
+        assert bad in str(e.value) and isinstance(e.value, UserError)

@@ -112,6 +112,38 @@ def test_webdataset_shards_with_class_labels_resume_per_shard(tmp_path, monkeypa
     assert "--class 9" in capsys.readouterr().err
 
 
+def test_a_sample_shard_cut_or_doubled_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """Sample shards are written whole; one cut between two members (a killed copy) or holding
+    a member twice is refused naming the shard, not read as fewer or other samples."""
+    import io
+    import tarfile
+
+    from helpers import cut_tar_after
+    run = make_run(tmp_path)
+    out = tmp_path / "wds"
+    assert sample(run, out, "--format", "wds", "--shard-size", "4", "--batch", "2",
+                  monkeypatch=monkeypatch) == 0
+    first = out / "samples-000000.tar"
+    whole = first.read_bytes()
+    cut_tar_after(first, 2)
+    with pytest.raises(S.SampleStoreError, match=r"samples-000000.tar: the tar ends early: no "
+                       r"end-of-archive marker .*; 2 samples read, the rest are missing"):
+        S.read_samples(out)
+    first.unlink()  # what the message says to do: the sampler remakes the shard
+    assert sample(run, out, "--format", "wds", "--shard-size", "4", "--batch", "2",
+                  monkeypatch=monkeypatch) == 0
+    assert first.read_bytes() == whole
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m, data in members + members[:1]:
+            tar.addfile(m, io.BytesIO(data))
+    first.write_bytes(buf.getvalue())
+    with pytest.raises(S.SampleStoreError, match=f"samples-000000.tar: member {members[0][0].name} is there twice"):
+        S.read_samples(out)
+
+
 def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x"
     assert sample_launcher.main(["--config", str(run / "config.yaml"), "--checkpoint",
@@ -122,7 +154,7 @@ def test_explicit_checkpoint_and_clear_errors(run, tmp_path, monkeypatch, capsys
     assert "config" in capsys.readouterr().err
     assert sample_launcher.main(["--quiet"]) == 2
     (tmp_path / "empty").mkdir()
-    with pytest.raises(S.SampleStoreError, match="no PNG files"):
+    with pytest.raises(S.SampleStoreError, match="no image files"):
         S.read_samples(tmp_path / "empty")
 
 
@@ -151,3 +183,45 @@ def test_a_run_killed_mid_way_resumes_to_the_same_images(run, tmp_path, monkeypa
                   monkeypatch=monkeypatch) == 0
     assert "wrote 3 images" in capsys.readouterr().out
     assert torch.equal(S.read_samples(tmp_path / "cut")[1], S.read_samples(tmp_path / "ref")[1])
+
+
+def test_any_image_folder_is_read_by_the_one_folder_reader(tmp_path):
+    """Issue 22 case 1: sample folders (and FID reference folders) are read by
+    data.sources.FolderSource, make_shards' reader: every format it reads, not only PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from ambient_dist.data.sources import FolderSource
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((5, 8, 8, 3)) * 255).astype(np.uint8)
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    for n, (fmt, ext) in enumerate((("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("BMP", "bmp"),
+                                    ("TIFF", "tif"))):
+        Image.fromarray(pixels[n]).save(folder / ("sub" if n == 2 else "") / f"{n:06d}.{ext}", format=fmt)
+    (folder / "samples.json").write_text("{}")  # bookkeeping files are not images
+    (folder / "notes.txt").write_text("not an image")
+    indices, images, labels = S.read_samples(folder)
+    source = FolderSource(folder)
+    assert len(source) == 5 and labels is None and images.shape == (5, 3, 8, 8)
+    assert indices == [0, 1, 3, 4, 2]  # numbered files keep their number; sorted by path
+    for i in range(5):
+        assert torch.equal(images[i], torch.from_numpy(np.array(source.load(i).image)).permute(2, 0, 1))
+    lossless = [0, 2, 3]  # png, bmp, tif (positions in path order)
+    for pos, n in zip(lossless, (0, 3, 4)):
+        assert torch.equal(images[pos], torch.from_numpy(pixels[n]).permute(2, 0, 1))
+
+
+def test_image_folders_that_cannot_be_read_name_the_folder(tmp_path):
+    from PIL import Image
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "samples.json").write_text("{}")
+    with pytest.raises(S.SampleStoreError, match=rf"--fid-reference {empty}: no image files \(.png, .jpg"):
+        S.read_samples(empty, what="--fid-reference")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (8, 8)).save(mixed / "a.jpg")
+    Image.new("L", (8, 8)).save(mixed / "b.png")
+    with pytest.raises(S.SampleStoreError, match=r"samples .*: images of different shapes \[\(8, 8, 1\), \(8, 8, 3\)\]"):
+        S.read_samples(mixed)

@@ -162,3 +162,56 @@ def test_fixed_mask_sampler_keeps_one_mask_per_image_at_any_batch_size():
     apart = torch.cat([edm_sample(denoiser, [n], (1, 16, 16), seed=1, settings=settings) for n in (2, 3)])
     torch.testing.assert_close(apart, together[2:], rtol=0, atol=1e-6)
     assert torch.equal(masks_seen[-1][0], first[3])
+
+
+# --- settings the sampler replaces are said (issue 22, case 7) -------------------------------
+
+@pytest.fixture
+def fresh_notes(monkeypatch):
+    """Notes said in earlier tests of this process are said again."""
+    from ambient_dist import progress
+    monkeypatch.setattr(progress, "_SAID", set())
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def test_a_replaced_sigma_min_is_said_once_and_kept_in_the_notes(fresh_notes, capsys):
+    from ambient_dist.config import load_config
+    cfg = load_config(None, ["objective.method=noise_only", "objective.sigma_tn=0.5",
+                             "sampling.sigma_min=0.002"])
+    settings = SamplerSettings.for_run(cfg)
+    assert settings.sigma_min == 0.5 and cfg.sampling.sigma_min == 0.002
+    assert settings.notes == [
+        "sampling.sigma_min 0.002 replaced by objective.sigma_tn = 0.5: objective.method=noise_only "
+        "never learned below sigma_tn, so sampling stops there and returns the denoiser's estimate "
+        "D(x; sigma_tn)"]
+    SamplerSettings.for_run(cfg)   # the end-of-run grid, the attraction, ...: said once
+    assert capsys.readouterr().out == f"note: {settings.notes[0]}\n"
+    # nothing replaced, nothing said
+    cfg = load_config(None, ["objective.method=noise_only", "objective.sigma_tn=0.5",
+                             "sampling.sigma_min=0.7"])
+    assert SamplerSettings.for_run(cfg).notes == [] and capsys.readouterr().out == ""
+    assert SamplerSettings.for_run(load_config(None)).notes == []
+    # a noise level that leaves nothing to sample is refused when the config is read
+    with pytest.raises(ValueError, match="^objective.sigma_tn: must be below sampling.sigma_max"):
+        load_config(None, ["objective.method=noise_only", "objective.sigma_tn=90"])
+
+
+def test_the_masking_sampler_and_a_clamped_churn_are_said(fresh_notes, capsys, monkeypatch):
+    from ambient_dist.config import load_config
+    cfg = load_config(None, ["objective.method=masking", "objective.sigma_tn=0"])
+    notes = SamplerSettings.for_run(cfg).notes
+    assert len(notes) == 1 and "keeps (1 - mask_corruption)(1 - mask_delta) = 0.54 of its pixels" in notes[0]
+    cfg = load_config(None, ["sampling.S_churn=100", "sampling.steps=18"])
+    notes = SamplerSettings.for_run(cfg).notes
+    assert notes == ["sampling.S_churn 100 over 18 steps is clamped to gamma = sqrt(2) - 1 = 0.4142 "
+                     "per step (EDM's limit): any S_churn >= 7.456 samples the same"]
+    assert SamplerSettings.for_run(load_config(None, ["sampling.S_churn=7"])).notes == []
+    # the clamp is what the sampler does: S_churn 100 and 1000 sample the same images
+    a, b = (edm_sample(gaussian_denoiser, [0, 1], (1, 2, 2), seed=1, settings=SamplerSettings(
+        num_steps=6, S_churn=c, S_max=80)) for c in (100, 1000))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # only rank 0 speaks under a launcher
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    SamplerSettings.for_run(load_config(None, ["sampling.S_churn=99"]))
+    assert capsys.readouterr().out == ""

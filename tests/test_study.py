@@ -116,3 +116,17 @@ def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsy
     new_sha = json.loads((runs["ddpm"] / "samples" / "samples.json").read_text())["weights_sha"]
     assert new_sha != old_sha
     assert json.loads((runs["ddpm"] / "study-eval.json").read_text())["weights_sha"] == new_sha
+
+
+def test_study_file_overrides_keep_their_values_whole(tmp_path):
+    """A study file's overrides go through the config's typed override parser: a str value
+    keeps ' #' and YAML words literally; a number with trailing text is refused by key."""
+    runs = [{"name": "a", "sigma_tn": 0.5, "overrides": ["description=no", "train.seed=010"]}]
+    path = write(tmp_path, {**TOY, "overrides": TOY["overrides"] + ["train.run_root=W/exp #2/runs"],
+                            "runs": runs})
+    _, specs = load_study(path, out=str(tmp_path / "out"), check_source=False)
+    cfg = specs[0].config
+    assert (cfg.train.run_root, cfg.description, cfg.train.seed) == ("W/exp #2/runs", "no", 10)
+    bad = write(tmp_path, {**TOY, "runs": [{"name": "b", "overrides": ["train.batch=16 # small"]}]})
+    with pytest.raises(StudyError, match=r"runs\[b\] .*train.batch: expected an integer, got '16 # small'"):
+        load_study(bad, out=str(tmp_path / "out"), check_source=False)

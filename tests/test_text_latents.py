@@ -38,7 +38,7 @@ def test_latent_shards_round_trip(latent_shards):
     out, components, opts = latent_shards
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["form"] == "latent_v" and manifest["t_n"] == 50
-    assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0, "converted": 0,
+    assert manifest["counts"] == {"train": 10, "heldout": 2, "skipped": 0, "duplicates": 0, "converted": 0,
                                   "captionless_kept": 0}
     assert manifest["latent_shape"] == [4, RES // 8, RES // 8] and len(manifest["shards"]) == 4
     s = LatentShardSet(out)
@@ -203,3 +203,77 @@ def test_captionless_samples_follow_the_stated_policy_and_are_counted(tiny_model
     kept = json.loads((tmp_path / "empty" / "manifest.json").read_text())
     assert kept["counts"]["train"] == 6 and kept["counts"]["captionless_kept"] == 3
     assert kept["missing_caption"] == "empty" and "kept 3 samples without a caption" in out
+
+
+# --------------------------------------------------------------------------------------
+# Ingest loses nothing silently; the manifest is checked against the latents
+# --------------------------------------------------------------------------------------
+
+def _copy_shards(latent_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(latent_shards[0], out)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_an_edited_latent_manifest_is_refused_naming_the_field(latent_shards, tiny_model, tmp_path):
+    from ambient_dist.text.latents import read_latent_manifest
+    out, m = _copy_shards(latent_shards, tmp_path)
+    for field, value in (("t_n", 25), ("scaling_factor", 1.0), ("online", True), ("noise_seed", 0)):
+        edited = json.loads(json.dumps(m))
+        edited[field] = value
+        (out / "manifest.json").write_text(json.dumps(edited))
+        for read in (read_latent_manifest, LatentShardSet):
+            with pytest.raises(ShardError, match=f"manifest field {field} differs from what make_shards wrote"):
+                read(out)
+    cfg = latent_config(out, tiny_model, "objective.t_n=25")
+    with pytest.raises(ShardError, match="manifest field noise_seed differs"):
+        LatentLoader(cfg, 0, 1, "cpu")
+
+
+def test_a_resealed_latent_manifest_is_refused_by_the_latents(latent_shards, tmp_path):
+    from ambient_dist.data.shards import write_manifest
+    out, m = _copy_shards(latent_shards, tmp_path)
+    alpha, s = ddpm_alpha_sigma(400)
+    m.update(t_n=400, sigma_tn=float(s / alpha))  # consistent with each other, not with the data
+    write_manifest(out, m)
+    with pytest.raises(ShardError, match=rf"field t_n says 400, but the stored noisy copies have noise "
+                                         rf"std [\d.]+ \(expected {float(s):.4g}; measured on 8 samples\)"):
+        LatentShardSet(out)
+    m.update(t_n=50)  # sigma_tn left at t_n 400's value
+    write_manifest(out, m)
+    with pytest.raises(ShardError, match=r"field sigma_tn says .*, but t_n 50 gives s_tn / alpha_tn"):
+        LatentShardSet(out)
+
+
+def test_a_latent_shard_cut_short_is_refused(latent_shards, tmp_path):
+    out, m = _copy_shards(latent_shards, tmp_path)
+    tar = out / m["shards"][1]["name"]
+    tar.write_bytes(tar.read_bytes()[:-2048])
+    with pytest.raises(ShardError, match=rf"{tar.name}: \d+ bytes, the manifest says "
+                                         rf"{m['shards'][1]['bytes']} \(cut short"):
+        LatentShardSet(out, verify=False)
+
+
+def test_duplicates_in_latent_ingest_follow_the_policy(tiny_model, laion, tmp_path):
+    from helpers import write_wds_tar
+    from ambient_dist.data.sources import SourceError
+    src_dir = tmp_path / "overlap"
+    shutil.copytree(laion, src_dir)
+    first = open_source(str(laion), "webdataset")
+    again = first.load(3)  # a sample of the first shard, downloaded once more into a new shard
+    buf = io.BytesIO()
+    Image.fromarray(again.image).save(buf, format="PNG")
+    write_wds_tar(src_dir / "99999.tar", [{"__key__": again.key, "png": buf.getvalue(), "txt": "other"}])
+    components = load_components(tiny_model, ("vae",))
+    opts = LatentShardOptions(resolution=RES, samples_per_shard=20)
+    with pytest.raises(SourceError, match=rf"99999.tar \(sample {again.key}\): repeats .*00000.tar "
+                                          rf"\(sample {again.key}\) \(same key, another image"):
+        make_latent_shards(open_source(str(src_dir), "webdataset"), tmp_path / "a", opts, components,
+                           progress=False)
+    opts.duplicates = "keep-first"
+    manifest = make_latent_shards(open_source(str(src_dir), "webdataset"), tmp_path / "b", opts,
+                                  components, progress=False)
+    assert manifest["counts"]["train"] == 12 and manifest["counts"]["duplicates"] == 1
+    assert manifest["duplicates"][0]["where"].endswith(f"99999.tar (sample {again.key})")
+    s = LatentShardSet(tmp_path / "b")
+    assert s.caption(s.keys.index(again.key)) == again.caption  # the first one's caption

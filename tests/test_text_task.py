@@ -116,3 +116,42 @@ def test_sample_text_on_a_bare_model_takes_only_the_samplers_overrides(trained_r
     assert sample_text.main([*bare, "text.sample_steps=1", f"data.resolution={RES}"]) == 0
     from ambient_dist.metrics.samples import read_samples
     assert read_samples(tmp_path / "s")[1].shape == (1, 3, RES, RES)
+
+
+def test_sample_text_refuses_training_captions_of_other_shards(trained_run, tmp_path, capsys):
+    """Issue 22 case 3 for text runs: the prompts are the run's training captions, so the
+    shards named are checked against the data its checkpoint records, as resume does."""
+    import shutil
+
+    import sample_text
+    run, _ = trained_run
+    from ambient_dist.config import load_config
+    shards = Path(load_config(run / "config.yaml", check_paths=False).data.shards)
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["plan"] = "0" * len(manifest["plan"])  # as if made from other images or options
+    from ambient_dist.data.shards import write_manifest
+    manifest.pop("seal", None)
+    write_manifest(other, manifest)  # sealed, as a writer of those other shards would have
+    argv = [str(run), "--num", "1", "--steps", "1", "--out", str(tmp_path / "s"), "--quiet"]
+    assert sample_text.main([*argv, f"data.shards={other}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.shards of {run / 'config.yaml'} ({other}) is not the data run {run}")
+    assert "plan hash" in err and "Traceback" not in err and not (tmp_path / "s").exists()
+
+def test_sample_text_says_what_the_model_replaces_of_the_config(trained_run, tmp_path, capsys, monkeypatch):
+    """The scheduler's prediction type wins over text.prediction: said on screen and kept in
+    samples.json's notes (issue 22, case 7)."""
+    import sample_text
+    from ambient_dist import progress
+    monkeypatch.setattr(progress, "_SAID", set())
+    run, _ = trained_run
+    out = tmp_path / "samples"
+    assert sample_text.main([str(run), "--num", "1", "--steps", "1", "--out", str(out), "--quiet",
+                             "text.prediction=epsilon"]) == 0
+    note = (f"text.prediction 'epsilon' replaced by 'v', the prediction type of "
+            f"{run / 'diffusers' / 'scheduler'} (what the U-Net was trained for)")
+    assert f"note: {note}\n" in capsys.readouterr().out
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["notes"] == [note] and meta["provenance"]["version"]

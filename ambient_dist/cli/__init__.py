@@ -9,9 +9,9 @@
 
 pyproject.toml installs them as console scripts; launchers/*.py are the same commands for a
 source checkout, and `python -m ambient_dist.cli.<command>` works too. Exit status: 0 done,
-2 a user error (bad config, flag, data or file: one `error: ...` line on stderr, no traceback),
-1 from ambient-study when it ran but some runs failed (named in one `error: ...` line),
-anything else is a bug.
+2 a user error (bad config, flag, data or file, or the operating system refusing a path: one
+`error: ...` line on stderr, no traceback, whichever process raised it), 1 from ambient-study
+when it ran but some runs failed (named in one `error: ...` line), anything else is a bug.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ambient_dist.errors import UserError
+from ambient_dist.errors import user_error_message
 
 Main = Callable[[Optional[Sequence[str]]], int]
 
@@ -36,17 +36,22 @@ def fail(message: object) -> int:
 
 
 def reports_user_errors(*also: type[BaseException]) -> Callable[[Main], Main]:
-    """Decorate a command's `main`: a UserError (or one of `also`, the exceptions the library
-    under that command raises for bad input) becomes `error: ...` and exit status 2."""
-    caught = (UserError, *also)
+    """Decorate a command's `main`: a user error becomes `error: ...` and exit status 2.
 
+    A user error is a UserError, one of `also` (the exceptions the library under that
+    command raises for bad input), or an OSError about the user's files and disks, also when
+    a DataLoader worker raised it (errors.user_error_message decides and recovers the
+    worker's own message); any other exception is a bug and keeps its traceback."""
     def wrap(main: Main) -> Main:
         @functools.wraps(main)
         def run(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 return main(argv)
-            except caught as e:
-                return fail(e)
+            except Exception as e:
+                message = user_error_message(e, also)
+                if message is None:
+                    raise
+                return fail(message)
         return run
     return wrap
 

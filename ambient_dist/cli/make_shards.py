@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 from ambient_dist.cli import reports_user_errors
 from ambient_dist.config import ConfigError, load_config
 from ambient_dist.data.shards import ShardOptions, make_shards
-from ambient_dist.data.sources import FIT_MODES, SOURCE_FORMATS, open_named_source
+from ambient_dist.data.sources import (DUPLICATE_POLICIES, FIT_MODES, SOURCE_FORMATS,
+                                       open_named_source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--skip-bad", action="store_true", help="skip (and list) undecodable source images")
+    p.add_argument("--duplicates", default="error", choices=list(DUPLICATE_POLICIES),
+                   help="source samples that repeat an earlier one (the same key twice, e.g. a.png "
+                        "beside a.jpg or overlapping tars, or the same image, label and caption "
+                        "under another key): stop and name them (default: which copy is meant is "
+                        "your call), or keep the first and list the others in the manifest")
     p.add_argument("--overwrite", action="store_true", help="replace shards made with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     latent = p.add_argument_group("latent shards (text-conditional; see docs/text.md)")
@@ -101,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         count=pick(args.count, 0 if args.per_class else cfg and cfg.data.subset, 0),
         heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
         samples_per_shard=args.samples_per_shard, workers=args.workers, skip_bad=args.skip_bad,
-        mask_corruption=pick(args.mask_corruption, cfg and cfg.objective.method == "masking"
+        duplicates=args.duplicates, mask_corruption=pick(args.mask_corruption, cfg and cfg.objective.method == "masking"
                              and cfg.objective.mask_corruption, 0.0) or 0.0)
     source = open_from_args(args)
     manifest = make_shards(source, args.out, opts, overwrite=args.overwrite, progress=not args.quiet)
@@ -139,7 +145,7 @@ def make_latent(args, cfg, pick) -> int:
         heldout=pick(args.heldout, cfg and cfg.evaluation.heldout_images, 0),
         samples_per_shard=args.samples_per_shard, text_embeddings=args.text_embeddings,
         online=args.online, batch_size=args.batch, workers=max(args.workers, 1),
-        skip_bad=args.skip_bad, missing_caption=args.missing_caption)
+        skip_bad=args.skip_bad, missing_caption=args.missing_caption, duplicates=args.duplicates)
     env_rank, env_world, local_rank = env_rank_world()  # torchrun / deepspeed / mpirun
     rank = args.rank if args.rank is not None else env_rank
     world = args.world_size if args.world_size is not None else env_world
@@ -166,7 +172,13 @@ def make_latent(args, cfg, pick) -> int:
 
 
 def report_ingest(manifest: dict) -> None:
-    """On screen what the manifest records: skipped images and documented conversions."""
+    """On screen what the manifest records: skipped images, duplicates left out, documented
+    conversions."""
+    if manifest.get("duplicates"):
+        print(f"left out {len(manifest['duplicates'])} duplicate source samples (--duplicates "
+              f"{manifest.get('duplicates_policy', 'keep-first')}: the first of each is kept):")
+        for d in manifest["duplicates"]:
+            print(f"  {d['where']}: repeats {d['first']} ({d['reason']})")
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} source samples:")
         for s in manifest["skipped"]:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from ambient_dist.cli import SetsOverride, add_overrides, overrides_of, reports_user_errors
 from ambient_dist.config import ConfigError, load_config, parse_overrides
+from ambient_dist.progress import say_once
 
 # The config keys of the sampler, and their TextSamplerSettings names: what a bare Stable
 # Diffusion directory (no config.yaml) takes as overrides.
@@ -80,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from ambient_dist import distributed as ranks
-    from ambient_dist.metrics.samples import SampleStore, file_digest
+    from ambient_dist.metrics.samples import SampleStore, check_training_data, file_digest
     from ambient_dist.text import sampling as ts
     from ambient_dist.text.sd_models import ModelError, load_components
 
@@ -91,6 +92,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.shards:
         cfg = cfg or load_config(None, check_paths=False)
         cfg.data.shards, cfg.text.prompts = args.shards, ""
+    if args.prompts:
+        pool = ts.read_prompts(args.prompts)
+        prompts = [pool[i % len(pool)] for i in range(args.num)]
+    elif cfg is not None:
+        if is_run and not args.shards and not cfg.text.prompts:
+            # the prompts are the run's training captions: of the data it was trained on
+            # (checked before any model is loaded)
+            check_training_data(root, cfg.data.shards, f"data.shards of {root / 'config.yaml'}")
+        prompts = ts.prompts_for(cfg, args.num)
+    else:
+        raise ConfigError("give --prompts FILE or --shards DIR (MODEL is not a training run)")
     model_dir = root / "diffusers" if is_run else root
     rank, world, local = ranks.env_rank_world()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -99,13 +111,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ModelError as e:
         raise ConfigError(str(e)) from None
     components.unet.eval().requires_grad_(False)
-    if args.prompts:
-        pool = ts.read_prompts(args.prompts)
-        prompts = [pool[i % len(pool)] for i in range(args.num)]
-    elif cfg is not None:
-        prompts = ts.prompts_for(cfg, args.num)
-    else:
-        raise ConfigError("give --prompts FILE or --shards DIR (MODEL is not a training run)")
     prediction = {"v_prediction": "v", "epsilon": "epsilon"}[
         components.scheduler_config.get("prediction_type", "epsilon")]
     defaults = (ts.TextSamplerSettings.from_config(cfg) if cfg is not None else
@@ -113,12 +118,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        * components.vae_scale_factor))
     settings = ts.TextSamplerSettings(**{**vars(defaults), **bare, "prediction": prediction,
                                          "batch_size": args.batch})
+    notes = []   # what is not as the run's config (or the defaults) says: on screen and in samples.json
+    if defaults.prediction != prediction and cfg is not None:
+        notes.append(f"text.prediction {defaults.prediction!r} replaced by {prediction!r}, the "
+                     f"prediction type of {model_dir / 'scheduler'} (what the U-Net was trained for)")
+    if cfg is None and "resolution" not in bare:
+        notes.append(f"resolution {settings.resolution} px: the U-Net's sample_size x the VAE's "
+                     f"scale factor ({model_dir} has no config.yaml; --resolution sets it)")
+    for note in notes:
+        say_once(note)
     store = SampleStore(args.out or root / "samples-text")
     weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
     made = ts.write_samples(components, store, prompts, settings, device, rank, world,
                             weights_sha=file_digest(weights) if weights.is_file() else "",
                             autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                            progress=not args.quiet)
+                            progress=not args.quiet, notes=notes)
     print(f"rank {rank}: {made} images written to {store.root} (prompts in {store.root / 'prompts.txt'})")
     return 0
 

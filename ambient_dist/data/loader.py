@@ -46,6 +46,31 @@ class Batch:
                                    mask=fmt(self.mask))
 
 
+# Manifest fields that decide the stored data, recorded with the loader position so that a
+# resume (and an evaluation) can say what changed if the shards were remade (data_differences).
+DATA_FIELDS = ("noise_seed", "sigma_tn", "t_n", "subset_seed", "resolution", "channels")
+
+
+def data_identity(manifest: dict, shards_dir) -> dict:
+    """What a run records of the shards it trains on: the manifest's plan hash (the source
+    images and every option that made the stored data), the DATA_FIELDS for a readable
+    difference, and the directory. What resume, ambient-evaluate and ambient-sample-text
+    compare (`data_differences`) before they use shards as the run's training set."""
+    return {"manifest_plan": manifest["plan"], "shards": str(shards_dir),
+            "data": {k: manifest.get(k) for k in DATA_FIELDS}}
+
+
+def data_differences(saved: dict, now: dict) -> list[str]:
+    """What differs between recorded data (`data_identity`, or a loader state holding it)
+    and `now`; empty when both hold the same images and the same fixed noisy copies."""
+    if saved.get("manifest_plan") == now["manifest_plan"]:
+        return []
+    old = saved.get("data") or {}
+    diffs = [f"{k} {old[k]} then, {now['data'][k]} now" for k in DATA_FIELDS
+             if k in old and old[k] != now["data"][k]]
+    return diffs or ["the shards' plan hash (the source images or options)"]
+
+
 class PlannedLoader:
     """What every shard loader (pixel or latent) shares: the order, this rank's plan and the
     resume counter. Subclasses implement `_next_batch(step)` returning this rank's batch of
@@ -66,27 +91,16 @@ class PlannedLoader:
         """Samples consumed by all ranks together after the batches yielded so far."""
         return self.plan.samples_seen(self.steps_done)
 
-    # Manifest fields that decide the stored data, recorded with the loader position so that a
-    # resume can say what changed if the shards were remade (data_differences).
-    DATA_FIELDS = ("noise_seed", "sigma_tn", "t_n", "subset_seed", "resolution", "channels")
+    DATA_FIELDS = DATA_FIELDS
 
     def state_dict(self) -> dict:
-        m = self.shards.manifest
         return {"samples_seen": self.samples_seen, "seed": self.cfg.data.seed,
-                "num_samples": self.num_samples, "manifest_plan": m["plan"],
-                "shards": str(self.shards.dir),
-                "data": {k: m.get(k) for k in self.DATA_FIELDS}}
+                "num_samples": self.num_samples, **data_identity(self.shards.manifest, self.shards.dir)}
 
     def data_differences(self, saved: dict) -> list[str]:
         """What differs between the data a checkpoint's loader `saved` and these shards;
         empty when they hold the same images and the same fixed noisy copies."""
-        now = self.state_dict()
-        if saved.get("manifest_plan") == now["manifest_plan"]:
-            return []
-        old = saved.get("data") or {}
-        diffs = [f"{k} {old[k]} then, {now['data'][k]} now" for k in self.DATA_FIELDS
-                 if k in old and old[k] != now["data"][k]]
-        return diffs or ["the shards' plan hash (the source images or options)"]
+        return data_differences(saved, self.state_dict())
 
     def __iter__(self):
         return self

@@ -13,7 +13,9 @@ A shard directory holds
                             image's ONE fixed inpainting mask, keyed like the noisy copies
                             (keys, bit-packed bool masks [N, C, H, W], True = kept)
     manifest.json           format version, sigma_tn, form, seeds, geometry, class count,
-                            counts, per-file sha256, the source description, the plan hash
+                            counts, per-file sha256 and size, the source description, the
+                            duplicates left out, the plan hash, and its seal (a digest of
+                            each field, so that an edit is refused naming the field)
 
 Writing (`make_shards`) is resumable: each shard goes to a temporary name and is renamed when
 complete, the manifest is rewritten (atomically) after every shard, and a re-run with the same
@@ -25,9 +27,10 @@ The mechanics of writing are public and shared with the latent writer (text.late
 resume check) and `ShardTar` (one tar written under a temporary name, published with its
 index and manifest entry); `tar_member` adds one member with fixed metadata.
 
-Reading (`ShardSet`) verifies checksums, loads the indexes, and decodes any sample by index,
-checking its tar header, its noisy copy's shape and dtype, and naming shard and key in every
-error. `load_images` reads a whole split; `check_manifest` compares a manifest to a config.
+Reading (`ShardSet`) checks the manifest's seal, each tar's size (and sha256), loads the
+indexes, checks what the manifest says against the data (counts, image shape, the noisy
+copies' measured noise level), and decodes any sample by index, checking its tar header, its
+noisy copy's shape and dtype, and naming shard and key in every error. `load_images` reads a whole split; `check_manifest` compares a manifest to a config.
 """
 from __future__ import annotations
 
@@ -51,11 +54,13 @@ from ambient_dist.config import ConfigError, ExperimentConfig
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
-from ambient_dist.noise import keyed_mask, make_noisy_copy
+from ambient_dist.noise import keyed_mask, make_noisy_copy, vp_alpha_sigma
 from ambient_dist.progress import progress as progress_bar
 
 from .augment import to_model_units
-from .sources import FIT_MODES, Source, SourceError, choose_subset, fit_image, webdataset_members
+from .order import position_random_state
+from .sources import (DUPLICATE_POLICIES, FIT_MODES, Source, SourceError, choose_subset, fit_image,
+                      resolve_duplicates, tar_end_problem, webdataset_members)
 
 FORMAT_NAME = "ambient_dist.shards"
 FORMAT_VERSION = 1
@@ -87,11 +92,16 @@ def scan_tar(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, in
     try:
         with tarfile.open(path, "r:") as tar:
             for key, ext, m in webdataset_members(tar):
-                if not samples or samples[-1][0] != key:
+                if not samples or samples[-1][0] != key or ext in samples[-1][1]:
                     samples.append((key, {}))
                 samples[-1][1][ext] = (m.offset_data, m.size)
+            problem = tar_end_problem(tar)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+    if problem:
+        last = f", the last {samples[-1][0]}" if samples else ""
+        raise ShardError(f"{path}: {problem}; {len(samples)} samples read{last}, the rest are "
+                         "missing: re-run make_shards to rewrite it")
     return samples
 
 
@@ -149,13 +159,16 @@ class ShardOptions:
     # Masking baseline: erase each pixel of each image's fixed mask with this probability
     # (0 = no masks.npz).
     mask_corruption: float = 0.0
-    # Not part of the content:
+    # Source samples that repeat an earlier one (sources.find_duplicates): "error" refuses
+    # them, "keep-first" keeps the first and lists the others in the manifest.
+    duplicates: str = "error"
+    # Not part of the content (duplicates decides which keys are written; those are hashed):
     workers: int = 1
     skip_bad: bool = False
 
     def content(self) -> dict:
         d = asdict(self)
-        for k in ("workers", "skip_bad"):
+        for k in ("workers", "skip_bad", "duplicates"):
             d.pop(k)
         if not d["mask_corruption"]:  # shards made before masks existed keep their plan hash
             d.pop("mask_corruption")
@@ -181,6 +194,8 @@ def _check_options(opts: ShardOptions) -> None:
     for name in ("count", "per_class", "heldout"):
         if getattr(opts, name) < 0:
             bad(f"--{name.replace('_', '-')}", "must be >= 0")
+    if opts.duplicates not in DUPLICATE_POLICIES:
+        bad("--duplicates", f"expected one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}")
     if not 0 <= opts.mask_corruption < 1:
         bad("--mask-corruption", f"must be in [0, 1) (0 = no masks), got {opts.mask_corruption}")
 
@@ -257,6 +272,7 @@ class ShardTar:
 class ShardWriter:
     """What writing any shard directory takes, for one source, directory and geometry:
 
+        choose(...)                    the subset, without duplicates (policy), keys checked
         jobs(train, per_shard)         the numbered tars train-000000.tar, ... of a subset
         plan_hash(jobs, heldout, ...)  the hash that identifies the directory's content
         check_unique_keys(indices)     refuse two images with one key
@@ -287,6 +303,18 @@ class ShardWriter:
                            "shards": [[j.name, [key(i) for i in j.indices]] for j in jobs],
                            "heldout": [key(i) for i in heldout]}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def choose(self, count: int, per_class: int, heldout: int, seed: int, duplicates: str
+               ) -> tuple[list[int], list[int], list[dict]]:
+        """(training indices, held-out indices, duplicates left out): the seeded subset
+        (sources.choose_subset) of the source's samples that repeat no earlier one, after the
+        `duplicates` policy (sources.resolve_duplicates: "error" raises SourceError naming
+        the first duplicate). Each duplicate is {"key", "where", "first", "reason"}."""
+        dups = resolve_duplicates(self.source, duplicates)
+        train, held = choose_subset(self.source, count, per_class, heldout, seed,
+                                    exclude=frozenset(d["index"] for d in dups))
+        self.check_unique_keys(train + held)
+        return train, held, [{k: v for k, v in d.items() if k != "index"} for d in dups]
 
     def check_unique_keys(self, indices: list[int]) -> None:
         """ShardError naming the first image whose key another of `indices` already has
@@ -402,9 +430,9 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
     _check_options(opts)
     out_dir = Path(out_dir)
     channels = opts.channels or (1 if source.kind == "idx" else 3)
-    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
     writer = ShardWriter(source, out_dir, opts.resolution, channels, opts.fit)
-    writer.check_unique_keys(train + heldout)
+    train, heldout, duplicates = writer.choose(opts.count, opts.per_class, opts.heldout,
+                                               opts.subset_seed, opts.duplicates)
     jobs = writer.jobs(train, opts.samples_per_shard)
     desc = source.describe()
     plan = writer.plan_hash(jobs, heldout, opts.content(), desc)
@@ -413,7 +441,9 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
     manifest_path = out_dir / MANIFEST_NAME
     done: dict[str, dict] = {}
     if manifest_path.exists() and not overwrite:
-        old = read_manifest(out_dir, require_complete=False)
+        # Unsealed (older) manifests are fine here: every field is rebuilt from the options
+        # and only shards whose checksum holds are kept; this run seals the manifest.
+        old = read_manifest(out_dir, require_complete=False, require_seal=False)
         if old.get("plan") != plan:
             raise ShardError(f"{manifest_path}: this directory holds shards made from a different "
                              "source or options; choose another --out or pass --overwrite")
@@ -426,6 +456,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
         "fit": opts.fit, "selection": {"count": opts.count, "per_class": opts.per_class,
                                        "heldout": opts.heldout},
         "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "duplicates": duplicates, "duplicates_policy": opts.duplicates,
         "members": {"clean": CLEAN_EXT, "noisy": NOISY_EXT, "meta": META_EXT,
                     "noisy_dtype": "float16", "noisy_layout": "CHW"},
     }
@@ -434,7 +465,7 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
         manifest["shards"] = [entries[j.name] for j in jobs if j.name in entries]
         manifest["skipped"] = [s for e in manifest["shards"] for s in e.get("skipped", [])]
         manifest["converted"] = merge_conversions(manifest["shards"])
-        atomic_write_json(manifest_path, manifest)
+        write_manifest(out_dir, manifest)
 
     todo = [j for j in jobs if j.name not in done]
     save(done)
@@ -468,10 +499,10 @@ def make_shards(source: Source, out_dir: str | os.PathLike, opts: ShardOptions,
         manifest["masks"] = _write_masks(keys, out_dir, opts, channels)
     train_count = sum(e["samples"] for e in manifest["shards"])
     manifest["counts"] = {"train": train_count, "heldout": len(heldout),
-                          "skipped": len(manifest["skipped"]),
+                          "skipped": len(manifest["skipped"]), "duplicates": len(duplicates),
                           "converted": sum(manifest["converted"].values())}
     manifest["complete"] = True
-    atomic_write_json(manifest_path, manifest)
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -510,14 +541,89 @@ def read_masks(shards_dir: str | os.PathLike, keys: list[str]) -> np.ndarray:
         raise ShardError(f"{path}: no mask for key {missing[0]!r} ({len(missing)} keys missing)")
     size = int(np.prod(shape))
     bits = np.unpackbits(packed[[row[k] for k in keys]], axis=1, count=size)
-    return bits.reshape(len(keys), *shape).astype(bool)
+    masks = bits.reshape(len(keys), *shape).astype(bool)
+    # The manifest's corruption against the masks themselves (each pixel is erased with that
+    # probability): a tolerance of 6 standard errors of the measured fraction, + 0.01.
+    p, n = float(entry["corruption"]), masks.size
+    erased = 1.0 - float(masks.mean()) if n else p
+    if abs(erased - p) > 6 * np.sqrt(max(p * (1 - p), 1e-4) / max(n, 1)) + 0.01:
+        raise ShardError(f"{shards_dir / MANIFEST_NAME}: field masks.corruption says {p}, but the "
+                         f"stored masks erase {erased:.4f} of the pixels ({len(keys)} masks): the "
+                         "manifest does not describe these shards; remake them")
+    return masks
 
 
 # ----------------------------------------------------------------------------------------
 # Manifest checks
 # ----------------------------------------------------------------------------------------
 
-def read_manifest(shards_dir: str | os.PathLike, require_complete: bool = True) -> dict:
+SEAL_FIELD = "seal"
+
+
+def _seal_fields(obj, prefix: str = "") -> dict[str, str]:
+    """{dotted field name: sha256 (16 hex digits) of its JSON} for every leaf of a manifest;
+    objects are descended into (counts.train, masks.corruption), lists and values are leaves."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            if not prefix and k == SEAL_FIELD:
+                continue
+            out.update(_seal_fields(v, f"{prefix}{k}."))
+        return out
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return {prefix[:-1]: hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def manifest_seal(manifest: dict) -> dict:
+    """The seal of a manifest: a digest of each field's value as written. make_shards stores
+    it in the manifest (field "seal"); readers recompute it, so a field edited afterwards (say
+    sigma_tn 0.5 -> 1.0 while the stored copies have std 0.5) is refused by name. Beside the
+    per-file sha256 that the manifest lists, this binds what it says to the data it lists."""
+    return {"algorithm": "sha256 of each field's JSON, 16 hex digits",
+            "fields": _seal_fields(json.loads(json.dumps(manifest, default=str)))}
+
+
+def write_manifest(shards_dir: str | os.PathLike, manifest: dict) -> None:
+    """Seal `manifest` (manifest_seal, in place) and write it atomically as manifest.json:
+    the one way a shard writer publishes a manifest."""
+    manifest[SEAL_FIELD] = manifest_seal(manifest)
+    atomic_write_json(Path(shards_dir) / MANIFEST_NAME, manifest)
+
+
+def check_seal(manifest: dict, path: str | os.PathLike, require_seal: bool = True) -> None:
+    """ShardError naming every field of `manifest` (read from `path`) whose value is not what
+    its writer sealed, or naming the missing seal when `require_seal`.
+
+    Older manifests carry no seal: readers refuse them (an edit of them could not be told
+    from the truth), and re-running the make_shards command that made them seals them
+    without rewriting any shard whose checksum holds."""
+    seal = manifest.get(SEAL_FIELD)
+    if seal is None:
+        if require_seal:
+            raise ShardError(f"{path}: the manifest carries no seal (written before manifests were "
+                             "sealed, or by another tool), so an edit of it could not be detected; "
+                             "re-run the ambient-make-shards command that made these shards: it "
+                             "keeps every shard whose checksum holds and seals the manifest")
+        return
+    recorded = seal.get("fields") if isinstance(seal, dict) else None
+    if not isinstance(recorded, dict):
+        raise ShardError(f"{path}: the manifest's seal is unreadable; remake the shards")
+    now = manifest_seal(manifest)["fields"]
+    changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ShardError(f"{path}: manifest field{'s' if len(changed) > 1 else ''} {shown} "
+                         f"{'differ' if len(changed) > 1 else 'differs'} from what make_shards "
+                         "wrote (the manifest's seal): it was edited after the shards were "
+                         "written, and the data do not follow an edit. Restore the value, or "
+                         "remake the shards with the settings you want (--overwrite)")
+
+
+def read_manifest(shards_dir: str | os.PathLike, require_complete: bool = True,
+                  require_seal: bool = True) -> dict:
+    """The manifest of a shard directory, its format and seal checked (check_seal): ShardError
+    for a missing, unreadable, foreign, edited or (with `require_complete`) unfinished one.
+    `require_seal=False` accepts an older, unsealed manifest (only the writer does)."""
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ShardError(f"{path}: not found; make shards with ambient-make-shards")
@@ -529,6 +635,7 @@ def read_manifest(shards_dir: str | os.PathLike, require_complete: bool = True) 
         raise ShardError(f"{path}: format {manifest.get('format')!r} version "
                          f"{manifest.get('format_version')!r}; this code reads {FORMAT_NAME} "
                          f"version {FORMAT_VERSION} (remake the shards)")
+    check_seal(manifest, path, require_seal)
     if require_complete and not manifest.get("complete"):
         raise ShardError(f"{path}: shards are incomplete (make_shards was interrupted); "
                          "re-run the same make_shards command to finish them")
@@ -606,6 +713,11 @@ class ShardSet:
         for s, (entry, path) in enumerate(zip(entries, self.paths)):
             if not os.path.isfile(path):
                 raise ShardError(f"{path}: listed in the manifest but missing")
+            size = os.path.getsize(path)
+            if "bytes" in entry and size != entry["bytes"]:  # cheap, on every rank, verify or not
+                raise ShardError(f"{path}: {size} bytes, the manifest says {entry['bytes']} "
+                                 f"({'cut short: a copy that ended early' if size < entry['bytes'] else 'longer than written'}); "
+                                 "copy it again or re-run make_shards to rewrite it")
             if verify and s % parts == part:
                 got = sha256_file(path)
                 if got != entry["sha256"]:
@@ -635,6 +747,80 @@ class ShardSet:
         self.table = np.asarray(table, dtype=np.int64).reshape(-1, 6)
         self._maps: dict[int, mmap.mmap] = {}
         self._pid = os.getpid()
+        self.check_against_data()
+
+    # The manifest's word is checked against the data it describes, on a few samples spread
+    # over the set (the seal catches any edit; these catch a manifest that was never true).
+    CHECK_SAMPLES = 8
+
+    def _refuse(self, field: str, says, found: str) -> None:
+        raise ShardError(f"{self.dir / MANIFEST_NAME}: field {field} says {says}, but {found}: the "
+                         "manifest does not describe these shards; remake them (or restore the "
+                         "manifest they were written with)")
+
+    def check_samples(self) -> list[int]:
+        n = len(self)
+        return sorted({int(i) for i in np.linspace(0, n - 1, min(self.CHECK_SAMPLES, n))})
+
+    def check_against_data(self) -> None:
+        """ShardError naming the manifest field that the stored data contradict: counts.train
+        (the tars' sample count), resolution / channels (the stored images' shape) and the
+        noise level of pixel shards (sigma_tn against the measured std of noisy - clean)."""
+        m = self.manifest
+        counts = m.get("counts", {})
+        if "train" in counts and counts["train"] != len(self):
+            self._refuse("counts.train", counts["train"], f"the tars hold {len(self)} samples")
+        idx = self.check_samples()
+        for i in idx[:1]:
+            t = self.table[i]
+            try:  # the PNG header only: a clean image that does not decode is named when read
+                with Image.open(io.BytesIO(self._member(i, int(t[0]), int(t[1])))) as im:
+                    w, h = im.size
+                    c = len(im.getbands())
+            except (ShardError, OSError, ValueError):
+                break
+            if (h, w) != self.shape[1:]:
+                self._refuse("resolution", m["resolution"], f"the stored images are {h}x{w} px "
+                             f"(key {self.keys[i]})")
+            if c != self.shape[0]:
+                self._refuse("channels", m["channels"], f"the stored images have {c} (key {self.keys[i]})")
+        if m.get("form") not in PIXEL_FORMS:
+            return  # latent shards: text.latents.LatentShardSet measures the latent noise
+        # Under a fixed random state that is put back afterwards: the check reads through the
+        # same decode as training, and whatever a decode may draw must not move the caller's
+        # RNGs (exact resume: a resumed run opens the shards again where a fresh one did not).
+        with position_random_state(0, -1):
+            samples = self._readable(self.sample, idx)
+        if not samples:
+            return
+        clean = torch.from_numpy(np.stack([smp.clean for smp in samples]))
+        noisy = torch.from_numpy(np.stack([smp.noisy for smp in samples])).float()
+        alpha, expected = ((1.0, float(m["sigma_tn"])) if m["form"] == "edm"
+                           else vp_alpha_sigma(float(m["sigma_tn"])))
+        self.check_noise_level(noisy - float(alpha) * to_model_units(clean), float(expected),
+                               "sigma_tn", m["sigma_tn"])
+
+    @staticmethod
+    def _readable(read, indices: list[int]) -> list:
+        """read(i) for each index whose sample decodes: a damaged sample is named with its key
+        when it is read for training, as it always was; the manifest checks use the others."""
+        out = []
+        for i in indices:
+            try:
+                out.append(read(i))
+            except ShardError:
+                continue
+        return out
+
+    def check_noise_level(self, residual: torch.Tensor, expected: float, field: str, says) -> None:
+        """Refuse `field` when the std of `residual` (the noise of the stored copies, float
+        [N, ...]) is not `expected`, allowing for the estimate's spread and float16 rounding."""
+        n = residual.numel()
+        measured = float(residual.double().std(unbiased=False)) if n else expected
+        tolerance = max(0.1, 6 / np.sqrt(2 * max(n, 1))) * expected + 2e-3
+        if abs(measured - expected) > tolerance:
+            self._refuse(field, says, f"the stored noisy copies have noise std {measured:.4g} "
+                         f"(expected {expected:.4g}; measured on {residual.shape[0]} samples)")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -761,8 +947,21 @@ def load_images(shards_dir: str | os.PathLike, split: str = "train", verify: boo
             raise ShardError(f"{path}: listed in the manifest but missing")
         if verify and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: checksum mismatch; re-run make_shards to rewrite it")
-        with np.load(path, allow_pickle=False) as npz:
-            keys, images, labels = [str(k) for k in npz["keys"]], npz["images"], npz["labels"]
+        try:  # unverified, a cut file reaches here
+            with np.load(path, allow_pickle=False) as npz:
+                keys, images, labels = [str(k) for k in npz["keys"]], npz["images"], npz["labels"]
+        except Exception as e:
+            raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run make_shards "
+                             "to rewrite it") from None
+        R, C = manifest["resolution"], manifest["channels"]
+        if images.shape[1:] != (R, R, C):
+            raise ShardError(f"{shards_dir / MANIFEST_NAME}: fields resolution / channels say {R} "
+                             f"px x {C}, but {HELDOUT_NAME} holds images of shape "
+                             f"{list(images.shape[1:])}: the manifest does not describe these shards")
+        if len(keys) != manifest["counts"].get("heldout", len(keys)):
+            raise ShardError(f"{shards_dir / MANIFEST_NAME}: field counts.heldout says "
+                             f"{manifest['counts']['heldout']}, but {HELDOUT_NAME} holds {len(keys)} "
+                             "images: the manifest does not describe these shards")
         has_labels = manifest["num_classes"] > 0
     else:
         raise ValueError(f"load_images: split must be 'train' or 'heldout', got {split!r}")

@@ -10,11 +10,13 @@ on request (`load(i)`), so the shard writer can pick a subset first and decode i
 workers. Keys are stable: derived from the file name or the position in the source file, never
 from the order in which we happen to process them, because the noisy copy of an image is
 seeded by its key. This module also holds the geometry step (`fit_image`: resize + centre-crop,
-or pad) and the seeded subset choice (`choose_subset`).
+or pad), the duplicate check (`find_duplicates`: one key or one whole sample twice) and the
+seeded subset choice (`choose_subset`), and the end-of-archive check of tars (`tar_end_problem`).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -22,6 +24,8 @@ import pickle
 import re
 import struct
 import tarfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -155,9 +159,28 @@ class Source:
     def load(self, i: int) -> Record:
         raise NotImplementedError
 
+    def content_size(self, i: int) -> Optional[int]:
+        """Bytes of sample i's stored image, known without reading it; None where it is not
+        (then `find_duplicates` compares keys only). Samples of different sizes differ, so
+        only samples of equal size are hashed."""
+        return None
+
+    def content_digest(self, i: int) -> str:
+        """sha256 of sample i as stored: its image bytes and what travels with it (label,
+        caption), so that two digests agree only for the same sample written twice."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "samples": len(self),
                 "num_classes": self.num_classes}
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:  # length-prefixed, so that ("ab", "c") and ("a", "bc") differ
+        data = part if isinstance(part, bytes) else repr(part).encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
 
 
 class ArraySource(Source):
@@ -179,6 +202,12 @@ class ArraySource(Source):
 
     def load(self, i):
         return Record(self.keys[i], np.ascontiguousarray(self.images[i]), self.label(i))
+
+    def content_size(self, i):
+        return int(self.images[i].nbytes)  # in memory: hashing every image is cheap
+
+    def content_digest(self, i):
+        return _digest(np.ascontiguousarray(self.images[i]).tobytes(), self.label(i))
 
     def describe(self):
         return {**super().describe(), **self.extra}
@@ -284,10 +313,16 @@ def open_cifar(path: Path, split: str) -> ArraySource:
             if p.is_file():
                 files[p.name] = p.read_bytes()
     elif tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                if m.isfile():
-                    files[Path(m.name).name] = tar.extractfile(m).read()
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.isfile():
+                        files[Path(m.name).name] = tar.extractfile(m).read()
+                problem = tar_end_problem(tar)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise SourceError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
+        if problem:
+            raise SourceError(f"{path}: {problem}; it holds {sorted(files)}: download it again")
     else:
         raise SourceError(f"{path}: expected a CIFAR batch directory or its .tar.gz")
     if "data_batch_1" in files:  # CIFAR-10
@@ -412,6 +447,15 @@ class FolderSource(Source):
             meta["converted"] = conversions[0]
         return Record(self.keys[i], image, self.label(i), meta=meta)
 
+    def content_size(self, i):
+        try:
+            return (self.path / self.files[i]).stat().st_size
+        except OSError:
+            return None  # unreadable: load() names it
+
+    def content_digest(self, i):
+        return _digest((self.path / self.files[i]).read_bytes(), self.label(i))
+
     def describe(self):
         return {**super().describe(), "class_from_folder": self.class_from_folder,
                 "class_names": self.class_names}
@@ -437,10 +481,49 @@ def webdataset_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile
         yield m.name[: len(m.name) - len(base)] + stem, ext, m
 
 
+TAR_BLOCK = 512
+
+
+def tar_end_problem(tar: tarfile.TarFile) -> Optional[str]:
+    """Why an open tar, iterated to its last member, is not whole; None when it is.
+
+    A tar ends with the end-of-archive marker, two 512-byte blocks of zeros, after its last
+    member. A copy or download killed between two members leaves a file that tarfile reads
+    without complaint as a shorter archive, so the marker is looked for explicitly (a file
+    cut inside a member is refused by tarfile itself)."""
+    end = tar.offset  # after iteration: where the header after the last member starts
+    tar.fileobj.seek(end)
+    tail = tar.fileobj.read(2 * TAR_BLOCK)
+    if len(tail) < 2 * TAR_BLOCK or tail.count(0) != len(tail):
+        return (f"the tar ends early: no end-of-archive marker (two zero blocks) after its last "
+                f"member, at byte {end} (a copy or download cut between two members)")
+    return None
+
+
+def img2dataset_stats(tar_path: str | os.PathLike) -> tuple[Optional[Path], Optional[int]]:
+    """(path, samples written) from img2dataset's `<shard>_stats.json` beside `<shard>.tar`
+    ("successes"), or (None, None) where there is none."""
+    path = Path(str(tar_path)[: -len(".tar")] + "_stats.json")
+    if not str(tar_path).endswith(".tar") or not path.is_file():
+        return None, None
+    try:
+        stats = json.loads(path.read_text())
+        return path, int(stats["successes"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise SourceError(f"{path}: unreadable img2dataset stats ({type(e).__name__}: {e})") from None
+
+
 class WebDatasetSource(Source):
     """Tar shards as img2dataset writes them: `<key>.jpg|png|webp`, `<key>.txt` (caption),
     `<key>.json` (metadata). The tars are scanned once for member offsets so that any sample
-    can then be read directly (parallel workers read only their own samples)."""
+    can then be read directly (parallel workers read only their own samples).
+
+    A sample is a run of consecutive members with one key (WebDataset's rule); a member whose
+    extension the current sample already has starts a new sample, so a sample written twice
+    is two samples (`find_duplicates` finds them) and no member replaces another. Each tar must
+    end with the end-of-archive marker and hold as many samples as img2dataset's
+    `<shard>_stats.json` records where there is one; otherwise it is refused, named, with
+    what is missing."""
 
     kind = "webdataset"
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -452,8 +535,9 @@ class WebDatasetSource(Source):
             raise SourceError(f"{path}: no .tar shards found")
         self.tars = [str(t) for t in tars]
         self.label_field = label_field
-        # Per sample: (tar index, {ext: (offset, size)}, key)
-        self.samples: list[tuple[int, dict, str]] = []
+        # Per sample: (tar index, {ext: (offset, size)}, key, position in its tar if the key
+        # is there twice, else None)
+        self.samples: list[tuple[int, dict, str, int]] = []
         for t_i, tar_path in enumerate(self.tars):
             self.samples += self._scan(t_i, tar_path)
         if not self.samples:
@@ -465,21 +549,37 @@ class WebDatasetSource(Source):
             self.num_classes = max(self.labels) + 1
 
     def _scan(self, t_i: int, tar_path: str) -> list:
-        groups: dict[str, dict] = {}
+        groups: list[tuple[str, dict]] = []
         try:
             with tarfile.open(tar_path) as tar:
                 for key, ext, m in webdataset_members(tar):
-                    groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                    ext = ext.lower()
+                    if not groups or groups[-1][0] != key or ext in groups[-1][1]:
+                        groups.append((key, {}))
+                    groups[-1][1][ext] = (m.offset_data, m.size)
+                problem = tar_end_problem(tar)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise SourceError(f"{tar_path}: corrupt or truncated tar ({e})") from None
-        out = []
-        for key, comps in groups.items():
-            if any(e in comps for e in self.IMAGE_EXTS):
-                out.append((t_i, comps, key))
+        out = [(t_i, comps, key) for key, comps in groups if any(e in comps for e in self.IMAGE_EXTS)]
+        # The position in the tar tells apart the samples of a key written twice (where()).
+        times = Counter(s[2] for s in out)
+        out = [(*s, n if times[s[2]] > 1 else None) for n, s in enumerate(out)]
+        stats_path, recorded = img2dataset_stats(tar_path)
+        missing = (f"; {stats_path.name} records {recorded} samples: {max(recorded - len(out), 0)} "
+                   "are missing" if recorded is not None else "; the samples after it are missing")
+        if problem:
+            last = f", the last {out[-1][2]}" if out else ""
+            raise SourceError(f"{tar_path}: {problem}; {len(out)} samples read{last}{missing}. "
+                              "Download or copy this tar again, or move it out of the source")
+        if recorded is not None and recorded != len(out):
+            raise SourceError(f"{tar_path}: holds {len(out)} samples with an image but "
+                              f"{stats_path.name} records {recorded} successful downloads "
+                              f"({abs(recorded - len(out))} {'missing' if recorded > len(out) else 'more than recorded'}); "
+                              "download this shard again, or move it out of the source")
         return out
 
     def _read(self, i: int, ext: str) -> Optional[bytes]:
-        t_i, comps, _ = self.samples[i]
+        t_i, comps = self.samples[i][:2]
         if ext not in comps:
             return None
         offset, size = comps[ext]
@@ -516,7 +616,17 @@ class WebDatasetSource(Source):
         return None if self.labels is None else self.labels[i]
 
     def where(self, i):
-        return f"{self.tars[self.samples[i][0]]} (sample {self.samples[i][2]})"
+        t_i, _, key, n = self.samples[i]
+        return f"{self.tars[t_i]} (sample {key}{'' if n is None else f', #{n + 1} in the tar'})"
+
+    def content_size(self, i):
+        comps = self.samples[i][1]
+        return comps[next(e for e in self.IMAGE_EXTS if e in comps)][1]
+
+    def content_digest(self, i):
+        comps = self.samples[i][1]
+        ext = next(e for e in self.IMAGE_EXTS if e in comps)
+        return _digest(self._read(i, ext), self._read(i, "txt"), self.label(i))
 
     def load(self, i):
         comps = self.samples[i][1]
@@ -667,16 +777,92 @@ def fit_image(image: np.ndarray, resolution: int, channels: int, mode: str = "au
     return out[:, :, None] if out.ndim == 2 else out
 
 
+DUPLICATE_POLICIES = ("error", "keep-first")
+
+
+def find_duplicates(source: Source) -> list[dict]:
+    """The samples of `source` that repeat an earlier one (source order), each as
+    {"index", "key", "where", "first", "reason"}: the same key (a sample written twice, two
+    shards that overlap, a.png beside a.jpg, names that differ only in characters keys drop),
+    or, without the same key, the same sample written under another key (same image bytes,
+    label and caption: compared where the source knows sizes cheaply, hashing only samples
+    of equal size). "first" is where the earlier one is; "reason" says which and whether
+    the two images are the same."""
+    first_of_key: dict[str, int] = {}
+    first_of_size: dict[int, int] = {}   # -1 once the first of that size has been hashed
+    by_digest: dict[str, int] = {}
+    digests: dict[int, Optional[str]] = {}
+
+    def digest(i: int) -> Optional[str]:
+        if i not in digests:
+            try:
+                digests[i] = source.content_digest(i)
+            except (NotImplementedError, OSError):
+                digests[i] = None  # unreadable: the writer names it when it loads the sample
+        return digests[i]
+
+    out = []
+    for i in range(len(source)):
+        key = source.key(i)
+        size = source.content_size(i)
+        if key in first_of_key:
+            j = first_of_key[key]
+            same = size is not None and size == source.content_size(j) and digest(i) == digest(j)                 and digest(i) is not None
+            out.append({"index": i, "key": key, "where": source.where(i), "first": source.where(j),
+                        "reason": "same key, same sample" if same else "same key, another image"})
+            continue
+        first_of_key[key] = i
+        if size is None:
+            continue
+        if size not in first_of_size:  # the only one of its size so far: not hashed (yet)
+            first_of_size[size] = i
+            continue
+        j = first_of_size[size]
+        if j >= 0:  # a second sample of this size: now the first is hashed too
+            if digest(j) is not None:
+                by_digest.setdefault(digest(j), j)
+            first_of_size[size] = -1
+        d = digest(i)
+        if d is not None and d in by_digest:
+            out.append({"index": i, "key": key, "where": source.where(i),
+                        "first": source.where(by_digest[d]), "reason": "same sample under another key"})
+        elif d is not None:
+            by_digest[d] = i
+    return out
+
+
+def resolve_duplicates(source: Source, policy: str = "error") -> list[dict]:
+    """Apply a `--duplicates` policy to `find_duplicates(source)`; return the samples left out.
+
+    "error" (the default) refuses any duplicate, naming the first and both places: two
+    samples under one key are usually two different pictures (a.png beside a.jpg, two
+    downloads of one shard), and which one is meant is the user's call. "keep-first" keeps
+    the first in source order and returns the rest, for the manifest and the screen."""
+    if policy not in DUPLICATE_POLICIES:
+        raise SourceError(f"--duplicates {policy!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
+    dups = find_duplicates(source)
+    if dups and policy == "error":
+        d = dups[0]
+        raise SourceError(f"{d['where']}: repeats {d['first']} ({d['reason']}, key {d['key']!r}); "
+                          f"{len(dups)} duplicate samples in {source.path} in all. Pass "
+                          "--duplicates keep-first to keep the first of each (the others are "
+                          "listed in the manifest), or remove them from the source")
+    return dups
+
+
 def choose_subset(source: Source, count: int = 0, per_class: int = 0, heldout: int = 0,
-                  seed: int = 0) -> tuple[list[int], list[int]]:
+                  seed: int = 0, exclude: frozenset = frozenset()) -> tuple[list[int], list[int]]:
     """Seeded choice of (training indices, held-out indices), disjoint.
 
     The training list comes out in a seeded random order, so that any prefix of it (what
     `data.subset` takes at training time) is itself a random subset. `count` = 0 and
-    `per_class` = 0 take every image not held out.
+    `per_class` = 0 take every image not held out. Indices in `exclude` (duplicates left
+    out) are never chosen; the others keep the order they have without it.
     """
-    n = len(source)
-    perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x53554253]))).permutation(n)
+    perm = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x53554253]))).permutation(len(source))
+    if exclude:
+        perm = np.array([i for i in perm if int(i) not in exclude], dtype=np.int64)
+    n = len(perm)
     if count and per_class:
         raise SourceError("choose either --count or --per-class, not both")
     if per_class:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
+from ambient_dist.config import PATH_OPTIONS, ConfigError, ExperimentConfig, to_dict
 from ambient_dist.fileio import atomic_path, atomic_write_text, set_default_permissions
 
 CHECKPOINT_DIR = "checkpoints"
@@ -196,6 +196,12 @@ def check_resume_compatible(saved: dict, cfg: ExperimentConfig, checkpoint: Path
     the run had none, which is what the option's default means (e.g. augment.p = 0)."""
     old = {**_flatten(to_dict(ExperimentConfig())), **_flatten(saved)}
     new = _flatten(to_dict(cfg))
+    # Runs save their paths absolute; a checkpoint written before that holds them as typed,
+    # relative to the directory it was trained from (taken to be this one).
+    for k in PATH_OPTIONS:
+        for side in (old, new):
+            if side.get(k):
+                side[k] = os.path.normpath(os.path.abspath(side[k]))
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +25,10 @@ from typing import Optional
 
 import torch
 
-from ambient_dist.config import ConfigError, ExperimentConfig, save_config, to_dict, validate_world
+from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
+                                 training_notes, typed_paths, validate_world, with_absolute_paths)
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
+from ambient_dist.errors import original_message
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.task import Task
@@ -36,6 +36,9 @@ from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
 from ambient_dist.metrics.assess import assess
+from ambient_dist.progress import say_once
+from ambient_dist.provenance import provenance
+from ambient_dist.sampling import SamplerSettings
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
@@ -155,17 +158,20 @@ def finish(trainer: Trainer) -> Optional[dict]:
     return summary
 
 
-def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int) -> None:
-    """run.json: what produced this run (config, versions, world size, git revision)."""
-    def git_revision() -> Optional[str]:
-        try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                  capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
+def write_run_info(run_dir: Path, cfg: ExperimentConfig, world_size: int,
+                   paths_as_typed: Optional[dict] = None) -> None:
+    """run.json: what produced this run (config, the fields it resolves for this world size,
+    provenance: package version, its own checkout's revision, library versions, machine; the
+    working directory and the path options as typed, when relative: config holds them
+    absolute) and `notes`, what the run does other than the config says in so many words
+    (said on screen once, too): a length rounded to whole batches, the end-of-run sampler's
+    adjustments."""
+    notes = training_notes(cfg, world_size) + SamplerSettings.for_run(cfg, announce=False).notes
+    for note in notes:
+        say_once(note)
     info = {"config": to_dict(cfg), "fingerprint": cfg.fingerprint(), "world_size": world_size,
-            "git_revision": git_revision(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "host": platform.node(), "argv": sys.argv}
+            "resolved": resolved_fields(cfg, world_size), "notes": notes, **provenance(),
+            "argv": sys.argv, "cwd": os.getcwd(), "paths_as_typed": paths_as_typed or {}}
     atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
@@ -196,7 +202,12 @@ def format_memorization(summary: dict) -> str:
 def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None,
                  resume: Optional[str] = None) -> Path:
     """The whole job on this rank: join the process group, prepare the run directory, train
-    (or continue), then report. Works the same as a plain process or under a launcher."""
+    (or continue), then report. Works the same as a plain process or under a launcher.
+
+    Relative path options are made absolute first (config.with_absolute_paths): the
+    checkpoints, config.yaml and run.json then name the same files from any directory."""
+    typed = typed_paths(cfg)
+    cfg = with_absolute_paths(cfg)
     task_class(cfg).check_data(cfg)  # a clear error before any model is loaded
     info = init_distributed(cfg)
     try:
@@ -210,8 +221,8 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
         # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
         check_output_dir(run_dir, trainer.num_parameters * 4 * 4 * (cfg.train.keep_checkpoints + 1))
         if info.is_main:
-            save_config(cfg, run_dir)
-            write_run_info(run_dir, cfg, info.world_size)
+            save_config(cfg, run_dir, typed)
+            write_run_info(run_dir, cfg, info.world_size, typed)
             if resume_from is not None:
                 print(f"resuming from {resume_from} at {trainer.images_seen} images")
         if trainer.train():
@@ -225,7 +236,7 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
         if info.distributed:
             # Name the rank: with several ranks the first line a user sees is often another
             # rank's "connection closed", caused by this one.
-            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {e}\n"
+            print(f"rank {info.rank} of {info.world_size} failed: {type(e).__name__}: {original_message(e)}\n"
                   f"(a rank that dies or stops answering ends every other rank at its next "
                   f"collective, after at most distributed.timeout_s = {cfg.distributed.timeout_s:g} s)",
                   file=sys.stderr, flush=True)

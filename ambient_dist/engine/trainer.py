@@ -268,4 +268,6 @@ class Trainer:
     def _meta(self) -> dict:
         return {"images_seen": self.images_seen, "steps": self.steps, "bad_steps": self.bad_steps,
                 "world_size": self.dist.world_size, "fingerprint": self.cfg.fingerprint(),
-                "config": to_dict(self.cfg)}
+                "config": to_dict(self.cfg),
+                # the data trained on, readable without state.pt (ambient-evaluate checks it)
+                "data": self.loader.state_dict()}

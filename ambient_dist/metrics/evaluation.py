@@ -32,8 +32,9 @@ from ambient_dist import distributed as ranks
 from ambient_dist.metrics import fid as fidlib
 from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
+from ambient_dist.errors import UserError
 from ambient_dist.metrics.assess import QualityReference, assess
-from ambient_dist.metrics.features import build_extractor, images_digest
+from ambient_dist.metrics.features import ImageShapeError, build_extractor, check_same_shape, images_digest
 from ambient_dist.progress import progress as progress_bar
 
 
@@ -172,24 +173,35 @@ def _fid(opts: EvalOptions, eval_cfg: EvaluationConfig, generated: torch.Tensor,
         cache = opts.cache_dir or default_cache_dir()
         reference = fidlib.reference_statistics(
             ex, _batches(reference, opts.batch, "FID reference", opts.progress),
-            images_digest(reference), cache)
+            images_digest(reference), cache, image_shape=list(reference.shape[1:]))
     value = fidlib.fid_against(ex, _batches(generated, opts.batch, "FID samples", opts.progress), reference)
     return {"value": value, "extractor": ex.name, "reference": reference_name,
             "reference_count": int(reference[2]), "num_samples": int(len(generated))}
 
 
-def _fid_reference(opts: EvalOptions, full_train: torch.Tensor, shards: str):
-    """(images or statistics, description) of the FID reference set."""
+def _fid_reference(opts: EvalOptions, full_train: torch.Tensor, shards: str,
+                   generated: torch.Tensor, sample_path: Path):
+    """(images or statistics, description) of the FID reference set, checked to have the
+    samples' [C, H, W] (statistics files record it when we wrote them; EDM's do not)."""
     ref = opts.fid_reference
+    samples = (f"samples {sample_path}", generated)
     if not ref:
         return full_train, f"all training-shard images of {shards}"
     if ref.endswith(".npz"):
         if not Path(ref).is_file():
             raise FileNotFoundError(f"--fid-reference {ref}: no such statistics file")
-        return fidlib.load_statistics(Path(ref)), ref
+        stats = fidlib.load_statistics(Path(ref))
+        shape = fidlib.recorded_image_shape(Path(ref))
+        if shape is not None and shape != list(generated.shape[1:]):
+            raise ImageShapeError(f"--fid-reference {ref}: statistics of images [C, H, W] = "
+                                  f"{shape}, but samples {sample_path}: {list(generated.shape[1:])}")
+        return stats, os.path.abspath(ref)
     if (Path(ref) / "manifest.json").is_file():
-        return data.load_pixel_images(ref, "train"), ref
-    return S.read_samples(ref)[1], ref
+        images = data.load_pixel_images(ref, "train")
+    else:
+        images = S.read_samples(ref, what="--fid-reference")[1]
+    check_same_shape(samples, (f"--fid-reference {ref}", images))
+    return images, os.path.abspath(ref)  # report.json names it from any directory
 
 
 def evaluate(opts: EvalOptions) -> dict:
@@ -205,8 +217,29 @@ def evaluate(opts: EvalOptions) -> dict:
     if not shards:
         raise S.SampleStoreError("no training shards: pass --shards (or a run directory whose "
                                  "config names data.shards)")
+    if opts.run_dir:
+        # What the run was trained on, checked as resume checks it: the run's memorization
+        # is measured against data.subset of these shards, and must be of its own data.
+        S.check_training_data(opts.run_dir, shards, "--shards" if opts.shards else
+                              f"data.shards of {Path(opts.run_dir) / 'config.yaml'}")
+    shards = os.path.abspath(shards)  # report.json names it from any directory
     sample_path, generated = _generated(opts, cfg)
     full_train, train, heldout = _reference_images(shards, cfg, eval_cfg.heldout_images)
+    # Every mismatch of shape between the inputs is refused here, naming both, before any
+    # feature is computed (features.check_same_shape says why feature spaces refuse too).
+    shard_option = "--shards" if opts.shards else "data.shards"
+    check_same_shape((f"training shards {shards} ({shard_option})", full_train),
+                     (f"samples {sample_path}", generated),
+                     (f"held-out images of {shards}", heldout))
+    if opts.fid:
+        reference, ref_name = _fid_reference(opts, full_train, shards, generated, sample_path)
+    for what, path in ([("--baseline", opts.baseline)] if opts.baseline else []) + \
+            [("--compare", c) for c in opts.compare]:
+        shape = rep.read_report(path).get("image_shape")
+        if shape is not None and list(shape) != list(generated.shape[1:]):
+            raise ReportMismatchError(f"{what} {path} was evaluated on images [C, H, W] = {list(shape)}, "
+                                      f"samples {sample_path} are {list(generated.shape[1:])}: "
+                                      "similarities of different image shapes are not comparable")
     rank, _ = ranks.rank_and_world()
 
     assessed = assess(generated, train, heldout, eval_cfg, quality=_quality_reference(opts, shards),
@@ -214,12 +247,12 @@ def evaluate(opts: EvalOptions) -> dict:
                       batch=opts.batch, progress=opts.progress)
     mem = assessed["memorization"][eval_cfg.memorization_features]
     report: dict = {"run": Path(opts.run_dir).name if opts.run_dir else sample_path.name,
-                    "samples": str(sample_path), "num_samples": int(len(generated)),
+                    "samples": os.path.abspath(sample_path), "num_samples": int(len(generated)),
+                    "image_shape": list(generated.shape[1:]),
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None,
                     "quality": assessed["quality"], "attraction": assessed["attraction"]}
     if opts.fid:
-        reference, ref_name = _fid_reference(opts, full_train, shards)
         report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
     if opts.prompts and opts.clip_path:
         from ambient_dist.metrics.clip_score import clip_score
@@ -228,8 +261,8 @@ def evaluate(opts: EvalOptions) -> dict:
                                           opts.device, opts.batch)
     if opts.baseline:
         base = rep.read_report(opts.baseline)
-        same_space(mem, base["memorization"], f"--baseline {opts.baseline}")
-        report["baseline"] = {"name": base.get("run", opts.baseline), "report": str(opts.baseline),
+        same_space(report, base, f"--baseline {opts.baseline}")
+        report["baseline"] = {"name": base.get("run", opts.baseline), "report": os.path.abspath(opts.baseline),
                               **base["memorization"]["generated"]}
     if rank == 0:
         write_outputs(opts, report, generated, train)
@@ -264,11 +297,23 @@ def _attraction(opts: EvalOptions, shards: str, train: torch.Tensor):
                                       as_model_units(train), opts.attraction_sigmas, opts.device)
 
 
-def same_space(ours: dict, theirs: dict, what: str) -> None:
-    """Similarities from different feature spaces are not comparable: refuse to overlay them."""
-    if ours["feature_space"] != theirs["feature_space"]:
-        raise ValueError(f"{what} was evaluated in {theirs['feature_space']} space, this run in "
-                         f"{ours['feature_space']}: re-evaluate it with the same --features")
+class ReportMismatchError(UserError):
+    """Reports to be overlaid or compared were made in different spaces; names both."""
+
+
+def same_space(ours: dict, theirs: dict, what: str, this: str = "this run") -> None:
+    """Similarities from different feature spaces, or of images of different shapes, are
+    not comparable: refuse to overlay or plot them together. ours / theirs: report dicts
+    (report.json); reports written before image_shape was recorded are not shape-checked."""
+    a, b = ours["memorization"]["feature_space"], theirs["memorization"]["feature_space"]
+    if a != b:
+        raise ReportMismatchError(f"{what} was evaluated in {b} space, {this} in {a}: "
+                                  "re-evaluate it with the same --features")
+    sa, sb = ours.get("image_shape"), theirs.get("image_shape")
+    if sa is not None and sb is not None and list(sa) != list(sb):
+        raise ReportMismatchError(f"{what} was evaluated on images [C, H, W] = {list(sb)}, "
+                                  f"{this} on {list(sa)}: similarities of different image "
+                                  "shapes are not comparable")
 
 
 def write_outputs(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
@@ -290,7 +335,7 @@ def write_outputs(opts: EvalOptions, report: dict, generated: torch.Tensor, trai
     if opts.compare:
         others = {c: rep.read_report(c) for c in opts.compare}
         for c, other in others.items():
-            same_space(mem, other["memorization"], f"--compare {c}")
+            same_space(report, other, f"--compare {c}")
         points = [rep.tradeoff_point(report)] + [rep.tradeoff_point(o) for o in others.values()]
         rep.fid_vs_memorization_figure(points, figs / "fid_vs_memorization.png", points[0]["threshold"])
         report["figures"]["tradeoff"] = "figures/fid_vs_memorization.png"
@@ -304,7 +349,7 @@ def compare_only(reports: list[str], out: str) -> Path:
     loaded = {r: rep.read_report(r) for r in reports}
     first = next(iter(loaded.values()))
     for r, other in loaded.items():
-        same_space(first["memorization"], other["memorization"], f"--compare {r}")
+        same_space(first, other, f"--compare {r}", f"--compare {next(iter(loaded))}")
     points = [rep.tradeoff_point(o) for o in loaded.values()]
     path = rep.fid_vs_memorization_figure(points, Path(out) / "figures" / "fid_vs_memorization.png",
                                           points[0]["threshold"])

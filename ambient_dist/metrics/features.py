@@ -43,6 +43,33 @@ class FeatureError(UserError):
     """An extractor cannot be built (missing file, wrong format); names the option to fix."""
 
 
+class ImageShapeError(UserError):
+    """Two image sets of one evaluation differ in channels or size; names both sides."""
+
+
+def check_same_shape(first: tuple[str, Optional[torch.Tensor]],
+                     *others: tuple[str, Optional[torch.Tensor]]) -> None:
+    """Refuse image sets whose [C, H, W] differ from the first set's, before any maths.
+
+    Each argument is (description naming the input and its path, images [N, C, H, W] or
+    None = absent). The rule is the same in every feature space: pixel features cannot be
+    compared across shapes at all, and although Inception resizes everything to 299 px and
+    DINOv2 / SSCD accept any size, a 64 px set against a 32 px one (or RGB against grey,
+    which as_rgb would silently repeat) measures the resize and the colour, not the model.
+    Make the reference at the samples' resolution and channels (ambient-make-shards
+    --resolution / --channels) instead. Raises ImageShapeError naming both sides."""
+    name, images = first
+    if images is None:
+        return
+    want = list(images.shape[1:])
+    for other, imgs in others:
+        if imgs is not None and list(imgs.shape[1:]) != want:
+            raise ImageShapeError(
+                f"{other}: images are [C, H, W] = {list(imgs.shape[1:])}, but {name}: {want}; "
+                "every image set of an evaluation must have the same channels and size (make "
+                "the samples or the reference at the same resolution and channels)")
+
+
 def as_model_units(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels or float [-1, 1] -> float32 [-1, 1]."""
     return to_model_units(images) if images.dtype == torch.uint8 else images.float()

@@ -95,10 +95,14 @@ def stats_cache_path(cache_dir: str | os.PathLike, extractor_key: str, dataset_h
     return Path(cache_dir) / f"fidstats-{_slug(extractor_key)}-{dataset_hash[:16]}.npz"
 
 
-def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int) -> None:
+def save_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, count: int,
+                    image_shape: Optional[list[int]] = None) -> None:
+    """image_shape: [C, H, W] of the images (recorded so that a later --fid-reference of this
+    file can be checked against the samples' shape)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {} if image_shape is None else {"image_shape": np.asarray(image_shape, np.int64)}
     with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
-        np.savez(tmp, mu=mu, sigma=sigma, count=np.int64(count))
+        np.savez(tmp, mu=mu, sigma=sigma, count=np.int64(count), **extra)
 
 
 def load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -108,6 +112,13 @@ def load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {sorted(f.files)}")
         return f["mu"], f["sigma"], int(f["count"]) if "count" in f else 0
+
+
+def recorded_image_shape(path: Path) -> Optional[list[int]]:
+    """[C, H, W] of the images a statistics file was computed from, if it records it (ours
+    do; EDM / StyleGAN reference files do not)."""
+    with np.load(path, allow_pickle=False) as f:
+        return [int(v) for v in f["image_shape"]] if "image_shape" in f else None
 
 
 def streamed_statistics(extractor, batches: Iterable[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -124,7 +135,8 @@ def streamed_statistics(extractor, batches: Iterable[torch.Tensor]) -> tuple[np.
 
 
 def reference_statistics(extractor, batches: Iterable[torch.Tensor], dataset_hash: str,
-                         cache_dir: Optional[str | os.PathLike] = None
+                         cache_dir: Optional[str | os.PathLike] = None,
+                         image_shape: Optional[list[int]] = None
                          ) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, count) of the reference set, from the cache if present.
 
@@ -136,7 +148,7 @@ def reference_statistics(extractor, batches: Iterable[torch.Tensor], dataset_has
     mu, sigma, count = streamed_statistics(extractor, batches)
     rank, _ = ranks.rank_and_world()
     if path is not None and rank == 0:
-        save_statistics(path, mu, sigma, count)
+        save_statistics(path, mu, sigma, count, image_shape)
     return mu, sigma, count
 
 

@@ -45,8 +45,15 @@ def kernel_inception_distance(generated: torch.Tensor, reference: torch.Tensor,
                               blocks: int = 10) -> dict:
     """KID of generated features [m, d] against reference features [n, d].
 
+    Features of different widths raise ValueError naming both shapes.
     Returns {"value", "stderr", "blocks", "num_samples", "num_reference"}; stderr is None when
     there are fewer than 2 images per block."""
+    if generated.ndim != 2 or reference.ndim != 2 or generated.shape[1] != reference.shape[1]:
+        # features of different extractors (or images of different shapes passed as
+        # features) would meet in the kernel's matrix product as a shape traceback
+        raise ValueError(f"KID: generated features {list(generated.shape)} and reference features "
+                         f"{list(reference.shape)} are not [N, d] of the same d (one extractor "
+                         "for both sets, on images of the same [C, H, W])")
     value = mmd2_unbiased(generated, reference)
     m = len(generated)
     blocks = min(blocks, m // 2)

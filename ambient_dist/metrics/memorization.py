@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ambient_dist import distributed as ranks
-from ambient_dist.metrics.features import build_extractor, extract, reference_features
+from ambient_dist.metrics.features import build_extractor, check_same_shape, extract, reference_features
 from ambient_dist.noise import check_image_range
 
 CARLINI_NEIGHBOURS = 50
@@ -153,6 +153,7 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
     they come from the per-process cache, so repeated calls embed the training set once.
     generated_features: the generated images' features in this space, if already extracted
     (the study reuses its Inception features for KID).
+    Every set must have the same [C, H, W] (ImageShapeError otherwise, features.check_same_shape).
     Returns a JSON-ready dict: feature space, thresholds, per-set statistics (fractions above
     each threshold, Carlini fraction, the full per-image distribution and nearest indices).
     """
@@ -164,6 +165,9 @@ def memorization_summary(generated: torch.Tensor, train_images: torch.Tensor,
                          (heldout_images, "heldout_images")):
         if images is not None and images.is_floating_point():
             check_image_range(images, f"memorization_summary({what})")  # [0, 1] or 0..255: refused
+    # Before any maths (evaluate.py names the paths first; this catches every other caller).
+    check_same_shape(("train_images", train_images), ("generated", generated),
+                     ("heldout_images", heldout_images))
     kind = eval_cfg.memorization_features
     path = {"inception": eval_cfg.inception_path, "dinov2": eval_cfg.dinov2_path,
             "sscd": getattr(eval_cfg, "sscd_path", "")}.get(kind, "")

@@ -16,7 +16,8 @@ is around it for ambient-sample and ambient-evaluate:
                              so an interrupted run resumes by skipping what exists.
     generate(...)            the loop: this rank's pending images, batch by batch, with tqdm
     sample_run(...)          samples.json check + generate (what both launchers call)
-    read_samples(path)       images back as uint8 [N, C, H, W] (either layout)
+    read_samples(path)       images back as uint8 [N, C, H, W] (either layout, or any
+                             image folder, through data.sources.FolderSource)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -33,12 +34,14 @@ import torch
 
 from ambient_dist import sampling
 from ambient_dist.config import ExperimentConfig, load_config
-from ambient_dist.data.shards import tar_member
-from ambient_dist.data.sources import decode_image_bytes
+from ambient_dist.data.loader import data_differences, data_identity
+from ambient_dist.data.shards import read_manifest, tar_member
+from ambient_dist.data.sources import IMAGE_EXTENSIONS, FolderSource, decode_image_bytes, tar_end_problem
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ambient_dist.images import encode_png, to_uint8
 from ambient_dist.progress import progress as progress_bar
+from ambient_dist.provenance import provenance
 
 META_NAME = "samples.json"
 PNG_PER_FOLDER = 1000
@@ -100,6 +103,52 @@ def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", over
     return net.eval().requires_grad_(False).to(device), cfg, weights
 
 
+class TrainingDataError(UserError):
+    """Shards given as a run's training set are not the data the run was trained on."""
+
+
+def recorded_training_data(run_dir: str | os.PathLike) -> Optional[tuple[Path, dict]]:
+    """(checkpoint, what it records of the data it was trained on: data.loader.data_identity
+    plus the loader position) of a run's latest checkpoint, or None when the run has no
+    checkpoint (a bare exported model). Read from meta.json, or from state.pt for
+    checkpoints written before meta.json held it (those also record it, with the loader)."""
+    run = Path(run_dir)
+    latest = run / "checkpoints" / "latest"
+    ckpt = run / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+    if ckpt is None or not (ckpt / "meta.json").is_file():
+        return None
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "data" in meta:
+        return ckpt, meta["data"]
+    state = ckpt / "state.pt"
+    if state.is_file():
+        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True).get("loader")
+        if saved and "manifest_plan" in saved:
+            return ckpt, saved
+    return None
+
+
+def check_training_data(run_dir: str | os.PathLike, shards: str | os.PathLike, option: str) -> None:
+    """Refuse `shards` as the training set of the run in `run_dir` unless they hold the data
+    its latest checkpoint was trained on: the check resume makes (data.loader.data_differences
+    on the manifest's plan hash), made before evaluating against them too. `option` names
+    where the shards came from (e.g. "data.shards of RUN/config.yaml", "--shards"). Runs
+    without a checkpoint are not checked (nothing records their data). Pixel and latent
+    shards alike (both manifests hold the plan hash)."""
+    recorded = recorded_training_data(run_dir)
+    if recorded is None:
+        return
+    ckpt, saved = recorded
+    now = data_identity(read_manifest(shards), shards)
+    diffs = data_differences(saved, now)
+    if diffs:
+        raise TrainingDataError(
+            f"{option} ({shards}) is not the data run {run_dir} was trained on (checkpoint "
+            f"{ckpt.name} records {saved.get('shards', 'other shards')}): {'; '.join(diffs)}. "
+            "Give the run's own shards (--shards, or data.shards=...), or evaluate the samples "
+            "with --samples and --shards without the run")
+
+
 # --------------------------------------------------------------------------------------
 # The store
 # --------------------------------------------------------------------------------------
@@ -115,6 +164,15 @@ class SampleMeta:
     layout: str
     shard_size: int
     labels: str               # "none", "cycle" (n % classes) or "class=<k>"
+    # Not part of what makes the sample set (a set recorded without them is the same set):
+    # what was changed of the settings asked for (SamplerSettings.notes), in words, and what
+    # made the images (package version and revision, library versions: ambient_dist.provenance).
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=provenance)
+
+
+# The fields of samples.json that describe, rather than define, the sample set.
+DESCRIPTIVE = ("num", "notes", "provenance")
 
 
 def recorded_meta(root: str | os.PathLike) -> Optional[dict]:
@@ -168,7 +226,8 @@ class SampleStore:
         wanted = asdict(meta)
         have = recorded_meta(self.root)
         if have is not None:
-            diff = {k: (have.get(k), v) for k, v in wanted.items() if k != "num" and have.get(k) != v}
+            diff = {k: (have.get(k), v) for k, v in wanted.items()
+                    if k not in DESCRIPTIVE and have.get(k) != v}
             if diff:
                 raise SampleStoreError(
                     f"{self.root} holds samples made differently ({'; '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
@@ -245,12 +304,12 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
     store = SampleStore(out, layout, shard_size)
     labels = ("none" if not net.label_dim else
               f"class={fixed_class}" if fixed_class is not None else "cycle")
-    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items()}
+    sampler = {k: (str(v) if v == float("inf") else v) for k, v in vars(settings).items() if k != "notes"}
     sampler["guidance"] = guidance_scale
     store.check_meta(SampleMeta(
         num=num, seed=seed, image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
         weights_sha=file_digest(weights), sampler=sampler, layout=layout, shard_size=shard_size,
-        labels=labels))
+        labels=labels, notes=list(settings.notes)))
     guidance = sampling.classifier_free_guidance(guidance_scale) if guidance_scale else None
     return generate(net, store, num, batch, seed, settings, rank, world, fixed_class=fixed_class,
                     autocast_dtype=autocast_dtype, guidance=guidance, device=device,
@@ -261,21 +320,38 @@ def sample_run(net, weights: Path, out: str | os.PathLike, num: int, seed: int,
 # Reading back
 # --------------------------------------------------------------------------------------
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
+def iter_samples(path: str | os.PathLike, what: str = "samples"
+                 ) -> Iterator[tuple[int, np.ndarray, Optional[int]]]:
     """(index, uint8 [H, W, C], label or None) for every stored image, in index order.
 
-    Reads a SampleStore of either layout, or any folder of PNGs (index = position in
-    sorted order)."""
+    Reads a SampleStore of either layout, or any folder of images: the folder is read by
+    `data.sources.FolderSource`, the one image-folder reader (what make_shards reads too:
+    PNG, JPEG, WebP, BMP, GIF, TIFF, recursively, sorted by path; samples.json and other
+    files are ignored). A file named by a number keeps it as its index, others get their
+    position. `what` names the input in errors (e.g. "--fid-reference")."""
     root = Path(path)
     shards = sorted(root.glob("samples-*.tar")) if root.is_dir() else [root]
     if shards and all(p.suffix == ".tar" for p in shards):
         for shard in shards:
             groups: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(shard) as tar:
-                for m in tar.getmembers():
-                    if m.isfile():
-                        stem, _, ext = m.name.rpartition(".")
-                        groups.setdefault(stem, {})[ext] = tar.extractfile(m).read()
+            try:
+                with tarfile.open(shard) as tar:
+                    for m in tar.getmembers():
+                        if m.isfile():
+                            stem, _, ext = m.name.rpartition(".")
+                            group = groups.setdefault(stem, {})
+                            if ext in group:  # we write each member once: never let one replace another
+                                raise SampleStoreError(f"{what} {shard}: member {m.name} is there twice")
+                            group[ext] = tar.extractfile(m).read()
+                    # The store writes whole tars atomically, so a cut one comes from a copy
+                    # killed between two members: refused, not read as fewer samples.
+                    problem = tar_end_problem(tar)
+            except tarfile.TarError as e:
+                raise SampleStoreError(f"{what} {shard}: not a readable tar ({e})") from None
+            if problem:
+                raise SampleStoreError(f"{what} {shard}: {problem}; {len(groups)} samples read, the "
+                                       "rest are missing (copy the sample set again, or delete "
+                                       "that shard and re-run ambient-sample: it remakes it)")
             for stem in sorted(groups):
                 g = groups[stem]
                 if "png" not in g:
@@ -284,20 +360,22 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, Opt
                 yield int(stem.rsplit("/", 1)[-1]), decode_image_bytes(g["png"], f"{shard}:{stem}"), label
         return
     if not root.is_dir():
-        raise SampleStoreError(f"samples {root}: neither a directory nor a .tar shard")
-    files = sorted(root.rglob("*.png"))
-    if not files:
-        raise SampleStoreError(f"samples {root}: no PNG files and no samples-*.tar shards")
-    for i, f in enumerate(files):
-        index = int(f.stem) if f.stem.isdigit() else i
-        yield index, decode_image_bytes(f.read_bytes(), str(f)), None
+        raise SampleStoreError(f"{what} {root}: neither a directory nor a .tar shard")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*")):
+        raise SampleStoreError(f"{what} {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                               "and no samples-*.tar shards")
+    folder = FolderSource(root)
+    for i in range(len(folder)):
+        stem = Path(folder.files[i]).stem
+        yield int(stem) if stem.isdigit() else i, folder.load(i).image, None
 
 
-def read_samples(path: str | os.PathLike, limit: int = 0
+def read_samples(path: str | os.PathLike, limit: int = 0, what: str = "samples"
                  ) -> tuple[list[int], torch.Tensor, Optional[torch.Tensor]]:
-    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples."""
+    """(indices, uint8 [N, C, H, W], labels [N] or None) of stored samples or an image folder
+    (`iter_samples`); images of different shapes raise SampleStoreError naming `what`."""
     indices, images, labels = [], [], []
-    for n, img, label in iter_samples(path):
+    for n, img, label in iter_samples(path, what):
         indices.append(n)
         images.append(img)
         labels.append(label)
@@ -305,7 +383,7 @@ def read_samples(path: str | os.PathLike, limit: int = 0
             break
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
-        raise SampleStoreError(f"samples {path}: images of different shapes {sorted(shapes)}")
+        raise SampleStoreError(f"{what} {path}: images of different shapes {sorted(shapes)}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     has_labels = all(lab is not None for lab in labels)
     return indices, pixels, (torch.tensor(labels) if has_labels else None)

@@ -324,7 +324,7 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, device: str) -> dict:
     from ambient_dist.data import load_pixel_images
     from ambient_dist.metrics import samples as S
     from ambient_dist.metrics.assess import QualityReference, assess
-    from ambient_dist.metrics.features import as_model_units
+    from ambient_dist.metrics.features import as_model_units, check_same_shape
     from ambient_dist.metrics.memorization import network_attraction
 
     old, _ = result_status(study, spec)
@@ -341,6 +341,9 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, device: str) -> dict:
         raise StudyError(f"{spec.run_dir / 'samples'}: {len(generated)} samples, expected {ev.num_samples}")
     train = load_pixel_images(spec.shards, "train", spec.size)
     held = load_pixel_images(spec.shards, "heldout")
+    check_same_shape((f"training shards {spec.shards}", train),
+                     (f"samples {spec.run_dir / 'samples'}", generated),
+                     (f"held-out images of {spec.shards}", held))  # before KID, FID, memorization
     quality = held[: ev.quality_reference]
     assessed = assess(
         generated, train, held[: ev.calibration_images], cfg.evaluation,

@@ -50,8 +50,8 @@ from ambient_dist.data.order import RankPlan, SampleOrder
 from ambient_dist.data.shards import (
     CLEAN_EXT, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, META_EXT, NOISY_EXT, ShardError,
     ShardSet, ShardWriter, count_conversion, encode_npy, finite_array,
-    merge_conversions, read_index, read_manifest, scan_tar)
-from ambient_dist.data.sources import FIT_MODES, Source, SourceError, choose_subset
+    check_seal, merge_conversions, read_index, read_manifest, scan_tar, write_manifest)
+from ambient_dist.data.sources import DUPLICATE_POLICIES, FIT_MODES, Source, SourceError
 from ambient_dist.fileio import atomic_write_json, sha256_file
 from ambient_dist.images import encode_png
 from ambient_dist.noise import ddpm_alpha_sigma, keyed_normal, make_noisy_copy
@@ -123,14 +123,17 @@ class LatentShardOptions:
     # empty caption, i.e. as an unconditional sample (the classifier-free-guidance null
     # prompt). Skipped and kept-empty samples are counted in the manifest and on screen.
     missing_caption: str = "error"
-    # Not part of the content:
+    # Source samples that repeat an earlier one (data.sources.find_duplicates): "error"
+    # refuses them, "keep-first" keeps the first and lists the others in the manifest.
+    duplicates: str = "error"
+    # Not part of the content (duplicates decides which keys are written; those are hashed):
     batch_size: int = 32
     workers: int = 4                  # image decoding threads
     skip_bad: bool = False            # skip (and list) undecodable images instead of stopping
 
     def content(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "skip_bad"):
+        for k in ("batch_size", "workers", "skip_bad", "duplicates"):
             d.pop(k)
         if d["missing_caption"] == "error":  # the data of earlier shards: same plan hash
             d.pop("missing_caption")
@@ -148,6 +151,8 @@ def _check_options(opts: LatentShardOptions) -> None:
         bad("--fit", f"expected one of {', '.join(FIT_MODES)}, got {opts.fit!r}")
     if opts.samples_per_shard < 1 or opts.batch_size < 1:
         bad("--samples-per-shard/--batch", "must be >= 1")
+    if opts.duplicates not in DUPLICATE_POLICIES:
+        bad("--duplicates", f"expected one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}")
     if opts.missing_caption not in MISSING_CAPTION_POLICIES:
         bad("--missing-caption", f"expected one of {', '.join(MISSING_CAPTION_POLICIES)}, "
             f"got {opts.missing_caption!r}")
@@ -263,9 +268,9 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
     if not 0 <= rank < world_size:
         raise ShardError(f"rank {rank} outside world size {world_size}")
     out_dir = Path(out_dir)
-    train, heldout = choose_subset(source, opts.count, opts.per_class, opts.heldout, opts.subset_seed)
     shards = ShardWriter(source, out_dir, opts.resolution, 3, opts.fit)
-    shards.check_unique_keys(train + heldout)
+    train, heldout, duplicates = shards.choose(opts.count, opts.per_class, opts.heldout,
+                                               opts.subset_seed, opts.duplicates)
     jobs = shards.jobs(train, opts.samples_per_shard)
     desc = {**source.describe(), "model": _model_description(components)}
     plan = shards.plan_hash(jobs, heldout, opts.content(), desc)
@@ -311,6 +316,7 @@ def make_latent_shards(source: Source, out_dir: str | os.PathLike, opts: LatentS
         "num_classes": source.num_classes, "class_names": list(source.class_names), "fit": opts.fit,
         "selection": {"count": opts.count, "per_class": opts.per_class, "heldout": opts.heldout},
         "source": desc, "counts": {}, "shards": [], "heldout": None, "skipped": [],
+        "duplicates": duplicates, "duplicates_policy": opts.duplicates,
         "latent_shape": latent_shape, "noisy_shape": latent_shape,
         "scaling_factor": components.scaling_factor, "online": opts.online,
         "text_embeddings": opts.text_embeddings, "missing_caption": opts.missing_caption,
@@ -332,6 +338,8 @@ def _finished_shards(shards: ShardWriter, part_path: Path, plan: str, overwrite:
             old = json.loads(path.read_text())
         except ValueError as e:
             raise ShardError(f"{path}: not valid JSON ({e}); delete it to start over") from None
+        if path.name == MANIFEST_NAME:  # an older unsealed one is rebuilt from the options
+            check_seal(old, path, require_seal=False)
         if old.get("plan") != plan:
             raise ShardError(f"{path}: this directory holds latent shards made from a different "
                              "source, model or options; choose another --out or pass --overwrite")
@@ -359,10 +367,11 @@ def _assemble_manifest(out_dir: Path, manifest: dict, names: list[str], world_si
     manifest["converted"] = merge_conversions(manifest["shards"])
     manifest["counts"] = {"train": sum(e["samples"] for e in manifest["shards"]),
                           "heldout": heldout, "skipped": len(manifest["skipped"]),
+                          "duplicates": len(manifest["duplicates"]),
                           "converted": sum(manifest["converted"].values()),
                           "captionless_kept": sum(e.get("captionless", 0) for e in manifest["shards"])}
     manifest["complete"] = True
-    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -429,6 +438,24 @@ class LatentShardSet(ShardSet):
                         raise ShardError(f"{path}, key {key}: no .{ext} member in the sample")
                     self.extra[ext][i] = comps[ext]
                 i += 1
+        self.check_latent_noise()
+
+    def check_latent_noise(self) -> None:
+        """The manifest's t_n (and sigma_tn = s_tn / alpha_tn) against the data: the stored
+        noisy latents minus alpha_tn x the clean ones must have std s_tn. Online shards store
+        no clean latent (the seal alone protects their t_n)."""
+        m = self.manifest
+        alpha, s_tn = ddpm_alpha_sigma(m["t_n"])
+        if not np.isclose(float(m["sigma_tn"]), float(s_tn / alpha), rtol=1e-6):
+            self._refuse("sigma_tn", m["sigma_tn"], f"t_n {m['t_n']} gives s_tn / alpha_tn = "
+                         f"{float(s_tn / alpha):.6g}")
+        if self.online:
+            return
+        pairs = self._readable(lambda i: (self.noisy(i), self.latent(i)), self.check_samples())
+        if pairs:
+            residual = torch.stack([torch.from_numpy(z).float() - float(alpha) * torch.from_numpy(z0).float()
+                                    for z, z0 in pairs])
+            self.check_noise_level(residual, float(s_tn), "t_n", m["t_n"])
 
     def _npy(self, i: int, ext: str, shape=None) -> np.ndarray:
         off, size = self.extra[ext][i]

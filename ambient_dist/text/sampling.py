@@ -120,10 +120,11 @@ def sample_images(components: SDComponents, prompts: Sequence[str], indices: Seq
 
 def write_samples(components: SDComponents, store, prompts: Sequence[str], settings: TextSamplerSettings,
                   device, rank: int = 0, world_size: int = 1, weights_sha: str = "",
-                  autocast_dtype=None, progress: bool = True) -> int:
+                  autocast_dtype=None, progress: bool = True, notes: Sequence[str] = ()) -> int:
     """Generate images 0..len(prompts)-1 into a metrics.samples.SampleStore (the layout
     ambient-evaluate reads), this rank's blocks only, skipping images already there.
-    Writes prompts.txt beside them (line n = prompt of image n, for the CLIP score)."""
+    Writes prompts.txt beside them (line n = prompt of image n, for the CLIP score);
+    `notes` (what was changed of the settings asked for) go into samples.json."""
     import hashlib
 
     from ambient_dist.fileio import atomic_write_bytes
@@ -137,7 +138,8 @@ def write_samples(components: SDComponents, store, prompts: Sequence[str], setti
     sampler["prompts_sha"] = hashlib.sha256(text).hexdigest()[:16]
     store.check_meta(SampleMeta(num=num, seed=settings.seed, image_shape=[3, settings.resolution,
                                 settings.resolution], weights_sha=weights_sha, sampler=sampler,
-                                layout=store.layout, shard_size=store.block, labels="prompts"))
+                                layout=store.layout, shard_size=store.block, labels="prompts",
+                                notes=list(notes)))
     if rank == 0:
         atomic_write_bytes(store.root / "prompts.txt", text)
     todo = [(block, store.pending(block)) for block in store.blocks(num, rank, world_size)]

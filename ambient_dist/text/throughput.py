@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ambient_dist.config import load_config
+from ambient_dist.provenance import provenance
 from ambient_dist.data.shards import tar_member
 from ambient_dist.data.sources import open_source
 
@@ -91,7 +92,7 @@ def measure(size: str, resolution: int, images: int, batch: int, steps: int, pre
         "latent_shards_img_per_s": images / shard_s,
         "train_img_per_s": steps * batch / train_s,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), **provenance(),
     }
 
 
