@@ -278,3 +278,48 @@ def images(n=16, c=3, r=8, seed=1):
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+# A toy study (tests/test_study*.py): 8 px Fashion-MNIST, a few dozen images, a 96-image run.
+TOY_STUDY = {
+    "name": "toy",
+    "base": str(ROOT / "configs" / "fashion-mnist-300.yaml"),
+    "subset_sizes": [12],
+    "seeds": [0],
+    "overrides": ["data.resolution=8", "network.attn_resolutions=[]", "network.model_channels=8",
+                  "train.total_kimg=0.096", "train.batch=16", "train.log_every_kimg=0.048",
+                  "train.checkpoint_every_kimg=0.048", "optimizer.lr_rampup_kimg=0",
+                  "sampling.steps=3"],
+    "data": {"source": "fashion-mnist", "heldout": 24},
+    "runs": [{"name": "ddpm", "sigma_tn": 0.0}, {"name": "ambient-0.5", "sigma_tn": 0.5}],
+    "evaluation": {"num_samples": 8, "calibration_images": 12, "quality_reference": 20,
+                   "attraction_images": 6, "attraction_sigmas": [1.0, 2.0], "figure_sigma": 2.0,
+                   "figure_rows": 2, "batch": 32},
+}
+
+
+def write_study(directory: Path, study: dict, name: str = "study.yaml") -> Path:
+    """Write a study file (yaml) into `directory`; returns its path."""
+    import yaml
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+class StandInInception(nn.Module):
+    """A tiny CNN with Inception's interface (images [N, 3, H, W] -> features [N, 8]): saved
+    as TorchScript and given as evaluation.inception_path / --inception-path, it goes through
+    the real loading path at a fraction of Inception's cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 9, stride=8)
+
+    def forward(self, x):
+        return self.conv(x).tanh().mean((2, 3))
+
+
+def write_standin_inception(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.jit.script(StandInInception().eval()).save(str(path))
+    return path

@@ -4,33 +4,16 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ambient_dist.study import StudyError, load_study
-from helpers import load_launcher
+from helpers import TOY_STUDY, load_launcher, write_study
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY = {
-    "name": "toy",
-    "base": str(ROOT / "configs" / "fashion-mnist-300.yaml"),
-    "subset_sizes": [12],
-    "seeds": [0],
-    "overrides": ["data.resolution=8", "network.attn_resolutions=[]", "network.model_channels=8",
-                  "train.total_kimg=0.096", "train.batch=16", "train.log_every_kimg=0.048",
-                  "train.checkpoint_every_kimg=0.048", "optimizer.lr_rampup_kimg=0",
-                  "sampling.steps=3"],
-    "data": {"source": "fashion-mnist", "heldout": 24},
-    "runs": [{"name": "ddpm", "sigma_tn": 0.0}, {"name": "ambient-0.5", "sigma_tn": 0.5}],
-    "evaluation": {"num_samples": 8, "calibration_images": 12, "quality_reference": 20,
-                   "attraction_images": 6, "attraction_sigmas": [1.0, 2.0], "figure_sigma": 2.0,
-                   "figure_rows": 2, "batch": 32},
-}
+TOY = TOY_STUDY
 
 
 def write(tmp_path, study, name="study.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(study))
-    return path
+    return write_study(tmp_path, study, name)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -100,14 +83,17 @@ def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsy
     log_size = train_log.stat().st_size
     (runs["ddpm"] / "study-eval.json").unlink()
     (runs["ambient-0.5"] / "study-train.json").unlink()
-    tar = next((out / "shards").glob("n12-tn0.5-seed0/train-*.tar"))
+    tar = next((out / "shards").glob("n12-tn0.5-seed0-*/train-*.tar"))
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF
     tar.write_bytes(bytes(data))
     capsys.readouterr()
-    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    # A failed run makes the study exit 1 (it ran, but not everything), naming the run.
+    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ambient-0.5-n12-s0: train FAILED" in printed
+    assert "error: 1 run failed: ambient-0.5-n12-s0 (train: RuntimeError" in captured.err
     assert train_log.stat().st_size == log_size                     # ddpm was not retrained
     assert (runs["ddpm"] / "study-eval.json").is_file()              # ...but re-evaluated
     assert (runs["ambient-0.5"] / "study-failed.json").is_file()

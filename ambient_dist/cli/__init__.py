@@ -10,7 +10,8 @@
 pyproject.toml installs them as console scripts; launchers/*.py are the same commands for a
 source checkout, and `python -m ambient_dist.cli.<command>` works too. Exit status: 0 done,
 2 a user error (bad config, flag, data or file, or the operating system refusing a path: one
-`error: ...` line on stderr, no traceback, whichever process raised it), anything else is a bug.
+`error: ...` line on stderr, no traceback, whichever process raised it), 1 from ambient-study
+when it ran but some runs failed (named in one `error: ...` line), anything else is a bug.
 """
 from __future__ import annotations
 

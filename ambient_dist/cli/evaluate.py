@@ -10,6 +10,9 @@
     # the sigma_tn sweep: FID against memorization across evaluated runs
     ambient-evaluate runs/tn-0.5 --compare runs/tn-1/eval runs/tn-2/eval runs/edm/eval
     ambient-evaluate --compare runs/*/eval --out sweep
+    # the study's quality and attraction numbers for one of its runs (same settings, same path)
+    ambient-evaluate studies/toy/runs/ddpm-n300-s0 --features pixels --quality-reference 1000 \
+        --attraction-sigmas 0.5 1 2 --attraction-images 128
     # the run's config changed for this evaluation (samples made with it, if any are missing)
     ambient-evaluate runs/cifar10-300 evaluation.memorization_features=dinov2 sampling.steps=40
 
@@ -52,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-reference", help="FID reference: a shard directory (all its training images), "
                                            "an image folder, or a statistics .npz (mu, sigma, count) "
                                            "(default: all images of --shards)")
+    p.add_argument("--quality-reference", type=int, default=0, metavar="N",
+                   help="also KID (with its standard error) and FID against the shards' first N "
+                        "held-out images, never trained on (what ambient-study reports as quality)")
+    p.add_argument("--attraction-sigmas", type=float, nargs="+", metavar="SIGMA",
+                   help="also the run's denoiser attraction of held-out images at these noise levels")
+    p.add_argument("--attraction-images", type=int, default=128, metavar="N",
+                   help="held-out images for --attraction-sigmas (default 128)")
     p.add_argument("--cache-dir", help="where reference FID statistics are cached "
                                        "(default ~/.cache/ambient_dist/fid)")
     p.add_argument("--prompts", help="text file, one prompt per sample (CLIP score)")
@@ -70,6 +80,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir, overrides = run_and_overrides(args)
     if overrides and not run_dir:
         return fail(f"{overrides[0]}: overrides change a run's config.yaml; give the run directory")
+    if args.quality_reference < 0 or args.quality_reference == 1:
+        return fail(f"--quality-reference: 0 (none) or at least 2 images, got {args.quality_reference}")
+    if args.attraction_images < 1:
+        return fail(f"--attraction-images: must be >= 1, got {args.attraction_images}")
+    if args.attraction_sigmas is not None and not run_dir:
+        return fail("--attraction-sigmas: needs a run directory (the denoiser)")
     from ambient_dist.metrics import evaluation as ev
 
     if not run_dir and not args.samples:
@@ -91,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sscd_path=args.sscd_path, thresholds=args.thresholds, fid=not args.no_fid,
         fid_reference=args.fid_reference, cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
         baseline=args.baseline, compare=args.compare, overrides=overrides, batch=args.batch, device=device,
-        progress=not args.quiet)
+        progress=not args.quiet, quality_reference=args.quality_reference,
+        attraction_sigmas=args.attraction_sigmas, attraction_images=args.attraction_images)
     try:
         report = ev.evaluate(opts)
     finally:
@@ -102,6 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"FID {fid if fid is None else round(fid, 3)}; similarity > "
               f"{report['memorization']['thresholds'][0]:g}: {next(iter(mem['fraction_above'].values())):.4f} "
               f"({report['memorization']['feature_space']}); report in {report['out']}")
+        if report.get("quality"):
+            kid = report["quality"]["kid"]
+            se = "" if kid["stderr"] is None else f" (SE {1e3 * kid['stderr']:.3f})"
+            print(f"KID x1e3 {1e3 * kid['value']:.3f}{se}, FID {report['quality']['fid']:.3f} "
+                  f"against {report['quality']['reference']}")
     return 0
 
 

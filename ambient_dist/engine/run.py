@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import shutil
@@ -26,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from ambient_dist import metrics
 from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
                                  training_notes, typed_paths, validate_world, with_absolute_paths)
 from ambient_dist.distributed import DistInfo, init_distributed, shutdown
@@ -37,6 +35,7 @@ from ambient_dist.engine.task import Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
+from ambient_dist.metrics.assess import assess
 from ambient_dist.progress import say_once
 from ambient_dist.provenance import provenance
 from ambient_dist.sampling import SamplerSettings
@@ -140,18 +139,18 @@ def finish(trainer: Trainer) -> Optional[dict]:
     images = task.generate(net, cfg.sampling.num_images)
     train_images, heldout_images = task.reference_images()
     ev = cfg.evaluation
-    summary = metrics.memorization_summary(images, train_images, heldout_images, ev,
-                                           trainer.device, progress=rank0)
     # Always also in pixel space (cheap, and free of a feature extractor's blind spots),
     # and the denoiser attraction of held-out images (no sampling needed).
+    spaces = [ev.memorization_features] + (["pixels"] if ev.memorization_features != "pixels" else [])
+    result = assess(images, train_images, heldout_images, ev, spaces=spaces, device=trainer.device,
+                    progress=rank0,
+                    attraction=(lambda: task.attraction(net, heldout_images, train_images))
+                    if heldout_images is not None else None)
+    summary = result["memorization"][ev.memorization_features]
     if ev.memorization_features != "pixels":
-        summary["pixels"] = metrics.memorization_summary(
-            images, train_images, heldout_images,
-            dataclasses.replace(ev, memorization_features="pixels"), trainer.device)
-    attraction = (task.attraction(net, heldout_images, train_images)
-                  if heldout_images is not None else None)
-    if attraction is not None:
-        summary["attraction"] = attraction
+        summary["pixels"] = result["memorization"]["pixels"]
+    if result["attraction"] is not None:
+        summary["attraction"] = result["attraction"]
     if not rank0:
         return None
     save_image_grid(images, trainer.run_dir / "samples.png")

@@ -6,7 +6,10 @@
        generated first with `samples.generate` when missing)
     2. the training images (data.load_pixel_images(shards, "train"), the run's data.subset prefix)
        and the held-out images, if the shards have them
-    3. memorization_summary in the chosen feature space (features split over ranks)
+    3. metrics.assess (the one path the training run's end and ambient-study also use):
+       memorization in the chosen feature space (features split over ranks); with
+       quality_reference, KID + FID against the shards' first N held-out images; with
+       attraction_sigmas, the run's denoiser attraction of held-out images
     4. FID against the reference set's cached statistics (default: every training-shard
        image, not just the subset -- objective.md section 6 wants the full dataset)
     5. CLIP score when prompts and a CLIP directory are given
@@ -30,8 +33,8 @@ from ambient_dist.metrics import fid as fidlib
 from ambient_dist.metrics import report as rep
 from ambient_dist.metrics import samples as S
 from ambient_dist.errors import UserError
+from ambient_dist.metrics.assess import QualityReference, assess
 from ambient_dist.metrics.features import ImageShapeError, build_extractor, check_same_shape, images_digest
-from ambient_dist.metrics.memorization import memorization_summary
 from ambient_dist.progress import progress as progress_bar
 
 
@@ -54,6 +57,13 @@ class EvalOptions:
     prompts: Optional[str] = None          # text file, one prompt per sample index
     clip_path: Optional[str] = None
     baseline: Optional[str] = None         # another evaluation's report dir
+    # KID + FID (Inception) against the first N held-out images of the shards (0 = none):
+    # what the study reports as quality (evaluation.quality_reference).
+    quality_reference: int = 0
+    # Denoiser attraction of the first attraction_images held-out images at these sigmas
+    # (a run directory only; None = none): the study's evaluation.attraction_sigmas.
+    attraction_sigmas: Optional[list[float]] = None
+    attraction_images: int = 128
     compare: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # section.key=value over the run's config.yaml
     batch: int = 64
@@ -232,13 +242,16 @@ def evaluate(opts: EvalOptions) -> dict:
                                       "similarities of different image shapes are not comparable")
     rank, _ = ranks.rank_and_world()
 
-    mem = memorization_summary(generated, train, heldout, eval_cfg, opts.device,
-                               batch_size=opts.batch, progress=opts.progress)
+    assessed = assess(generated, train, heldout, eval_cfg, quality=_quality_reference(opts, shards),
+                      attraction=_attraction(opts, shards, train), device=opts.device,
+                      batch=opts.batch, progress=opts.progress)
+    mem = assessed["memorization"][eval_cfg.memorization_features]
     report: dict = {"run": Path(opts.run_dir).name if opts.run_dir else sample_path.name,
                     "samples": os.path.abspath(sample_path), "num_samples": int(len(generated)),
                     "image_shape": list(generated.shape[1:]),
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
-                    "memorization": mem, "fid": None, "clip_score": None, "baseline": None}
+                    "memorization": mem, "fid": None, "clip_score": None, "baseline": None,
+                    "quality": assessed["quality"], "attraction": assessed["attraction"]}
     if opts.fid:
         report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
     if opts.prompts and opts.clip_path:
@@ -254,6 +267,34 @@ def evaluate(opts: EvalOptions) -> dict:
     if rank == 0:
         write_outputs(opts, report, generated, train)
     return report
+
+
+def _quality_reference(opts: EvalOptions, shards: str) -> Optional[QualityReference]:
+    """--quality-reference N: the shards' first N held-out images (never trained on)."""
+    if not opts.quality_reference:
+        return None
+    held = data.load_pixel_images(shards, "heldout", opts.quality_reference)
+    if len(held) < opts.quality_reference:
+        raise S.SampleStoreError(f"--quality-reference {opts.quality_reference}: the shards {shards} "
+                                 f"hold only {len(held)} held-out images")
+    return QualityReference(held, f"{len(held)} held-out real images (never trained on)",
+                            opts.cache_dir or default_cache_dir())
+
+
+def _attraction(opts: EvalOptions, shards: str, train: torch.Tensor):
+    """--attraction-sigmas: the run's denoiser attraction of the first --attraction-images
+    held-out images (metrics.network_attraction with the run's sampler settings)."""
+    if opts.attraction_sigmas is None:
+        return None
+    if not opts.run_dir:
+        raise S.SampleStoreError("--attraction-sigmas needs a run directory (the denoiser)")
+    from ambient_dist import sampling
+    from ambient_dist.metrics.features import as_model_units
+    from ambient_dist.metrics.memorization import network_attraction
+    held = data.load_pixel_images(shards, "heldout", opts.attraction_images)
+    net, cfg, _ = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides)
+    return lambda: network_attraction(net, sampling.SamplerSettings.for_run(cfg), as_model_units(held),
+                                      as_model_units(train), opts.attraction_sigmas, opts.device)
 
 
 class ReportMismatchError(UserError):

@@ -17,22 +17,37 @@ baselines) and the seeds. For every (run, size, seed) the study
                  and the denoiser attraction of held-out images at high sigma (Figure 3)
 
 and then writes report.md + report.json with the Table 1/2-style table (mean and spread over
-seeds), the Figure 1 trade-off plot, the Figure 3 panel and copy galleries. A stage that is
-done is skipped on a re-run (each leaves a record naming what it was made from); a run that
-fails is reported and the others go on. Every run's config is built and validated before
-anything starts, so a bad key or an impossible option is refused up front, naming the key.
+seeds), the Figure 1 trade-off plot, the Figure 3 panel and copy galleries. Every run's config
+is built and validated before anything starts (names are plain names, sizes fit the source),
+so a bad key or an impossible option is refused up front, naming the key.
+
+Reuse: each stage records a digest of its complete inputs beside its result and is reused on a
+rerun only when the current study file gives the same digest (stages.py lists the inputs);
+each digest contains the one before it, so a changed input redoes its stage and every later
+one. Shards, samples and evaluation are redone (cheap, deterministic; a new data plan is a new
+shard directory). Training continues from its checkpoints when only the schedule got longer
+(or reporting options changed); a change its checkpoints cannot continue under (trajectory
+options, data, a shorter schedule) is refused before anything starts, naming it, unless the
+run is named in --retrain (its directory is deleted and it trains from scratch). The report
+is built only from results made under the current study file; runs without one and figures
+that cannot be drawn are named in it. A run that fails is reported and the others go on;
+run_study then raises StudyFailed naming the failed runs (ambient-study exits 1).
 
 Layout of the study directory (`out`, default studies/<name>):
     study.yaml                 the resolved study file
-    shards/<tag>/              shard directories, shared by the runs that need the same data
+    shards/n<size>-tn<sigma_tn>[-mask<p>]-seed<seed>-<plan digest>/
+                               shard directories (+ study-shards.json: the data plan), shared
+                               by the runs that need the same data
     runs/<run>-n<size>-s<seed>/  training runs (config.yaml, checkpoints, ema.safetensors,
-                               samples/, study-train.json, study-eval.json)
+                               train.log, samples/, study-train.json, study-sample.json,
+                               study-eval.json, study-attraction.pt, study-failed.json)
+    configs/<run>-n<size>-s<seed>/config.yaml   what each run was trained with
     cache/                     reference features (Inception) of the held-out images
     report.md, report.json, figures/
 """
 from ambient_dist.study.config import (STAGES, RunSpec, StudyConfig, StudyData, StudyError,
-                                       StudyEvaluation, StudyRun, load_study)
+                                       StudyEvaluation, StudyFailed, StudyRun, load_study)
 from ambient_dist.study.runner import run_study
 
 __all__ = ["STAGES", "RunSpec", "StudyConfig", "StudyData", "StudyError", "StudyEvaluation",
-           "StudyRun", "load_study", "run_study"]
+           "StudyFailed", "StudyRun", "load_study", "run_study"]

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -14,6 +17,11 @@ from ambient_dist.errors import UserError
 from ambient_dist.metrics.memorization import ATTRACTION_SIGMAS
 
 STAGES = ("shards", "train", "sample", "evaluate")
+
+# A run's name (and the study's) becomes a directory name: letters, digits, '.', '_', '+', '-',
+# starting with a letter or digit, so that it can never be '', '.', '..', hidden, or hold a
+# path separator (a run named '../../x' or 'a/b' would write outside the study directory).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 # --------------------------------------------------------------------------------------
@@ -82,7 +90,13 @@ class StudyConfig:
 
 @dataclass
 class RunSpec:
-    """One (run, size, seed): what the study trains and where."""
+    """One (run, size, seed): what the study trains and where.
+
+    data_plan is everything that decides the content of the run's shard directory (the
+    source and every make_shards option, `shard_options`); data_digest its digest, which is
+    also the last part of the shard directory's name, so runs share a directory exactly when
+    they need the same data. retrain: train from scratch even over existing checkpoints
+    (ambient-study --retrain)."""
     run: StudyRun
     size: int
     seed: int
@@ -90,6 +104,9 @@ class RunSpec:
     run_dir: Path
     shards: Path
     config: ExperimentConfig
+    data_plan: dict = field(default_factory=dict)
+    data_digest: str = ""
+    retrain: bool = False
 
     @property
     def group(self) -> str:
@@ -98,6 +115,26 @@ class RunSpec:
 
 class StudyError(UserError):
     """A bad study file or an unusable study directory; the message names the key or path."""
+
+
+class StudyFailed(StudyError):
+    """The study ran, but some runs failed (raised by run_study after the report is written).
+
+    failures: {run name: "stage: error"}; report: the report.md written without them."""
+
+    def __init__(self, failures: dict[str, str], report: Optional[Path] = None):
+        self.failures, self.report = dict(failures), report
+        names = "; ".join(f"{k} ({v.splitlines()[0]})" for k, v in failures.items())
+        where = f"; the report has the others: {report}" if report else ""
+        super().__init__(f"{len(failures)} run{'s' if len(failures) != 1 else ''} failed: {names}"
+                         f"{where}. Each failed run's study-failed.json has the whole error; run "
+                         "the study again to continue (what is done is kept)")
+
+
+def inputs_digest(inputs) -> str:
+    """Short stable digest (16 hex digits) of a JSON-able description of a stage's inputs."""
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def load_study(path: str | os.PathLike, out: Optional[str] = None,
@@ -126,14 +163,26 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None,
         bad("base", f"config file {base} not found")
     if not study.runs:
         bad("runs", "list at least one run")
+    if not PLAIN_NAME.fullmatch(study.name):
+        bad("name", f"{study.name!r} is not a plain name (it names the study directory): "
+            "letters, digits, '.', '_', '+', '-', starting with a letter or digit")
     names = [r.name for r in study.runs]
     for i, r in enumerate(study.runs):
         if not r.name:
             bad(f"runs[{i}].name", "every run needs a name")
+        if not PLAIN_NAME.fullmatch(r.name):
+            bad(f"runs[{i}].name", f"{r.name!r} is not a plain name (it names the run's "
+                "directory): letters, digits, '.', '_', '+', '-', starting with a letter or "
+                "digit, at most 100 characters")
         if len(set(r.seeds)) != len(r.seeds):
             bad(f"runs[{i}].seeds", f"must be distinct seeds, got {r.seeds}")
     if len(set(names)) != len(names):
         bad("runs", f"run names must be unique, got {names}")
+    # Two names that differ only in case are one directory on macOS and Windows file systems.
+    folded = [n.lower() for n in names]
+    if len(set(folded)) != len(folded):
+        bad("runs", f"run names must differ in more than letter case (one directory on "
+            f"case-insensitive file systems), got {names}")
     if not study.subset_sizes or any(n < 2 for n in study.subset_sizes):
         bad("subset_sizes", f"must be a non-empty list of sizes >= 2, got {study.subset_sizes}")
     if not study.seeds or len(set(study.seeds)) != len(study.seeds):
@@ -155,8 +204,10 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None,
     if noise_only_tn and min(ev.attraction_sigmas) < max(noise_only_tn):
         bad("evaluation.attraction_sigmas", f"must be >= the noise-only runs' sigma_tn "
             f"({max(noise_only_tn)}): those models never learned lower noise")
+    if study.data.heldout < 0:
+        bad("data.heldout", f"must be >= 0, got {study.data.heldout}")
     if check_source:
-        _check_source(study.data, bad)
+        _check_source(study, bad)
 
     out_dir = Path(out or study.out or Path("studies") / study.name)
     specs = []
@@ -164,15 +215,26 @@ def load_study(path: str | os.PathLike, out: Optional[str] = None,
         for size in study.subset_sizes:
             for seed in r.seeds or study.seeds:
                 specs.append(_run_spec(study, base, out_dir, r, size, seed))
+    dirs = [s.name.lower() for s in specs]
+    if len(set(dirs)) != len(dirs):
+        dup = next(s.name for s in specs if dirs.count(s.name.lower()) > 1)
+        bad("runs", f"two runs would share the run directory {dup} (rename one)")
     return study, specs
 
 
-def _check_source(data: StudyData, bad) -> None:
+def _check_source(study: StudyConfig, bad) -> None:
+    """Open the source and check that every training-set size fits beside the held-out images."""
     from ambient_dist.data.sources import SourceError
+    data = study.data
     try:
-        _open_source(data)
+        n = len(_open_source(data))
     except (SourceError, FileNotFoundError, ValueError) as e:
         bad("data.source", f"{data.source!r}: {e}")
+    too_big = [size for size in study.subset_sizes if size + data.heldout > n]
+    if too_big:
+        bad("subset_sizes", f"{too_big[0]} training images + data.heldout {data.heldout} held-out "
+            f"images exceed the {n} images of data.source {data.source!r} (the largest size "
+            f"that fits is {n - data.heldout})")
 
 
 def _open_source(data: StudyData):
@@ -180,10 +242,31 @@ def _open_source(data: StudyData):
     return open_named_source(data.source, os.path.expanduser(data.path) if data.path else None)
 
 
-def shard_tag(run: StudyRun, size: int, seed: int, cfg: ExperimentConfig) -> str:
-    """Runs that need the same data share a shard directory."""
+def shard_options(study: StudyConfig, size: int, seed: int, cfg: ExperimentConfig):
+    """The make_shards options of one run's data: its resolved config's geometry and objective,
+    the study's held-out count and subset seed, the run's seed as the noise seed."""
+    from ambient_dist.data.shards import ShardOptions
+    o, d = cfg.objective, cfg.data
+    return ShardOptions(resolution=d.resolution, channels=d.channels, sigma_tn=o.sigma_tn,
+                        form=o.form, noise_seed=seed, count=size,
+                        subset_seed=study.data.subset_seed, heldout=study.data.heldout,
+                        mask_corruption=o.mask_corruption if o.method == "masking" else 0.0)
+
+
+def data_plan(study: StudyConfig, size: int, seed: int, cfg: ExperimentConfig) -> dict:
+    """Everything that decides a shard directory's content: the source (as named, and its path
+    made absolute) and every make_shards option (ShardOptions.content)."""
+    path = os.path.abspath(os.path.expanduser(study.data.path)) if study.data.path else ""
+    return {"source": study.data.source, "path": path,
+            **shard_options(study, size, seed, cfg).content()}
+
+
+def shard_tag(run: StudyRun, size: int, seed: int, cfg: ExperimentConfig,
+              digest: str = "") -> str:
+    """The shard directory's name: readable settings, then the digest of the whole data plan
+    (so runs that differ in any data setting, e.g. data.resolution, never share one)."""
     mask = f"-mask{cfg.objective.mask_corruption:g}" if run.method == "masking" else ""
-    return f"n{size}-tn{run.sigma_tn:g}{mask}-seed{seed}"
+    return f"n{size}-tn{cfg.objective.sigma_tn:g}{mask}-seed{seed}" + (f"-{digest[:8]}" if digest else "")
 
 
 def _run_spec(study: StudyConfig, base: Path, out_dir: Path, r: StudyRun, size: int,
@@ -202,6 +285,8 @@ def _run_spec(study: StudyConfig, base: Path, out_dir: Path, r: StudyRun, size: 
         cfg = load_config(base, overrides + ["data.shards="], check_paths=False)
     except ConfigError as e:
         raise StudyError(f"runs[{r.name}] of the study file (overrides on {base.name}): {e}") from None
-    shards = out_dir / "shards" / shard_tag(r, size, seed, cfg)
+    plan = data_plan(study, size, seed, cfg)
+    digest = inputs_digest(plan)
+    shards = out_dir / "shards" / shard_tag(r, size, seed, cfg, digest)
     cfg = dataclasses.replace(cfg, name=name, data=dataclasses.replace(cfg.data, shards=str(shards)))
-    return RunSpec(r, size, seed, name, run_dir, shards, cfg)
+    return RunSpec(r, size, seed, name, run_dir, shards, cfg, plan, digest)

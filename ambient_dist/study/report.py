@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -117,7 +116,8 @@ def _ms(s: dict, scale: float = 1.0, pct: bool = False, digits: int = 2) -> str:
 
 
 def markdown(study, rows: list[dict], heldout: Optional[dict], conclusions: list[dict],
-             failures: dict, figures: dict) -> str:
+             failures: dict, figures: dict, missing: Optional[dict] = None,
+             not_built: Optional[dict] = None) -> str:
     spaces = list(rows[0]["memorization"]) if rows else ["pixels"]
     sigmas = list(rows[0]["attraction"]) if rows else []
     lines = [f"# Study: {study.name}", "", study.description.strip(), "",
@@ -144,9 +144,10 @@ def markdown(study, rows: list[dict], heldout: Optional[dict], conclusions: list
             kid += f" (SE {1e3 * r['kid']['stderr']:.3f})"
         cells = [r["run"], str(r["size"]), r["method"], f"{r['sigma_tn']:g}", kid, _ms(r["fid"], digits=1)]
         for sp in spaces:
-            m = r["memorization"][sp]
-            cells += [_ms(m["carlini"], pct=True), _ms(m["above"], pct=True)]
-        cells += [_ms(r["attraction"][s]["closer"], pct=True) for s in sigmas]
+            m = r["memorization"].get(sp)
+            cells += [_ms(m["carlini"], pct=True), _ms(m["above"], pct=True)] if m else ["n/a", "n/a"]
+        cells += [_ms(r["attraction"][s]["closer"], pct=True) if s in r["attraction"] else "n/a"
+                  for s in sigmas]
         lines.append("| " + " | ".join(cells) + " |")
     if heldout:
         cells = [heldout["run"], "", "", "", "", ""]
@@ -166,6 +167,13 @@ def markdown(study, rows: list[dict], heldout: Optional[dict], conclusions: list
                      f"(combined SE {1e3 * c['kid_combined_stderr']:.3f}): {verdict}{claim}.")
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- {k}: {v}" for k, v in failures.items()]
+    others = {k: v for k, v in (missing or {}).items() if k not in failures}
+    if others:
+        lines += ["", "## Not in the table", "",
+                  "Runs without a result made under this study file (run the study to make them):",
+                  ""] + [f"- {k}: {v}" for k, v in others.items()]
+    if not_built:
+        lines += ["", "## Not built", ""] + [f"- {k}: {v}" for k, v in not_built.items()]
     lines += ["", "## Figures", ""]
     for title, path in figures.items():
         lines += [f"### {title}", "", f"![{title}]({path})", ""]
@@ -205,8 +213,9 @@ def figure3(study, specs_by_group: dict, train: torch.Tensor, heldout: torch.Ten
     from ambient_dist.metrics.memorization import attraction_noise
     ev = study.evaluation
     columns = []
+    from ambient_dist.study.stages import ATTRACTION_FILE
     for group, spec in specs_by_group.items():
-        f = spec.run_dir / "study-attraction.pt"
+        f = spec.run_dir / ATTRACTION_FILE
         if f.is_file():
             columns.append((group, torch.load(f)))
     if not columns:
@@ -235,59 +244,143 @@ def figure3(study, specs_by_group: dict, train: torch.Tensor, heldout: torch.Ten
     return rep._save(fig, path)
 
 
-def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Path:
-    from ambient_dist.data import load_model_images
-    from ambient_dist.metrics import samples as S
+def _not_in_table(study, specs: list, failures: dict) -> tuple[dict, dict]:
+    """({group: [current study-eval.json, ...]}, {run name: why it is not in the table}).
 
-    groups: dict[str, list] = {}
+    Only results made under the current study file count (stages.result_status: the same
+    digests the stages reuse them by); a failure recorded now or by an earlier invocation
+    (study-failed.json) is named with its stage."""
+    from ambient_dist.study.stages import FAILED_RECORD, _read_json, result_status
+    current: dict[str, list] = {}
+    missing: dict[str, str] = {}
     for spec in specs:
-        groups.setdefault(spec.group, []).append(spec)
+        if spec.name in failures:
+            missing[spec.name] = f"failed: {failures[spec.name]}"
+            continue
+        result, why = result_status(study, spec)
+        if result is not None:
+            current.setdefault(spec.group, []).append((spec, result))
+            continue
+        failed = _read_json(spec.run_dir / FAILED_RECORD)
+        if failed is not None:
+            why = f"{why}; its last attempt failed at {failed.get('stage')}: {failed.get('error')}"
+        missing[spec.name] = why
+    return current, missing
+
+
+def write_study_report(study, specs: list, out_dir: Path, failures: dict) -> Path:
+    """report.json + report.md (+ figures/) from the runs' results made under the current
+    study file; a run without one, a group that cannot be summarised and a figure that cannot
+    be drawn are named in the report (never raised). Returns report.md's path."""
+    from ambient_dist.data import load_model_images
+    from ambient_dist.errors import UserError
+    from ambient_dist.metrics import samples as S
+    from ambient_dist.study.stages import ATTRACTION_FILE
+
+    drawable = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, UserError)
+    current, missing = _not_in_table(study, specs, failures)
     rows, first_spec, evals_first = [], {}, {}
-    for group, members in groups.items():
-        evals = []
-        for spec in members:
-            f = spec.run_dir / "study-eval.json"
-            if f.is_file() and spec.name not in failures:
-                evals.append(json.loads(f.read_text()))
-        if evals:
-            rows.append(_row(evals))
-            done = [s for s in members if (s.run_dir / "study-eval.json").is_file()]
-            first_spec[group], evals_first[group] = done[0], evals[0]
+    not_built: dict[str, str] = {}
+    for group, members in current.items():
+        try:
+            rows.append(_row([e for _, e in members]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            not_built[f"row {group}"] = f"its results could not be summarised ({type(e).__name__}: {e})"
+            continue
+        first_spec[group], evals_first[group] = members[0]
     figures: dict[str, str] = {}
     figs = out_dir / "figures"
-    heldout = _heldout_row(next(iter(evals_first.values()))) if evals_first else None
+    heldout = None
+    if evals_first:
+        try:
+            heldout = _heldout_row(next(iter(evals_first.values())))
+        except (KeyError, TypeError) as e:
+            not_built["calibration row"] = f"{type(e).__name__}: {e}"
+
+    def draw(title: str, fn) -> None:
+        try:
+            rel = fn()
+        except drawable as e:
+            not_built[title] = f"{type(e).__name__}: {e}"
+            return
+        if rel:
+            figures[title] = rel
+
     if rows:
-        figure1(rows, figs / "figure1_quality_vs_memorization.png")
-        figures["Figure 1: quality vs memorization"] = "figures/figure1_quality_vs_memorization.png"
-        spec0 = next(iter(first_spec.values()))
-        train = load_model_images(spec0.shards, "train", spec0.size)
-        held = load_model_images(spec0.shards, "heldout", study.evaluation.attraction_images)
-        if figure3(study, first_spec, train, held, figs / "figure3_denoiser_attraction.png"):
-            figures["Figure 3: denoiser attraction"] = "figures/figure3_denoiser_attraction.png"
+        def fig1():
+            figure1(rows, figs / "figure1_quality_vs_memorization.png")
+            return "figures/figure1_quality_vs_memorization.png"
+        draw("Figure 1: quality vs memorization", fig1)
+        trains: dict = {}
+
+        def train_of(spec):
+            """Each run's own training images (sizes and resolutions may differ between runs)."""
+            if spec.shards not in trains:
+                trains[spec.shards] = load_model_images(spec.shards, "train", spec.size)
+            return trains[spec.shards]
+
+        # Figure 3 compares runs on the same held-out images: one panel per data geometry and
+        # size (the held-out images depend on both; across sigma_tn they are the same images).
+        made = {g: sp for g, sp in first_spec.items()
+                if _attraction_digest(sp.run_dir / ATTRACTION_FILE) == evals_first[g].get("digest")}
+        panels: dict = {}
+        for group, spec in made.items():
+            d = spec.config.data
+            panels.setdefault((spec.size, d.resolution, d.channels), {})[group] = spec
+        for (size, res, _), members in panels.items():
+            first = next(iter(members.values()))
+            suffix = "" if len(panels) == 1 else f"_n{size}_{res}px"
+            title = "Figure 3: denoiser attraction" + ("" if len(panels) == 1 else f" (n={size}, {res} px)")
+
+            def fig3(members=members, first=first, suffix=suffix):
+                held = load_model_images(first.shards, "heldout", study.evaluation.attraction_images)
+                name = f"figure3_denoiser_attraction{suffix}.png"
+                if figure3(study, members, train_of(first), held, figs / name):
+                    return f"figures/{name}"
+                return None
+            draw(title, fig3)
         curves = {}
         for group, spec in first_spec.items():
-            mem = evals_first[group]["memorization"]["pixels"]
-            _, gen, _ = S.read_samples(spec.run_dir / "samples")
-            name = f"copies_{spec.name}.png"
-            rep.nearest_pairs_figure(gen, train, mem["generated"]["max_similarity"],
-                                     mem["generated"]["nearest_index"], figs / name,
-                                     feature_space=mem["feature_space"])
-            figures[f"Most-copied samples: {spec.name}"] = f"figures/{name}"
-            curves[group] = mem["generated"]["max_similarity"]
-        mem0 = next(iter(evals_first.values()))["memorization"]["pixels"]
-        if mem0.get("heldout"):
-            curves["held-out real (calibration)"] = mem0["heldout"]["max_similarity"]
-        rep.similarity_histogram(curves, mem0["thresholds"], figs / "similarity_pixels.png",
-                                 mem0["feature_space"])
-        figures["Nearest-training-image similarity (pixels)"] = "figures/similarity_pixels.png"
+            def copies(group=group, spec=spec):
+                mem = evals_first[group]["memorization"]["pixels"]
+                _, gen, _ = S.read_samples(spec.run_dir / "samples", limit=study.evaluation.num_samples)
+                name = f"copies_{spec.name}.png"
+                rep.nearest_pairs_figure(gen, train_of(spec), mem["generated"]["max_similarity"],
+                                         mem["generated"]["nearest_index"], figs / name,
+                                         feature_space=mem["feature_space"])
+                curves[group] = mem["generated"]["max_similarity"]
+                return f"figures/{name}"
+            draw(f"Most-copied samples: {spec.name}", copies)
+
+        def histogram():
+            mem0 = next(iter(evals_first.values()))["memorization"]["pixels"]
+            if mem0.get("heldout"):
+                curves["held-out real (calibration)"] = mem0["heldout"]["max_similarity"]
+            rep.similarity_histogram(curves, mem0["thresholds"], figs / "similarity_pixels.png",
+                                     mem0["feature_space"])
+            return "figures/similarity_pixels.png"
+        draw("Nearest-training-image similarity (pixels)", histogram)
     conclusions = _conclusions(rows)
     report = {"study": study.name, "description": study.description, "seeds": study.seeds,
               "subset_sizes": study.subset_sizes, "num_samples": study.evaluation.num_samples,
+              "quality_reference": study.evaluation.quality_reference,
+              "attraction_sigmas": study.evaluation.attraction_sigmas,
               "quality_conclusions_rest_on": "KID", "rows": rows, "heldout": heldout,
-              "conclusions": conclusions, "failures": failures, "figures": figures,
+              "conclusions": conclusions, "failures": failures, "not_in_table": missing,
+              "not_built": not_built, "figures": figures,
               "runs": {s.name: str(s.run_dir) for s in specs}}
-    from ambient_dist.fileio import atomic_write_json
+    from ambient_dist.fileio import atomic_write_json, atomic_write_text
     atomic_write_json(out_dir / "report.json", report)
     md = out_dir / "report.md"
-    md.write_text(markdown(study, rows, heldout, conclusions, failures, figures))
+    atomic_write_text(md, markdown(study, rows, heldout, conclusions, failures, figures,
+                                   missing, not_built))
     return md
+
+
+def _attraction_digest(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path).get("digest")
+    except (OSError, RuntimeError, EOFError, AttributeError, ValueError):
+        return None
