@@ -4,13 +4,23 @@
     ambient-study STUDY.yaml --out studies/mine --jobs 8 --device cuda
     ambient-study STUDY.yaml --report-only        # rewrite report.md from what is done
     ambient-study STUDY.yaml --check              # validate every run's config, then exit
+    ambient-study STUDY.yaml --executor slurm --partition gpu --nodes 4 --gpus-per-node 8
 
 For each run x training-set size x seed: shards, training (ambient-train), samples,
 evaluation (KID + FID against held-out real images, memorization in pixels and the configured
 feature spaces with held-out calibration, denoiser attraction); then report.md, report.json and
 figures in the study directory. Re-running continues where it stopped; a failed run is reported
-and the others go on. --jobs N trains N runs at once (one GPU each when there are GPUs; on a CPU
-the cores are split between them). The study file format: ambient_dist/study.py.
+and the others go on.
+
+--executor local (default): each run is one process on this machine, --jobs N at a time (one
+GPU each when there are GPUs; on a CPU the cores are split between them). --executor slurm: each
+run is one SLURM job (submitit); running the command again shows the jobs' states, collects
+what finished and submits what is neither done nor queued nor running (--wait: until all end).
+
+One study directory has one owner: a second invocation on it is refused (exit 2) naming the
+owner's pid and host. Ctrl-C or SIGTERM stops every run at a checkpoint and starts no queued
+run; the command then exits 130 / 143 and running it again continues. Exit status 1: some
+runs failed (named on stderr). The study file format: ambient_dist/study/__init__.py.
 """
 from __future__ import annotations
 
@@ -20,17 +30,30 @@ from typing import Optional, Sequence
 
 from ambient_dist.cli import reports_user_errors
 
+# Command-line names of the study file's slurm: keys (StudySlurm fields).
+SLURM_FLAGS = {"partition": str, "account": str, "nodes": int, "gpus_per_node": int,
+               "cpus_per_task": int, "mem_gb": float, "time_min": int, "max_requeues": int}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambient-study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="study YAML file")
     p.add_argument("--out", help="study directory (default: the file's `out`, else studies/<name>)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (local executor)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (sampling and evaluation)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
     p.add_argument("--check", action="store_true", help="validate the study file and every run's config")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: one process per run here; slurm: one SLURM job per run (submitit)")
+    p.add_argument("--wait", action="store_true", help="slurm: wait until every job has ended")
+    g = p.add_argument_group("SLURM (over the study file's slurm: section)")
+    for key, kind in SLURM_FLAGS.items():
+        g.add_argument("--" + key.replace("_", "-"), dest=f"slurm_{key}", type=kind,
+                       metavar=key.split("_")[0].upper(), help=f"slurm.{key}")
+    g.add_argument("--sbatch", dest="slurm_sbatch", action="append", metavar="OPTION",
+                   help="an extra sbatch option, e.g. --sbatch=--qos=high (repeatable)")
     return p
 
 
@@ -38,18 +61,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from ambient_dist.study import StudyError, load_study, run_study
+    from ambient_dist.study.process import Interrupted
     if args.jobs < 1:
         raise StudyError(f"--jobs: must be >= 1, got {args.jobs}")
+    slurm = {k[len("slurm_"):]: v for k, v in vars(args).items()
+             if k.startswith("slurm_") and v is not None}
+    if slurm and args.executor != "slurm":
+        raise StudyError("--" + next(iter(slurm)).replace("_", "-") + ": a SLURM option needs "
+                         "--executor slurm")
     if args.check:
-        _, specs = load_study(args.study, args.out)
+        study, specs = load_study(args.study, args.out)
+        if args.executor == "slurm":
+            import dataclasses
+
+            from ambient_dist.study.slurm import check_slurm
+            check_slurm(dataclasses.replace(study.slurm, **slurm))
         print(f"{args.study}: {len(specs)} runs, every config valid: "
               + ", ".join(s.name for s in specs))
         return 0
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    report = run_study(args.study, args.out, jobs=args.jobs, device=device,
-                       only_report=args.report_only, progress=not args.quiet)
-    print(f"report: {report}")
+    try:
+        outcome = run_study(args.study, args.out, jobs=args.jobs, device=device,
+                            only_report=args.report_only, progress=not args.quiet,
+                            executor=args.executor, slurm_overrides=slurm, wait=args.wait)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
+    print(f"report: {outcome.report}")
+    if outcome.pending:
+        print(f"{len(outcome.pending)} run(s) queued or running on SLURM ("
+              + ", ".join(f"{n}: {st}" for n, st in outcome.pending.items())
+              + "); run the same command again to collect them")
+    if outcome.failures:
+        print(f"error: {len(outcome.failures)} run(s) failed: " + "; ".join(
+            f"{n} ({m})" for n, m in outcome.failures.items()), file=sys.stderr)
+        return 1
     return 0
 
 

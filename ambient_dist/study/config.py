@@ -64,6 +64,30 @@ class StudyEvaluation:
 
 
 @dataclass
+class StudySlurm:
+    """`ambient-study --executor slurm`: one SLURM job per run (study/slurm.py); each field
+    can also be given on the command line (--partition, --nodes, ...)."""
+    # sbatch --partition and --account; empty = the cluster's defaults.
+    partition: str = ""
+    account: str = ""
+    # Nodes per run (more than one: the trainer starts through torchrun on every node of the
+    # job's allocation) and GPUs on each of them.
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    # Memory per node in GB; 0 = the partition's default.
+    mem_gb: float = 0.0
+    # Wall-clock limit of one job in minutes. A job that reaches it (or is preempted)
+    # checkpoints, is requeued and continues; at most max_requeues times.
+    time_min: int = 240
+    max_requeues: int = 20
+    # Extra sbatch options, e.g. ["--qos=high", "--constraint=a100", "--exclusive"].
+    sbatch: list[str] = field(default_factory=list)
+    # Shell lines the job runs first (module load ..., source .venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     description: str = ""
@@ -76,6 +100,7 @@ class StudyConfig:
     data: StudyData = field(default_factory=StudyData)
     runs: list[StudyRun] = field(default_factory=list)
     evaluation: StudyEvaluation = field(default_factory=StudyEvaluation)
+    slurm: StudySlurm = field(default_factory=StudySlurm)
     # Output directory; default studies/<name>.
     out: str = ""
 

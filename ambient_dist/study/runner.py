@@ -1,85 +1,237 @@
-"""The study driver: every stage of every run that is not done yet, then the report."""
+"""The study driver: every run that is not done yet, one process (or SLURM job) each, then the report.
+
+    run_study(path, out, jobs, device, executor="local")
+        lock the study directory (a second invocation is refused, naming the owner)
+        -> the shards of every run, here (runs that need the same data share them)
+        -> local: one worker process per run (study/worker.py), `jobs` at a time;
+           slurm: one SLURM job per run through submitit (study/slurm.py)
+        -> report.md / report.json from what is done
+
+A stop signal (SIGINT, SIGTERM) raises process.Interrupted after every running worker has
+checkpointed and exited (study/process.py says how); queued runs are not started.
+"""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 
 from ambient_dist.config import to_dict
-from ambient_dist.study.config import RunSpec, load_study
-from ambient_dist.study.stages import (_References, _write_json, evaluate_run, make_run_shards,
-                                       sample_run, train_run)
+from ambient_dist.study.config import RunSpec, StudyConfig, load_study
+from ambient_dist.study.process import (POLL_S, Interrupted, kill_group, wait_polling,
+                                        handle_signals, raise_on_signals)
 
-def _env(threads: Optional[int], device_index: Optional[str]) -> dict:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if device_index is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device_index
-    return env
+EXECUTORS = ("local", "slurm")
+# study.worker is imported inside the functions: `python -m ambient_dist.study.worker` runs
+# it as __main__, which must find it not yet imported by this package.
+
+
+@dataclass
+class StudyOutcome:
+    """What run_study did: the report's path and the runs that failed (name -> message)."""
+    report: Optional[Path]
+    failures: dict[str, str] = field(default_factory=dict)
+    # Runs submitted to SLURM and not finished yet (name -> state), with --executor slurm.
+    pending: dict[str, str] = field(default_factory=dict)
+
+
+def study_dir(specs: list[RunSpec]) -> Path:
+    return specs[0].run_dir.parent.parent
+
+
+def continue_hint(path: str | os.PathLike, out_dir: Path) -> str:
+    return f"run `ambient-study {path} --out {out_dir}` again to continue"
 
 
 def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
-              device: str = "cpu", only_report: bool = False, progress: bool = True) -> Path:
-    """Run every stage that is not done yet, then write the report; returns report.md's path."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+              device: str = "cpu", only_report: bool = False, progress: bool = True,
+              executor: str = "local", slurm_overrides: Optional[dict] = None,
+              wait: bool = False) -> StudyOutcome:
+    """Run every run that is not done yet, then write the report.
 
+    executor "local": one worker process per run, `jobs` at a time; "slurm": one SLURM job
+    per run (slurm_overrides: StudySlurm fields over the study file's `slurm:`; wait: poll
+    until every job has ended). Raises DirectoryInUse when another process owns the study
+    directory, Interrupted (exit_status 130 / 143, its message says how to continue) on
+    SIGINT / SIGTERM."""
+    from ambient_dist.locking import DirectoryLock
     from ambient_dist.study.report import write_study_report
     study, specs = load_study(path, out)
-    out_dir = specs[0].run_dir.parent.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "study.yaml").write_text(yaml.safe_dump(to_dict(study), sort_keys=False))
-    failures: dict[str, str] = {}
+    out_dir = study_dir(specs)
     say = (lambda msg: print(f"[study] {msg}", flush=True)) if progress else (lambda msg: None)
+    with DirectoryLock(out_dir, "study directory"):
+        (out_dir / "study.yaml").write_text(yaml.safe_dump(to_dict(study), sort_keys=False))
+        failures: dict[str, str] = {}
+        pending: dict[str, str] = {}
+        if not only_report:
+            try:
+                with raise_on_signals():
+                    _make_shards(study, specs, failures, say)
+            except Interrupted as e:
+                raise Interrupted(e.signum, f"stopped by {signal.Signals(e.signum).name} while "
+                                  f"making shards; {continue_hint(path, out_dir)}") from None
+            todo = [s for s in specs if s.name not in failures]
+            if executor == "slurm":
+                from ambient_dist.study.slurm import run_on_slurm
+                pending = run_on_slurm(path, study, todo, out_dir, device, failures, say,
+                                       slurm_overrides or {}, wait=wait)
+            else:
+                _run_local(path, study, specs, todo, out_dir, jobs, device, progress,
+                           failures, say)
+        else:
+            failures.update(recorded_failures(specs))
+        report = write_study_report(study, specs, out_dir, failures)
+        say(f"report: {report}")
+    return StudyOutcome(report, failures, pending)
 
-    def guarded(spec: RunSpec, stage: str, fn) -> bool:
-        if spec.name in failures:
-            return False
+
+def recorded_failures(specs: list[RunSpec]) -> dict[str, str]:
+    """name -> message of the runs whose <run>/study-failed.json says they failed."""
+    from ambient_dist.study.worker import FAILURE_RECORD
+    out = {}
+    for spec in specs:
+        record = spec.run_dir / FAILURE_RECORD
+        if record.is_file():
+            try:
+                r = json.loads(record.read_text())
+                out[spec.name] = r.get("message") or f"{r.get('stage')}: {r.get('error')}"
+            except (OSError, ValueError):
+                out[spec.name] = f"failed ({record} unreadable)"
+    return out
+
+
+def _make_shards(study: StudyConfig, specs: list[RunSpec], failures: dict, say) -> None:
+    """Every run's shards, one after the other in this process: runs that need the same data
+    share one directory, which is then made once, never by two workers at a time."""
+    from ambient_dist.fileio import atomic_write_json
+    from ambient_dist.study.stages import make_run_shards
+    from ambient_dist.study.worker import FAILURE_RECORD
+    for spec in specs:
+        (spec.run_dir / FAILURE_RECORD).unlink(missing_ok=True)
+    for spec in specs:
         try:
-            fn()
-            return True
-        except Exception as e:  # one failed run must not stop the others: record and go on
-            failures[spec.name] = f"{stage}: {type(e).__name__}: {e}"
-            _write_json(spec.run_dir / "study-failed.json",
-                        {"stage": stage, "error": str(e), "traceback": traceback.format_exc()})
-            say(f"{spec.name}: {stage} FAILED ({type(e).__name__}: {e}); continuing with the others")
-            return False
+            make_run_shards(study, spec, False)
+        except Exception as e:  # that run fails; the others go on
+            failures[spec.name] = f"shards: {type(e).__name__}: {e}"
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(spec.run_dir / FAILURE_RECORD, {
+                "stage": "shards", "error": str(e), "message": failures[spec.name],
+                "traceback": traceback.format_exc()})
+            say(f"{spec.name}: shards FAILED ({type(e).__name__}: {e}); continuing with the others")
 
-    if not only_report:
-        for spec in specs:
-            (spec.run_dir / "study-failed.json").unlink(missing_ok=True)
-        say(f"{len(specs)} runs in {out_dir}: " + ", ".join(s.name for s in specs))
-        for spec in specs:
-            guarded(spec, "shards", lambda s=spec: make_run_shards(study, s, False))
-        gpus = [str(i) for i in range(torch.cuda.device_count())] if device != "cpu" else []
-        threads = None if gpus or jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
 
-        def train_one(i: int, spec: RunSpec) -> None:
-            gpu = gpus[i % len(gpus)] if gpus else None
-            say(f"[{i + 1}/{len(specs)}] {spec.name}: training "
-                f"({spec.config.train.total_kimg:g}k images{', GPU ' + gpu if gpu else ''})")
-            if guarded(spec, "train", lambda: train_run(spec, _env(threads, gpu),
-                                                        spec.run_dir / "train.log")):
-                say(f"[{i + 1}/{len(specs)}] {spec.name}: trained")
+def worker_command(path: str | os.PathLike, out_dir: Path, spec: RunSpec, device: str,
+                   progress: bool) -> list[str]:
+    return [sys.executable, "-m", "ambient_dist.study.worker", str(path), "--out", str(out_dir),
+            "--run", spec.name, "--device", device] + ([] if progress else ["--quiet"])
 
-        # Each run is sampled and evaluated as soon as its training ends (here, while the
-        # other trainings go on in their subprocesses), so an interrupted study keeps results.
-        refs = _References(study, out_dir, device)
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            futures = {pool.submit(train_one, i, spec): (i, spec) for i, spec in enumerate(specs)}
-            for future in as_completed(futures):
-                i, spec = futures[future]
-                future.result()
-                if spec.name in failures:
-                    continue
-                say(f"[{i + 1}/{len(specs)}] {spec.name}: sampling and evaluating")
-                if guarded(spec, "sample", lambda s=spec: sample_run(study, s, device, progress)):
-                    if guarded(spec, "evaluate", lambda s=spec: evaluate_run(study, s, refs, device)):
-                        write_study_report(study, specs, out_dir, failures)  # results so far
-    report = write_study_report(study, specs, out_dir, failures)
-    say(f"report: {report}")
-    return report
+
+def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpec],
+               out_dir: Path, jobs: int, device: str, progress: bool, failures: dict,
+               say) -> None:
+    """One worker process per run, `jobs` at a time, each in its own process group."""
+    from ambient_dist.study.report import write_study_report
+    gpus: list[str] = []
+    if device != "cpu":
+        import torch
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    threads = None if gpus or jobs <= 1 else max(1, (os.cpu_count() or 1) // jobs)
+    index = {s.name: i for i, s in enumerate(specs)}
+    queue = list(todo)
+    running: dict[str, tuple[subprocess.Popen, RunSpec, Optional[str]]] = {}
+    stopped: list[int] = []
+    interrupted: list[str] = []
+    say(f"{len(specs)} runs in {out_dir}: " + ", ".join(s.name for s in specs))
+
+    def start(spec: RunSpec) -> None:
+        free = [g for g in gpus if g not in {r[2] for r in running.values()}]
+        gpu = free[0] if free else None
+        env = dict(os.environ)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(spec.run_dir / "worker.log", "ab") as log:
+            proc = subprocess.Popen(worker_command(path, out_dir, spec, device, progress),
+                                    stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        running[spec.name] = (proc, spec, gpu)
+        say(f"[{index[spec.name] + 1}/{len(specs)}] {spec.name}: started (worker pid {proc.pid}, "
+            f"{spec.config.train.total_kimg:g}k training images{', GPU ' + gpu if gpu else ''}; "
+            f"log {spec.run_dir / 'worker.log'})")
+
+    def finished(name: str, rc: int) -> None:
+        proc, spec, _ = running.pop(name)
+        kill_group(proc.pid)  # anything its worker left behind
+        tag = f"[{index[name] + 1}/{len(specs)}] {name}"
+        if rc == 0:
+            say(f"{tag}: done")
+            write_study_report(study, specs, out_dir, failures)  # results so far
+        elif rc > 128 or rc < 0:  # stopped by a signal (its own, or the study's)
+            interrupted.append(name)
+            say(f"{tag}: stopped ({_describe_status(rc)}); its checkpoint is kept")
+        else:
+            failures[name] = recorded_failures([spec]).get(name) or _last_error(spec, rc)
+            stage, _, error = failures[name].partition(": ")
+            say(f"{tag.split('] ', 1)[1]}: {stage} FAILED ({error}); continuing with the others")
+
+    def forward(signum: int) -> None:
+        stopped.append(signum)
+        for proc, _, _ in running.values():
+            try:
+                os.kill(proc.pid, signum)  # the worker forwards it to its trainer
+            except ProcessLookupError:
+                pass
+
+    with handle_signals(forward):
+        while (queue or running) and not stopped:
+            while queue and len(running) < jobs and not stopped:
+                start(queue.pop(0))
+            for name, (proc, _, _) in list(running.items()):
+                if proc.poll() is not None:
+                    finished(name, proc.returncode)
+            if running:
+                time.sleep(POLL_S)
+        if stopped:
+            # Every running worker got the signal (forward); wait until each has stopped
+            # (its trainer checkpoints first). A second signal is forwarded again.
+            for name, (proc, _, _) in list(running.items()):
+                wait_polling(proc)
+                finished(name, proc.returncode)
+    if stopped:
+        name = signal.Signals(stopped[0]).name
+        parts = [f"{len(interrupted)} run(s) stopped at their checkpoints"
+                 + (f" ({', '.join(interrupted)})" if interrupted else "")]
+        if queue:
+            parts.append(f"{len(queue)} not started ({', '.join(s.name for s in queue)})")
+        raise Interrupted(stopped[0], f"interrupted by {name}: " + "; ".join(parts)
+                          + f"; {continue_hint(path, out_dir)}")
+
+
+def _describe_status(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    try:
+        return f"exit {rc}, {signal.Signals(rc - 128).name}"
+    except ValueError:
+        return f"exit {rc}"
+
+
+def _last_error(spec: RunSpec, rc: int) -> str:
+    """The last `error:` line of a worker that failed without a record (refused, bad args)."""
+    log = spec.run_dir / "worker.log"
+    try:
+        lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("error: ")]
+    except OSError:
+        lines = []
+    return f"run: {lines[-1][len('error: '):]}" if lines else f"run: worker exited with {rc} (log {log})"

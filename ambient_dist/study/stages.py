@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,6 +34,14 @@ def make_run_shards(study: StudyConfig, spec: RunSpec, progress: bool) -> None:
     make_shards(_open_source(study.data), spec.shards, opts, progress=progress)
 
 
+def launch_training(cmd: list[str], env: dict, log: Path) -> int:
+    """Run the trainer command to its end (output appended to `log`); returns its exit
+    status. A stop signal is forwarded to the trainer, which checkpoints; then this raises
+    study.process.Interrupted (the trainer is never killed)."""
+    from ambient_dist.study.process import run_child, with_launcher
+    return run_child(with_launcher(cmd, env), env, log)  # torchrun in a multi-GPU SLURM job
+
+
 def train_run(spec: RunSpec, env: dict, log: Path) -> None:
     """ambient-train in a subprocess, continuing an interrupted run (--resume auto)."""
     from ambient_dist.config import save_config
@@ -44,10 +52,8 @@ def train_run(spec: RunSpec, env: dict, log: Path) -> None:
     cfg_path = save_config(spec.config, cfg_dir / spec.name)
     cmd = [sys.executable, "-m", "ambient_dist.cli.train", "--config", str(cfg_path),
            "--run-dir", str(spec.run_dir), "--resume", "auto"]
-    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log, "ab") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    rc = launch_training(cmd, env, log)
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise RuntimeError(f"train.py exited with {rc} (log {log}):\n    " + "\n    ".join(tail))
@@ -179,4 +185,25 @@ def evaluate_run(study: StudyConfig, spec: RunSpec, refs: _References, device: s
               "seed": spec.seed, "quality": quality, "memorization": memorization,
               "attraction": attraction}
     _write_json(out_path, result)
+    return result
+
+
+def run_one(study: StudyConfig, spec: RunSpec, device: str, progress: bool) -> dict:
+    """All four stages of one run (shards, train, sample, evaluate), each skipped when done;
+    returns the run's evaluation. The trainer runs with this process's environment. Raises on
+    failure, with the stage's name in the exception's `stage` attribute; a stop signal
+    during training raises study.process.Interrupted."""
+    import os
+    refs = _References(study, spec.run_dir.parent.parent, device)
+    stages = [("shards", lambda: make_run_shards(study, spec, progress)),
+              ("train", lambda: train_run(spec, dict(os.environ), spec.run_dir / "train.log")),
+              ("sample", lambda: sample_run(study, spec, device, progress)),
+              ("evaluate", lambda: evaluate_run(study, spec, refs, device))]
+    result = None
+    for stage, fn in stages:
+        try:
+            result = fn()
+        except Exception as e:
+            e.stage = stage
+            raise
     return result
