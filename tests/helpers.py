@@ -237,3 +237,73 @@ def images(n=16, c=3, r=8, seed=1):
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Studies and processes (test_study_process.py, test_study_slurm.py, test_engine_run.py)
+# --------------------------------------------------------------------------------------------
+
+# A toy study on Fashion-MNIST: 12 training images at 8 px, a tiny network, 6 steps per run.
+TOY_STUDY = {
+    "name": "toy",
+    "base": str(ROOT / "configs" / "fashion-mnist-300.yaml"),
+    "subset_sizes": [12],
+    "seeds": [0],
+    "overrides": ["data.resolution=8", "network.attn_resolutions=[]", "network.model_channels=8",
+                  "train.total_kimg=0.096", "train.batch=16", "train.log_every_kimg=0.048",
+                  "train.checkpoint_every_kimg=0.048", "optimizer.lr_rampup_kimg=0",
+                  "sampling.steps=3"],
+    "data": {"source": "fashion-mnist", "heldout": 24},
+    "runs": [{"name": "ddpm", "sigma_tn": 0.0}, {"name": "ambient-0.5", "sigma_tn": 0.5}],
+    "evaluation": {"num_samples": 8, "calibration_images": 12, "quality_reference": 20,
+                   "attraction_images": 6, "attraction_sigmas": [1.0, 2.0], "figure_sigma": 2.0,
+                   "figure_rows": 2, "batch": 32, "features": []},
+}
+
+
+def toy_study(**changes) -> dict:
+    """TOY_STUDY with some keys replaced; `total_kimg` replaces the training length."""
+    study = {**TOY_STUDY, **{k: v for k, v in changes.items() if k != "total_kimg"}}
+    if "total_kimg" in changes:
+        study["overrides"] = [o for o in study["overrides"] if not o.startswith("train.total_kimg=")]
+        study["overrides"].append(f"train.total_kimg={changes['total_kimg']}")
+    return study
+
+
+def wait_for(predicate, timeout_s: float = 300.0, what: str = "condition", poll_s: float = 0.1):
+    """Poll predicate() until it is true; fail the test (AssertionError) after timeout_s. A
+    guard against a hung test, not a timing assertion."""
+    import time
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of process `pid` (read from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a running process (not a zombie)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

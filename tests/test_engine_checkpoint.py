@@ -4,6 +4,8 @@ keep-last-k, the latest pointer, plain-data state, the atomic safetensors export
 The other engine building blocks have files of their own: test_engine_lr.py, test_engine_ema.py,
 test_engine_logging.py.
 """
+import os
+
 import pytest
 import torch
 
@@ -115,3 +117,15 @@ def test_exported_weights_are_readable_by_the_team_as_the_umask_allows(tmp_path)
         os.umask(old)
     mode = (tmp_path / "ema.safetensors").stat().st_mode & 0o777
     assert mode == 0o644 == plain.stat().st_mode & 0o777
+
+
+def test_staging_directories_are_named_by_their_owner(tmp_path):
+    """Two launches never share a staging directory (issue 20: a fixed `.tmp-ckpt-N` let the
+    second writer delete the first's files mid-save); ranks of one launch pass one owner."""
+    first, second = CheckpointManager(tmp_path, keep=1, owner=111), CheckpointManager(tmp_path, keep=1, owner=222)
+    assert first.staging_path(100) != second.staging_path(100)
+    assert CheckpointManager(tmp_path, keep=1).staging_path(100).name == f".tmp-{os.getpid()}-ckpt-000000000100"
+    staged = first.stage(100)
+    (staged / "model.safetensors").write_bytes(b"being written")
+    second.stage(100)
+    assert (staged / "model.safetensors").read_bytes() == b"being written"
