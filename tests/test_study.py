@@ -105,9 +105,11 @@ def test_study_runs_end_to_end_resumes_and_survives_a_failed_run(tmp_path, capsy
     data[700] ^= 0xFF
     tar.write_bytes(bytes(data))
     capsys.readouterr()
-    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    assert study.main([str(path), "--out", str(out), "--device", "cpu"]) == 1  # a run failed
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ambient-0.5-n12-s0: train FAILED" in printed
+    assert captured.err.startswith("error: 1 run(s) failed: ambient-0.5-n12-s0 (train: ")
     assert train_log.stat().st_size == log_size                     # ddpm was not retrained
     assert (runs["ddpm"] / "study-eval.json").is_file()              # ...but re-evaluated
     assert (runs["ambient-0.5"] / "study-failed.json").is_file()

@@ -123,3 +123,47 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_weights_of_an_uninterrupt
     assert torch.equal(torch.cat([t.flatten() for t in load_file(str(last / "model.safetensors")).values()]),
                        torch.cat([t.flatten() for t in load_file(str(CheckpointManager(reference, 1).latest()
                                                                      / "model.safetensors")).values()]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--partition", "gpu"], "--partition: a SLURM option needs --executor slurm"),
+    (["--executor", "slurm", "--nodes", "0", "--check"], "slurm.nodes: must be >= 1, got 0"),
+    (["--executor", "slurm", "--time-min", "0", "--check"], "slurm.time_min: must be >= 1"),
+    (["--executor", "slurm", "--sbatch", "qos=high", "--check"], "slurm.sbatch: 'qos=high'"),
+])
+def test_bad_slurm_settings_are_refused_naming_the_key(tmp_path, args, message):
+    path = one_run(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "ambient_dist.cli.study", str(path), "--out",
+                        str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_the_study_file_slurm_section_is_typed(tmp_path):
+    from ambient_dist.study import StudyError, load_study
+    path = one_run(tmp_path, slurm={"partitoin": "gpu"})
+    with pytest.raises(StudyError, match=r"slurm.partitoin: unknown key \(did you mean 'partition'\?\)"):
+        load_study(path, out=str(tmp_path / "out"))
+    path = one_run(tmp_path, slurm={"partition": "gpu", "nodes": 4, "gpus_per_node": 8,
+                                    "sbatch": ["--qos=high", "--exclusive"]})
+    study, _ = load_study(path, out=str(tmp_path / "out"))
+    assert (study.slurm.partition, study.slurm.nodes, study.slurm.gpus_per_node) == ("gpu", 4, 8)
+    from ambient_dist.study.slurm import sbatch_options
+    assert sbatch_options(study.slurm.sbatch) == {"qos": "high", "exclusive": True}
+
+
+def test_without_srun_the_slurm_executor_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python, no SLURM
+    path, out = one_run(tmp_path), tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "ambient_dist.cli.study", str(path), "--out", str(out),
+                        "--executor", "slurm"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error: --executor slurm: no `srun` on PATH" in r.stderr, r.stderr
+
+
+def test_a_multi_gpu_job_starts_the_trainer_through_torchrun():
+    from ambient_dist.study.process import torchrun_command
+    cmd = ["/py", "-m", "ambient_dist.cli.train", "--config", "c.yaml"]
+    launch = {"nnodes": 4, "nproc_per_node": 8, "node_rank": 2, "master_addr": "node1", "master_port": 29501}
+    assert torchrun_command(cmd, launch) == [
+        "/py", "-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=8", "--node-rank=2",
+        "--master-addr=node1", "--master-port=29501", "-m", "ambient_dist.cli.train", "--config", "c.yaml"]

@@ -79,8 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{args.study}: {len(specs)} runs, every config valid: "
               + ", ".join(s.name for s in specs))
         return 0
-    import torch
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
+    if device == "auto" and args.executor == "local":  # a SLURM job decides on its own node
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         outcome = run_study(args.study, args.out, jobs=args.jobs, device=device,
                             only_report=args.report_only, progress=not args.quiet,
@@ -88,16 +90,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C while no run was going (set-up, the last report)
+        print(f"stopped: interrupted by SIGINT; run `ambient-study {args.study}"
+              + (f" --out {args.out}" if args.out else "") + "` again to continue",
+              file=sys.stderr, flush=True)
+        return 130
     print(f"report: {outcome.report}")
     if outcome.pending:
         print(f"{len(outcome.pending)} run(s) queued or running on SLURM ("
               + ", ".join(f"{n}: {st}" for n, st in outcome.pending.items())
               + "); run the same command again to collect them")
+    if outcome.stopped:
+        print(f"error: {len(outcome.stopped)} run(s) stopped by a signal before their end ("
+              + ", ".join(outcome.stopped) + "); their checkpoints are kept: run the same command "
+              "again to continue them", file=sys.stderr)
     if outcome.failures:
         print(f"error: {len(outcome.failures)} run(s) failed: " + "; ".join(
             f"{n} ({m})" for n, m in outcome.failures.items()), file=sys.stderr)
         return 1
-    return 0
+    return 1 if outcome.stopped else 0
 
 
 if __name__ == "__main__":

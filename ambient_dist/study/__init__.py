@@ -19,8 +19,24 @@ baselines) and the seeds. For every (run, size, seed) the study
 and then writes report.md + report.json with the Table 1/2-style table (mean and spread over
 seeds), the Figure 1 trade-off plot, the Figure 3 panel and copy galleries. A stage that is
 done is skipped on a re-run (each leaves a record naming what it was made from); a run that
-fails is reported and the others go on. Every run's config is built and validated before
-anything starts, so a bad key or an impossible option is refused up front, naming the key.
+fails is reported and the others go on (the command exits 1, naming it). Every run's config is
+built and validated before anything starts, so a bad key or an impossible option is refused up
+front, naming the key.
+
+Processes (runner.py, process.py, worker.py, slurm.py). The study holds its directory's lock
+(ambient_dist.locking: a second invocation is refused, naming the owner's pid and host; a
+lock left by a dead process does not block) and makes every run's shards itself, one after
+the other. Then, with `executor local`, each run is one worker process (worker.py: it locks
+the run directory, shares the lock with its trainer, and runs stages.run_one), `jobs` at a
+time, each in its own process group; SIGINT / SIGTERM to the study are forwarded to every
+worker, which forwards them to its trainer (it checkpoints and exits); queued runs are not
+started; the study exits 130 / 143 with one line saying how to continue. With `executor slurm`
+each run is one SLURM job through submitit (slurm.py: a Checkpointable that checkpoints and
+requeues on preemption or time limit; a registry in slurm/jobs.json so that running the study
+again shows each job's state, collects what finished and submits only what is neither done,
+queued nor running); the study file's `slurm:` section (StudySlurm) sets the job's partition,
+account, nodes, GPUs per node, CPUs, memory, time limit, requeues, extra sbatch options and
+setup lines.
 
 Layout of the study directory (`out`, default studies/<name>):
     study.yaml                 the resolved study file
@@ -29,10 +45,14 @@ Layout of the study directory (`out`, default studies/<name>):
                                samples/, study-train.json, study-eval.json)
     cache/                     reference features (Inception) of the held-out images
     report.md, report.json, figures/
+    slurm/                     with executor slurm: jobs.json (run -> job id), submitit's job
+                               scripts, pickles and logs
+    .lock, .lock.owner         the study's lock and its owner (pid, host, command); each run
+                               directory has its own (+ worker.log: the run's worker output)
 """
 from ambient_dist.study.config import (STAGES, RunSpec, StudyConfig, StudyData, StudyError,
-                                       StudyEvaluation, StudyRun, load_study)
-from ambient_dist.study.runner import run_study
+                                       StudyEvaluation, StudyRun, StudySlurm, load_study)
+from ambient_dist.study.runner import StudyOutcome, run_study
 
 __all__ = ["STAGES", "RunSpec", "StudyConfig", "StudyData", "StudyError", "StudyEvaluation",
-           "StudyRun", "load_study", "run_study"]
+           "StudyOutcome", "StudyRun", "StudySlurm", "load_study", "run_study"]

@@ -42,6 +42,9 @@ class StudyOutcome:
     failures: dict[str, str] = field(default_factory=dict)
     # Runs submitted to SLURM and not finished yet (name -> state), with --executor slurm.
     pending: dict[str, str] = field(default_factory=dict)
+    # Runs whose worker a signal stopped (not the study's: someone signalled it alone); their
+    # checkpoints are kept and a rerun continues them.
+    stopped: list[str] = field(default_factory=list)
 
 
 def study_dir(specs: list[RunSpec]) -> Path:
@@ -67,11 +70,17 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
     from ambient_dist.study.report import write_study_report
     study, specs = load_study(path, out)
     out_dir = study_dir(specs)
+    if executor == "slurm" and not only_report:
+        import dataclasses
+
+        from ambient_dist.study.slurm import preflight
+        preflight(dataclasses.replace(study.slurm, **(slurm_overrides or {})))
     say = (lambda msg: print(f"[study] {msg}", flush=True)) if progress else (lambda msg: None)
     with DirectoryLock(out_dir, "study directory"):
         (out_dir / "study.yaml").write_text(yaml.safe_dump(to_dict(study), sort_keys=False))
         failures: dict[str, str] = {}
         pending: dict[str, str] = {}
+        stopped: list[str] = []
         if not only_report:
             try:
                 with raise_on_signals():
@@ -85,13 +94,13 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
                 pending = run_on_slurm(path, study, todo, out_dir, device, failures, say,
                                        slurm_overrides or {}, wait=wait)
             else:
-                _run_local(path, study, specs, todo, out_dir, jobs, device, progress,
-                           failures, say)
+                stopped = _run_local(path, study, specs, todo, out_dir, jobs, device,
+                                     progress, failures, say)
         else:
             failures.update(recorded_failures(specs))
         report = write_study_report(study, specs, out_dir, failures)
         say(f"report: {report}")
-    return StudyOutcome(report, failures, pending)
+    return StudyOutcome(report, failures, pending, stopped)
 
 
 def recorded_failures(specs: list[RunSpec]) -> dict[str, str]:
@@ -137,8 +146,9 @@ def worker_command(path: str | os.PathLike, out_dir: Path, spec: RunSpec, device
 
 def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpec],
                out_dir: Path, jobs: int, device: str, progress: bool, failures: dict,
-               say) -> None:
-    """One worker process per run, `jobs` at a time, each in its own process group."""
+               say) -> list[str]:
+    """One worker process per run, `jobs` at a time, each in its own process group; returns
+    the runs whose workers were stopped by a signal of their own."""
     from ambient_dist.study.report import write_study_report
     gpus: list[str] = []
     if device != "cpu":
@@ -216,6 +226,7 @@ def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpe
             parts.append(f"{len(queue)} not started ({', '.join(s.name for s in queue)})")
         raise Interrupted(stopped[0], f"interrupted by {name}: " + "; ".join(parts)
                           + f"; {continue_hint(path, out_dir)}")
+    return interrupted
 
 
 def _describe_status(rc: int) -> str:

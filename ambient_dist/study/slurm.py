@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -61,6 +60,13 @@ def check_slurm(s: StudySlurm) -> None:
     for opt in s.sbatch:
         if not opt.startswith("--") or len(opt) < 3:
             bad("sbatch", f"{opt!r}: give long sbatch options, e.g. --qos=high or --exclusive")
+
+
+def preflight(s: StudySlurm) -> None:
+    """What must hold before anything is made for a SLURM study (StudyError otherwise)."""
+    check_slurm(s)
+    if not _have("srun"):
+        raise StudyError("--executor slurm: no `srun` on PATH (not on a SLURM cluster's login node?)")
 
 
 def sbatch_options(options: list[str]) -> dict:
@@ -98,8 +104,7 @@ class Registry:
 
 def make_executor(folder: Path, s: StudySlurm, name: str):
     import submitit
-    if not _have("srun"):
-        raise StudyError("--executor slurm: no `srun` on PATH (not on a SLURM cluster's login node?)")
+    preflight(s)
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=s.max_requeues)
     extra = sbatch_options(s.sbatch)
     if s.mem_gb:
@@ -170,7 +175,13 @@ def run_on_slurm(path, study: StudyConfig, todo: list[RunSpec], out_dir: Path, d
                 f"{s.gpus_per_node} GPU(s), {s.time_min} min per attempt)")
         registry.save()
     if wait and pending:
-        return _wait(study, todo, folder, registry, failures, say)
+        from ambient_dist.study.process import Interrupted
+        try:
+            return _wait(study, todo, folder, registry, failures, say)
+        except Interrupted as e:
+            raise Interrupted(e.signum, f"stopped waiting ({signal.Signals(e.signum).name}); the "
+                              f"SLURM jobs go on (scancel stops them): run `ambient-study {path} "
+                              f"--out {out_dir} --executor slurm` again to see them") from None
     return pending
 
 
@@ -219,11 +230,16 @@ class RunJob(Checkpointable):
         from ambient_dist.study.process import Interrupted
         from ambient_dist.study.worker import find_spec, run_locked
         env = submitit.JobEnvironment()
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         study, specs = load_study(study_path, out_dir, check_source=False)
         spec = find_spec(specs, name)
         s = study.slurm
         nodes, gpus = env.num_nodes, max(1, s.gpus_per_node)
-        launch_file = spec.run_dir / f".launch-{env.job_id}.json"
+        # One hand-over file per attempt: a requeued job starts again with the same job id.
+        attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
+        launch_file = spec.run_dir / f".launch-{env.job_id}-{attempt}.json"
         if nodes > 1 or gpus > 1:
             os.environ[LAUNCH_ENV] = json.dumps({
                 "nnodes": nodes, "nproc_per_node": gpus, "node_rank": env.node,
