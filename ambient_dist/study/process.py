@@ -76,9 +76,15 @@ def handle_signals(handler: Callable[[int], None],
 
 
 def raise_on_signals() -> contextlib.AbstractContextManager:
-    """A block that a stop signal ends with Interrupted (the worker between its trainings)."""
+    """A block that a stop signal ends with Interrupted (the worker between its trainings).
+    Only the first signal raises; later ones (a study may send its signal again) are ignored,
+    so that they cannot interrupt the clean-up the first one started."""
+    seen: list[int] = []
+
     def stop(signum: int) -> None:
-        raise Interrupted(signum)
+        if not seen:
+            seen.append(signum)
+            raise Interrupted(signum)
     return handle_signals(stop)
 
 

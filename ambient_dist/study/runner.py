@@ -195,13 +195,17 @@ def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpe
             stage, _, error = failures[name].partition(": ")
             say(f"{tag.split('] ', 1)[1]}: {stage} FAILED ({error}); continuing with the others")
 
+    signalled: set[int] = set()
+
     def forward(signum: int) -> None:
         stopped.append(signum)
-        for proc, _, _ in running.values():
-            try:
-                os.kill(proc.pid, signum)  # the worker forwards it to its trainer
-            except ProcessLookupError:
-                pass
+        for proc, _, _ in list(running.values()):
+            if proc.pid not in signalled:  # once each: a worker is stopping already
+                signalled.add(proc.pid)
+                try:
+                    os.kill(proc.pid, signum)  # the worker forwards it to its trainer
+                except ProcessLookupError:
+                    pass
 
     with handle_signals(forward):
         while (queue or running) and not stopped:
@@ -213,8 +217,9 @@ def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpe
             if running:
                 time.sleep(POLL_S)
         if stopped:
-            # Every running worker got the signal (forward); wait until each has stopped
-            # (its trainer checkpoints first). A second signal is forwarded again.
+            # Every running worker got the signal (forward; again here for one started while
+            # the signal came); wait until each has stopped (its trainer checkpoints first).
+            forward(stopped[0])
             for name, (proc, _, _) in list(running.items()):
                 wait_polling(proc)
                 finished(name, proc.returncode)

@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ambient_dist.cli import fail
     from ambient_dist.errors import UserError
     from ambient_dist.study.config import load_study
-    from ambient_dist.study.process import Interrupted, raise_on_signals, watch_parent
+    from ambient_dist.study.process import STOP_SIGNALS, Interrupted, raise_on_signals, watch_parent
     args = build_parser().parse_args(argv)
     try:
         with raise_on_signals():
@@ -82,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             spec = find_spec(specs, args.run)
             run_locked(study, spec, args.device, not args.quiet)
     except Interrupted as e:
+        for s in STOP_SIGNALS:  # stopping already: a repeated signal must not end it sooner
+            signal.signal(s, signal.SIG_IGN)
         print(f"{args.run}: {e}", flush=True)
         return e.exit_status
     except UserError as e:
