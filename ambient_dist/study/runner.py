@@ -164,7 +164,8 @@ def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpe
 
     def start(spec: RunSpec) -> None:
         free = [g for g in gpus if g not in {r[2] for r in running.values()}]
-        gpu = free[0] if free else None
+        # A GPU of its own while there are free ones; beyond that they are shared in turn.
+        gpu = free[0] if free else gpus[index[spec.name] % len(gpus)] if gpus else None
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -193,7 +194,7 @@ def _run_local(path, study: StudyConfig, specs: list[RunSpec], todo: list[RunSpe
         else:
             failures[name] = recorded_failures([spec]).get(name) or _last_error(spec, rc)
             stage, _, error = failures[name].partition(": ")
-            say(f"{tag.split('] ', 1)[1]}: {stage} FAILED ({error}); continuing with the others")
+            say(f"{name}: {stage} FAILED ({error}); continuing with the others")
 
     signalled: set[int] = set()
 
