@@ -186,8 +186,8 @@ def watch_parent(on_orphaned: Callable[[], None], interval_s: float = 1.0) -> No
 
 def with_launcher(cmd: list[str], env: dict) -> list[str]:
     """The trainer command as this job must start it: unchanged, or through torchrun on every
-    node of a multi-GPU / multi-node allocation (LAUNCH_ENV, set by study.slurm.RunJob). Task 0 also hands
-    the command to the other nodes' tasks (the launch file)."""
+    node of a multi-GPU / multi-node allocation (LAUNCH_ENV, set by study.slurm.RunJob).
+    Task 0 also hands the command to the other nodes' tasks (the launch file)."""
     spec = env.get(LAUNCH_ENV)
     if not spec:
         return list(cmd)
