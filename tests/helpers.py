@@ -280,6 +280,10 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+# --------------------------------------------------------------------------------------------
+# Studies and processes (test_study*.py, test_engine_run.py)
+# --------------------------------------------------------------------------------------------
+
 # A toy study (tests/test_study*.py): 8 px Fashion-MNIST, a few dozen images, a 96-image run.
 TOY_STUDY = {
     "name": "toy",
@@ -323,3 +327,53 @@ def write_standin_inception(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     torch.jit.script(StandInInception().eval()).save(str(path))
     return path
+
+
+def toy_study(**changes) -> dict:
+    """TOY_STUDY with some keys replaced; `total_kimg` replaces the training length. Pixel
+    memorization only by default (evaluation.features []): the process tests need no Inception."""
+    study = {**TOY_STUDY, "evaluation": {**TOY_STUDY["evaluation"], "features": []},
+             **{k: v for k, v in changes.items() if k != "total_kimg"}}
+    if "total_kimg" in changes:
+        study["overrides"] = [o for o in study["overrides"] if not o.startswith("train.total_kimg=")]
+        study["overrides"].append(f"train.total_kimg={changes['total_kimg']}")
+    return study
+
+
+def wait_for(predicate, timeout_s: float = 300.0, what: str = "condition", poll_s: float = 0.1):
+    """Poll predicate() until it is true; fail the test (AssertionError) after timeout_s. A
+    guard against a hung test, not a timing assertion."""
+    import time
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of process `pid` (read from /proc: Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a running process (not a zombie)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -4,6 +4,8 @@ keep-last-k, the latest pointer, plain-data state, the atomic safetensors export
 The other engine building blocks have files of their own: test_engine_lr.py, test_engine_ema.py,
 test_engine_logging.py.
 """
+import os
+
 import pytest
 import torch
 
@@ -128,3 +130,14 @@ def test_resume_compares_path_options_resolved(tmp_path, monkeypatch):
     moved = with_absolute_paths(typed, base=tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match=r"distributed.deepspeed_config: '.*/ds.json' -> '.*/elsewhere/ds.json'"):
         ckpt_mod.check_resume_compatible(to_dict(typed), moved, tmp_path / "ckpt")
+
+def test_staging_directories_are_named_by_their_owner(tmp_path):
+    """Two launches never share a staging directory (issue 20: a fixed `.tmp-ckpt-N` let the
+    second writer delete the first's files mid-save); ranks of one launch pass one owner."""
+    first, second = CheckpointManager(tmp_path, keep=1, owner=111), CheckpointManager(tmp_path, keep=1, owner=222)
+    assert first.staging_path(100) != second.staging_path(100)
+    assert CheckpointManager(tmp_path, keep=1).staging_path(100).name == f".tmp-{os.getpid()}-ckpt-000000000100"
+    staged = first.stage(100)
+    (staged / "model.safetensors").write_bytes(b"being written")
+    second.stage(100)
+    assert (staged / "model.safetensors").read_bytes() == b"being written"

@@ -3,7 +3,7 @@
 Every module's imports are read from its source with `ast` (nothing is imported), function-
 level imports included: a lazy import still ties the lower module to the upper one.
 
-    low helpers   errors, config, fileio, images, distributed, noise, provenance
+    low helpers   errors, config, fileio, images, distributed, locking, noise, provenance
     building      data, models, metrics, sampling, objective (+ kernels under it)
     top           engine, text.task, study, launchers
 
@@ -141,7 +141,7 @@ LOWER = ("ambient_dist.data", "ambient_dist.metrics", "ambient_dist.models", "am
          "ambient_dist.sampling")
 UPPER = ("ambient_dist.engine", "ambient_dist.text.task")
 LOW_HELPERS = ("ambient_dist.errors", "ambient_dist.fileio", "ambient_dist.images",
-               "ambient_dist.distributed", "ambient_dist.provenance")
+               "ambient_dist.distributed", "ambient_dist.locking", "ambient_dist.provenance")
 LOW_HELPERS_MAY_IMPORT = ("ambient_dist.errors", "ambient_dist.config", "ambient_dist.fileio")
 
 

@@ -17,6 +17,10 @@ every file is written and flushed; `latest` is replaced (temp file + os.replace)
 and old checkpoints are pruned last. A crash mid-save therefore leaves at worst a stray
 `.tmp-*` directory, which the next save removes, and `latest` still names a complete one.
 With several ranks, one process stages, all write, and one publishes (`stage`/`publish`).
+The staging directory's name holds the writer's `owner` token (the process id of the run's
+rank 0, the same on every rank of one launch): two writers never share one, and a save never
+deletes another process's staging directory but a stray one, left when its writer died (the
+run directory is locked by its one owner while it trains: ambient_dist.locking).
 
 `check_resume_compatible` refuses to continue a checkpoint under options that would change
 its trajectory (anything but the run length, intervals and reporting options).
@@ -89,14 +93,18 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, keep: int):
+    def __init__(self, run_dir: str | os.PathLike, keep: int, owner: Optional[int] = None):
+        """owner: the token in the staging directory's name (default this process's id; a
+        multi-rank run passes rank 0's, so that every rank writes into one directory)."""
         self.root = Path(run_dir) / CHECKPOINT_DIR
         self.keep = keep
+        self.owner = os.getpid() if owner is None else int(owner)
 
     # -- writing ----------------------------------------------------------------------
     def staging_path(self, images_seen: int) -> Path:
-        """Where a checkpoint is written before it is published (same name on every rank)."""
-        return self.root / f".tmp-{self.name(images_seen)}"
+        """Where a checkpoint is written before it is published (the same name on every rank
+        of one launch, never the same for two launches: see `owner`)."""
+        return self.root / f".tmp-{self.owner}-{self.name(images_seen)}"
 
     @staticmethod
     def name(images_seen: int) -> str:
@@ -137,8 +145,11 @@ class CheckpointManager:
         return self.publish(images_seen)
 
     def _prune(self, keep_name: str) -> None:
-        for stray in self.root.glob(".tmp-ckpt-*"):
-            shutil.rmtree(stray, ignore_errors=True)
+        # Staging directories of other owners are strays of writers that died (this one owns
+        # the locked run directory); those of this owner were published or abandoned.
+        for stray in self.root.glob(".tmp-*"):
+            if stray.is_dir():
+                shutil.rmtree(stray, ignore_errors=True)
         done = self.list()
         for old in done[:-self.keep]:
             if old.name != keep_name:

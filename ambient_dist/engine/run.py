@@ -2,6 +2,7 @@
 
     run_training(cfg, run_dir, resume)
         join the process group (if launched with several ranks)
+        -> lock the run directory (one launch owns it; a second is refused, naming the owner)
         -> find the checkpoint to continue from
         -> build_trainer: the Task that cfg.task names (ImageTask | text TextTask) and the
            Backend that distributed.engine names (PlainBackend | DeepSpeedBackend), given to
@@ -15,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -27,7 +29,7 @@ import torch
 
 from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
                                  training_notes, typed_paths, validate_world, with_absolute_paths)
-from ambient_dist.distributed import DistInfo, init_distributed, shutdown
+from ambient_dist.distributed import DistInfo, any_rank_true, init_distributed, shutdown
 from ambient_dist.errors import original_message
 from ambient_dist.engine.backend import Backend, PlainBackend
 from ambient_dist.engine.checkpoint import CheckpointManager
@@ -35,6 +37,7 @@ from ambient_dist.engine.task import Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
+from ambient_dist.locking import DirectoryInUse, DirectoryLock
 from ambient_dist.metrics.assess import assess
 from ambient_dist.progress import say_once
 from ambient_dist.provenance import provenance
@@ -43,6 +46,25 @@ from ambient_dist.sampling import SamplerSettings
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
     return Path(run_dir) if run_dir else Path(cfg.train.run_root) / cfg.name
+
+
+def own_run_dir(run_dir: Path, info: DistInfo) -> DirectoryLock:
+    """Lock the run directory for this launch (ambient_dist.locking): rank 0 takes the lock
+    for all ranks of the launch (they are one owner), and every rank stops when it is refused,
+    so that a second launch on a directory in use never trains beside the first. Raises
+    DirectoryInUse (naming the owner's pid and host) on every rank; a collective."""
+    lock = DirectoryLock(run_dir, "run directory")
+    refused: Optional[DirectoryInUse] = None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except DirectoryInUse as e:
+            refused = e
+    if any_rank_true(refused is not None, info):
+        lock.release()
+        raise refused or DirectoryInUse(f"run directory {run_dir} is in use by another launch "
+                                        "(rank 0 of this launch says by whom)")
+    return lock
 
 
 def find_resume_point(run_dir: Path, resume: Optional[str], keep: int = 1) -> Optional[Path]:
@@ -210,12 +232,15 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
     cfg = with_absolute_paths(cfg)
     task_class(cfg).check_data(cfg)  # a clear error before any model is loaded
     info = init_distributed(cfg)
+    stack = contextlib.ExitStack()
     try:
         validate_world(cfg, info.world_size)
         if info.distributed and cfg.distributed.engine != "deepspeed":
             raise ConfigError(f"distributed.engine: {info.world_size} ranks need "
                               "distributed.engine=deepspeed (the plain engine is single-process)")
         run_dir = resolve_run_dir(cfg, run_dir)
+        lock = own_run_dir(run_dir, info)
+        stack.callback(lock.release)
         resume_from = find_resume_point(run_dir, resume, cfg.train.keep_checkpoints)
         trainer = build_trainer(cfg, run_dir, dist_info=info, resume_from=resume_from)
         # model + EMA + two Adam moments, float32, per kept checkpoint (+1 while writing).
@@ -242,4 +267,5 @@ def run_training(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = N
                   file=sys.stderr, flush=True)
         raise
     finally:
+        stack.close()  # the run directory's lock
         shutdown(info)

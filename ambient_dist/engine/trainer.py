@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ambient_dist.config import ConfigError, ExperimentConfig, to_dict
-from ambient_dist.distributed import DistInfo, any_rank_true
+from ambient_dist.distributed import DistInfo, any_rank_true, sum_over_ranks
 from ambient_dist.engine.backend import Backend, TrainingState, read_meta
 from ambient_dist.engine.checkpoint import (CheckpointManager, check_resume_compatible,
                                             export_safetensors_atomic)
@@ -42,9 +42,13 @@ MAX_BAD_STEPS_IN_A_ROW = 50
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (cluster preemption) ask the loop to checkpoint and exit cleanly."""
+    """SIGINT (Ctrl-C), SIGTERM (kill, docker stop), SIGUSR1 and SIGUSR2 (a scheduler's
+    preemption or time limit: SLURM's --signal, submitit's USR2) ask the loop to checkpoint
+    and exit cleanly (exit status 0, `continue with --resume auto`). Repeated signals are
+    harmless: they only set the flag again (a study forwards its signal to the trainer, which
+    may also have received it directly). To stop without a checkpoint, SIGKILL."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.requested: Optional[str] = None
@@ -86,7 +90,9 @@ class Trainer:
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
         # uses the global RNG (also saved). Each rank draws different noise.
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
-        self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints)
+        # Rank 0's process id names the staging directory of every rank's checkpoint files.
+        owner = sum_over_ranks(torch.tensor([os.getpid() if self.rank == 0 else 0], dtype=torch.int64))
+        self.checkpoints = CheckpointManager(self.run_dir, t.keep_checkpoints, owner=int(owner.item()))
         self.images_seen = self.steps = self.bad_steps = self.bad_in_a_row = 0
         self.final_weights: Optional[dict[str, torch.Tensor]] = None  # set by train() at its end
 

@@ -33,6 +33,21 @@ is built only from results made under the current study file; runs without one a
 that cannot be drawn are named in it. A run that fails is reported and the others go on;
 run_study then raises StudyFailed naming the failed runs (ambient-study exits 1).
 
+Processes (runner.py, process.py, worker.py, slurm.py). The study holds its directory's lock
+(ambient_dist.locking: a second invocation is refused, naming the owner's pid and host; a
+lock left by a dead process does not block) and makes every run's shards itself, one after
+the other. Then, with `executor local`, each run is one worker process (worker.py: it locks
+the run directory, shares the lock with its trainer, and runs stages.run_one), `jobs` at a
+time, each in its own process group; SIGINT / SIGTERM to the study are forwarded to every
+worker, which forwards them to its trainer (it checkpoints and exits); queued runs are not
+started; the study exits 130 / 143 with one line saying how to continue. With `executor slurm`
+each run is one SLURM job through submitit (slurm.py: a Checkpointable that checkpoints and
+requeues on preemption or time limit; a registry in slurm/jobs.json so that running the study
+again shows each job's state, collects what finished and submits only what is neither done,
+queued nor running); the study file's `slurm:` section (StudySlurm) sets the job's partition,
+account, nodes, GPUs per node, CPUs, memory, time limit, requeues, extra sbatch options and
+setup lines.
+
 Layout of the study directory (`out`, default studies/<name>):
     study.yaml                 the resolved study file
     shards/n<size>-tn<sigma_tn>[-mask<p>]-seed<seed>-<plan digest>/
@@ -44,10 +59,15 @@ Layout of the study directory (`out`, default studies/<name>):
     configs/<run>-n<size>-s<seed>/config.yaml   what each run was trained with
     cache/                     reference features (Inception) of the held-out images
     report.md, report.json, figures/
+    slurm/                     with executor slurm: jobs.json (run -> job id), submitit's job
+                               scripts, pickles and logs
+    .lock, .lock.owner         the study's lock and its owner (pid, host, command); each run
+                               directory has its own (+ worker.log: the run's worker output)
 """
 from ambient_dist.study.config import (STAGES, RunSpec, StudyConfig, StudyData, StudyError,
-                                       StudyEvaluation, StudyFailed, StudyRun, load_study)
-from ambient_dist.study.runner import run_study
+                                       StudyEvaluation, StudyFailed, StudyRun, StudySlurm,
+                                       load_study)
+from ambient_dist.study.runner import StudyOutcome, run_study
 
 __all__ = ["STAGES", "RunSpec", "StudyConfig", "StudyData", "StudyError", "StudyEvaluation",
-           "StudyFailed", "StudyRun", "load_study", "run_study"]
+           "StudyFailed", "StudyOutcome", "StudyRun", "StudySlurm", "load_study", "run_study"]

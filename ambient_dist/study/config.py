@@ -72,6 +72,30 @@ class StudyEvaluation:
 
 
 @dataclass
+class StudySlurm:
+    """`ambient-study --executor slurm`: one SLURM job per run (study/slurm.py); each field
+    can also be given on the command line (--partition, --nodes, ...)."""
+    # sbatch --partition and --account; empty = the cluster's defaults.
+    partition: str = ""
+    account: str = ""
+    # Nodes per run (more than one: the trainer starts through torchrun on every node of the
+    # job's allocation) and GPUs on each of them.
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    # Memory per node in GB; 0 = the partition's default.
+    mem_gb: float = 0.0
+    # Wall-clock limit of one job in minutes. A job that reaches it (or is preempted)
+    # checkpoints, is requeued and continues; at most max_requeues times.
+    time_min: int = 240
+    max_requeues: int = 20
+    # Extra sbatch options, e.g. ["--qos=high", "--constraint=a100", "--exclusive"].
+    sbatch: list[str] = field(default_factory=list)
+    # Shell lines the job runs first (module load ..., source .venv/bin/activate).
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     description: str = ""
@@ -84,6 +108,7 @@ class StudyConfig:
     data: StudyData = field(default_factory=StudyData)
     runs: list[StudyRun] = field(default_factory=list)
     evaluation: StudyEvaluation = field(default_factory=StudyEvaluation)
+    slurm: StudySlurm = field(default_factory=StudySlurm)
     # Output directory; default studies/<name>.
     out: str = ""
 
@@ -120,10 +145,12 @@ class StudyError(UserError):
 class StudyFailed(StudyError):
     """The study ran, but some runs failed (raised by run_study after the report is written).
 
-    failures: {run name: "stage: error"}; report: the report.md written without them."""
+    failures: {run name: "stage: error"}; report: the report.md written without them;
+    outcome: everything run_study did (runner.StudyOutcome)."""
 
-    def __init__(self, failures: dict[str, str], report: Optional[Path] = None):
-        self.failures, self.report = dict(failures), report
+    def __init__(self, failures: dict[str, str], report: Optional[Path] = None, outcome=None):
+        # outcome: runner.StudyOutcome (also the runs still queued on SLURM or stopped).
+        self.failures, self.report, self.outcome = dict(failures), report, outcome
         names = "; ".join(f"{k} ({v.splitlines()[0]})" for k, v in failures.items())
         where = f"; the report has the others: {report}" if report else ""
         super().__init__(f"{len(failures)} run{'s' if len(failures) != 1 else ''} failed: {names}"

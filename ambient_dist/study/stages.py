@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -50,6 +49,7 @@ from typing import Optional
 import torch
 
 from ambient_dist.config import save_config, to_dict
+from ambient_dist.errors import original_message
 from ambient_dist.study.config import (RunSpec, StudyConfig, StudyError, _open_source,
                                        inputs_digest, shard_options)
 
@@ -143,6 +143,14 @@ def _has_training(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "latest").is_file() or (run_dir / "ema.safetensors").is_file()
 
 
+def _images_trained(spec: RunSpec) -> int:
+    """Images the run's latest checkpoint has seen (0 without one)."""
+    from ambient_dist.engine.checkpoint import CheckpointManager
+    latest = CheckpointManager(spec.run_dir, spec.config.train.keep_checkpoints).latest()
+    meta = _read_json(latest / "meta.json") if latest else None
+    return int(meta.get("images_seen", 0)) if meta else 0
+
+
 def training_refusal(spec: RunSpec) -> Optional[str]:
     """Why the run's existing checkpoints cannot continue under the current study file (None:
     they can, or there are none, or spec.retrain). Known before anything starts."""
@@ -154,9 +162,12 @@ def training_refusal(spec: RunSpec) -> Optional[str]:
     now, was = training_inputs(spec), old["inputs"]
     what = (changes(was.get("options"), now["options"])
             + changes(was.get("data"), now["data"], "data plan."))
-    if not what and now["total_images"] < was.get("total_images", 0):
-        what = [f"train.total_kimg: {was['total_images'] / 1000:g} -> {now['total_images'] / 1000:g} "
-                "(it trained further than that)"]
+    seen = _images_trained(spec)
+    if not what and now["total_images"] < seen:
+        # Shorter than what the run was set to is fine while it has not trained that far (a
+        # run stopped early continues to the new length); past it, the weights are of more.
+        what = [f"train.total_kimg: {was.get('total_images', 0) / 1000:g} -> "
+                f"{now['total_images'] / 1000:g} (it trained {seen / 1000:g}k images already)"]
     if not what:
         return None
     return (f"{spec.name}: trained under other settings ({_listed(what)}); its checkpoints "
@@ -166,9 +177,11 @@ def training_refusal(spec: RunSpec) -> Optional[str]:
 
 
 def launch_training(cmd: list[str], env: dict, log: Path) -> int:
-    """Run the training command with its output appended to `log`; its exit status."""
-    with open(log, "ab") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    """Run the trainer command to its end (output appended to `log`); returns its exit
+    status. A stop signal is forwarded to the trainer, which checkpoints; then this raises
+    study.process.Interrupted (the trainer is never killed)."""
+    from ambient_dist.study.process import run_child, with_launcher
+    return run_child(with_launcher(cmd, env), env, log)  # torchrun in a multi-GPU SLURM job
 
 
 def train_run(spec: RunSpec, env: dict, log: Path) -> str:
@@ -409,9 +422,10 @@ def run_one(study: StudyConfig, spec: RunSpec, device: str, progress: bool,
         evaluation = evaluate_run(study, spec, device)
         stages["evaluate"] = "reused" if before is not None else "made"
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
+        error = f"{type(e).__name__}: {original_message(e)}"  # a loader worker's own message
         _write_json(spec.run_dir / FAILED_RECORD,
-                    {"stage": stage, "error": str(e), "traceback": traceback.format_exc()})
+                    {"stage": stage, "error": str(e), "message": f"{stage}: {error}",
+                     "traceback": traceback.format_exc()})
         raise RunFailed(spec.name, stage, error) from e
     return {"run": spec.name, "stages": stages, "evaluation": evaluation}
 
