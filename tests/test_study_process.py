@@ -82,8 +82,10 @@ def test_sigint_stops_the_study_at_a_checkpoint_and_a_rerun_continues(tmp_path):
     for name in "bc":
         assert not (runs[name] / "worker.log").exists() and not (runs[name] / "checkpoints").exists()
 
-    # The rerun (run a alone, shorter: a resumable change) continues from that checkpoint.
-    shorter = write(tmp_path, {**three_runs(0.096), "runs": [{"name": "a", "sigma_tn": 0.0}]}, "a.yaml")
+    # The rerun (run a alone, now two batches past where it stopped: a schedule it can still
+    # reach is a resumable change) continues from that checkpoint.
+    shorter = write(tmp_path, {**three_runs((stopped_at + 32) / 1000),
+                               "runs": [{"name": "a", "sigma_tn": 0.0}]}, "a.yaml")
     rerun = subprocess.run([sys.executable, "-m", "ambient_dist.cli.study", str(shorter), "--out",
                             str(out), "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
