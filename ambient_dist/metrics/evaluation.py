@@ -42,6 +42,7 @@ class EvalOptions:
     out: Optional[str] = None              # report directory
     num: int = 0                           # use (or generate) this many samples; 0 = all / 50000
     resample: bool = False                 # replace a run's samples made from other weights
+    ema: Optional[str] = None              # a post-hoc EMA file of the run (instead of ema.safetensors)
     features: Optional[str] = None         # memorization space (default: config's)
     inception_path: str = ""
     dinov2_path: str = ""
@@ -91,7 +92,7 @@ def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path
         path = Path(opts.samples)
         wanted = opts.num or _recorded_count(path)
     elif opts.run_dir:
-        path = Path(opts.run_dir) / "samples"
+        path = Path(opts.run_dir) / _with_ema("samples", opts)
         wanted = opts.num or _recorded_count(path) or 50000
         _generate_for_run(opts, path, wanted)
     else:
@@ -105,13 +106,19 @@ def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path
     return path, images
 
 
+def _with_ema(name: str, opts: EvalOptions) -> str:
+    """A run's samples/ or eval/ folder, or samples-<stem>/ ... for a post-hoc EMA (--ema)."""
+    return f"{name}-{Path(opts.ema).stem}" if opts.ema else name
+
+
 def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
     """Sample the run's EMA into <run>/samples (resumable; what sample.py does with defaults)."""
     import shutil
 
     from ambient_dist import sampling
     rank, world, _ = ranks.env_rank_world()
-    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides)
+    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides,
+                                        ema=opts.ema)
     if opts.resample and rank == 0 and path.exists():
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
@@ -205,6 +212,8 @@ def evaluate(opts: EvalOptions) -> dict:
                     "samples": str(sample_path), "num_samples": int(len(generated)),
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None}
+    if opts.ema:
+        report["ema"] = str(opts.ema)
     if opts.fid:
         reference, ref_name = _fid_reference(opts, full_train, shards)
         report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
@@ -231,7 +240,7 @@ def same_space(ours: dict, theirs: dict, what: str) -> None:
 
 
 def write_outputs(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
-    out = Path(opts.out or (Path(opts.run_dir) / "eval" if opts.run_dir else Path(report["samples"]).parent / "eval"))
+    out = Path(opts.out or (Path(opts.run_dir) / _with_ema("eval", opts) if opts.run_dir else Path(report["samples"]).parent / "eval"))
     figs = out / "figures"
     mem = report["memorization"]
     gen = mem["generated"]
