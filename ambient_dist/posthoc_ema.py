@@ -218,36 +218,40 @@ def output_path(run_dir: Path, sigma_rel: float, at_kimg: Optional[float]) -> Pa
     return Path(run_dir) / POSTHOC_DIR / f"ema-{sigma_rel:g}{suffix}.safetensors"
 
 
-def _accumulate(snapshot: Snapshot, weights: np.ndarray, outputs: list[dict],
-                shapes: dict, whole: dict) -> None:
-    """outputs[k][name] += sum_j weights[j, k] * profile j of `snapshot` (float64), assembling
-    the ranks' slices into whole tensors; non-float tensors are kept in `whole`."""
+def _accumulate(snapshot: Snapshot, weights: np.ndarray, outputs: dict, shapes: dict,
+                whole: dict) -> None:
+    """outputs[name][k] += sum_j weights[j, k] * profile j of `snapshot`, in float64, with the
+    ranks' slices put where they belong in the whole (flat) tensor: outputs[name] is
+    [len(targets), numel]. Non-float tensors are kept in `whole`, the later snapshot winning."""
     from safetensors import safe_open
+    coeffs = torch.from_numpy(np.ascontiguousarray(weights.T))  # [targets, profiles] float64
     for r in range(snapshot.world_size):
         with safe_open(str(rank_file(snapshot.path, r)), "pt") as f:
             layout = json.loads((f.metadata() or {}).get("layout", "{}"))
+            by_name: dict[str, dict[int, str]] = {}
             for key in f.keys():
                 j, name = key.split("/", 1)
-                t = f.get_tensor(key)
-                if not t.is_floating_point():
-                    whole[name] = t
+                by_name.setdefault(name, {})[int(j)] = key
+            for name, keys in by_name.items():
+                first = f.get_tensor(keys[0])
+                if not first.is_floating_point():
+                    whole[name] = first
                     continue
                 if name in layout:
                     shape, start, numel = layout[name]
-                    size = math.prod(shape)
-                    n = max(0, min(numel, size - start))  # ZeRO-3 pads the last partition
+                    n = max(0, min(numel, math.prod(shape) - start))  # ZeRO-3 pads the last partition
                 else:
-                    shape, start, n = list(t.shape), 0, t.numel()
+                    shape, start, n = list(first.shape), 0, first.numel()
                 shapes[name] = shape
-                part = t.reshape(-1)[:n].double()
-                for k, out in enumerate(outputs):
-                    c = float(weights[int(j), k])
-                    if c == 0.0 or n == 0:
-                        continue
-                    flat = out.get(name)
-                    if flat is None:
-                        flat = out[name] = torch.zeros(math.prod(shape), dtype=torch.float64)
-                    flat[start:start + n].add_(part, alpha=c)
+                out = outputs.get(name)
+                if out is None:
+                    out = outputs[name] = torch.zeros(coeffs.shape[0], math.prod(shape),
+                                                      dtype=torch.float64)
+                if n == 0:
+                    continue
+                # One matrix product per tensor: [targets, profiles] @ [profiles, n].
+                rows = torch.stack([f.get_tensor(keys[j]).reshape(-1)[:n] for j in sorted(keys)])
+                out[:, start:start + n].addmm_(coeffs[:, sorted(keys)], rows.double())
 
 
 def reconstruct(run_dir: str | os.PathLike, sigma_rels: Iterable[float],
@@ -280,7 +284,7 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Iterable[float],
     gammas = [g for s in used for g in s.gammas]
     x, errors = solve_coefficients(times, gammas, [target.images_seen] * len(wanted),
                                    [gamma_from_sigma_rel(s) for s in wanted])
-    outputs: list[dict] = [{} for _ in wanted]
+    outputs: dict = {}
     shapes: dict = {}
     whole: dict = {}
     row = 0
@@ -293,9 +297,7 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Iterable[float],
     result = {}
     from safetensors.torch import save_file
     for k, sigma_rel in enumerate(wanted):
-        tensors = {name: flat.float().view(shapes[name]) for name, flat in outputs[k].items()}
-        for name, shape in shapes.items():  # every coefficient of a tensor was zero: none here
-            tensors.setdefault(name, torch.zeros(shape, dtype=torch.float32))
+        tensors = {name: flat[k].float().view(shapes[name]) for name, flat in outputs.items()}
         tensors.update(whole)
         path = out_root / output_path(run, sigma_rel, at_kimg).name
         with atomic_path(path) as tmp:

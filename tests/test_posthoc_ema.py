@@ -160,8 +160,8 @@ def test_zero3_slices_assemble_to_the_single_process_reconstruction(tmp_path):
     for s in (0.05, 0.07, 0.10):
         a, b = load_file(str(one[s][0])), load_file(str(three[s][0]))
         assert a.keys() == b.keys() == {"w", "b", "scale", "count"}
-        for k in a:   # every element comes from exactly one rank, in the same order: equal bits
-            assert torch.equal(a[k], b[k]), (s, k)
+        for k in a:   # every element comes from exactly one rank: the same sums, to one ulp
+            torch.testing.assert_close(a[k], b[k], rtol=1.2e-7, atol=0)
         assert one[s][1] == three[s][1]
     # The tracked profiles come back as tracked, to float32 round-off; integers as they were.
     for j, s in enumerate((0.05, 0.10)):
