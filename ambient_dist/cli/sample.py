@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     run_dir, overrides = run_and_overrides(args)
-    if not run_dir and not (args.config and args.checkpoint):
-        return fail("give a run directory, or both --config and --checkpoint")
+    if not run_dir and not (args.config and (args.checkpoint or args.ema)):
+        return fail("give a run directory, or both --config and --checkpoint (or --ema)")
     if args.ema and args.checkpoint:
         return fail("give --ema or --checkpoint, not both (each names the weights to sample)")
     if args.num < 1 or args.batch < 1:
