@@ -140,6 +140,22 @@ def test_kill_9_then_resume_gives_the_uninterrupted_runs_snapshots_bit_for_bit(p
     assert not list(b.rglob(".*tmp*"))   # no temporary file left behind
 
 
+def _two_ranks(args: list[str]) -> None:
+    """ambient-train on two CPU ranks (gloo), started as a cluster starts them (one process each,
+    RANK / WORLD_SIZE in the environment), as tests/test_engine_deepspeed_backend.py does."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([PY, "launchers/train.py", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+
+
 @pytest.mark.slow
 def test_two_zero3_ranks_reconstruct_the_single_process_result(pixel_shards, tmp_path):  # noqa: F811
     # Two ranks draw their own noise, so no single process reproduces their training; what must
@@ -156,18 +172,7 @@ def test_two_zero3_ranks_reconstruct_the_single_process_result(pixel_shards, tmp
         "train.batch_per_gpu": 2}))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([PY, "launchers/train.py", "--config", str(config), "name=z3"],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
+    _two_ranks(["--config", str(config), "name=z3"])
     run = tmp_path / "runs" / "z3"
     snapshots = list_snapshots(run)
     assert [(s.images_seen, s.world_size) for s in snapshots] == [(16, 2), (32, 2), (48, 2)]
@@ -210,3 +215,36 @@ def test_two_zero3_ranks_reconstruct_the_single_process_result(pixel_shards, tmp
     ckpt = CheckpointManager(run, 3).latest()
     state = load_file(str(ckpt / "rank00001.safetensors"))
     assert torch.equal(state[f"power_ema.1/{biggest}"], part[f"1/{biggest}"])
+
+
+@pytest.mark.slow
+def test_a_zero2_run_resumed_from_an_earlier_checkpoint_rewrites_the_same_snapshots(pixel_shards,  # noqa: F811
+                                                                                     tmp_path):
+    # ZeRO-2 on two ranks: each rank's EMA is a fragment of the flat fp32 masters (some
+    # parameters hold no element on a rank). The run is cut back to its checkpoint at 24 images,
+    # as a crash there would leave it; the resumed ranks must restore every profile's fragment
+    # from their checkpoint files and write the snapshots at 32 and 48 again, bit for bit.
+    import shutil
+    cfg = load_config(None, toy_overrides(pixel_shards, tmp_path / "runs", **{
+        **POWER, "distributed.engine": "deepspeed", "distributed.zero_stage": 2,
+        "train.batch_per_gpu": 4}))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    _two_ranks(["--config", str(config), "name=z2"])
+    run, cut = tmp_path / "runs" / "z2", tmp_path / "cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "ckpt-000000000048")
+    (cut / "checkpoints" / "latest").write_text("ckpt-000000000024\n")
+    for name in ("snapshot-000000000032", "snapshot-000000000048"):
+        shutil.rmtree(cut / SNAPSHOT_DIR / name)
+    _two_ranks(["--config", str(config), "--run-dir", str(cut), "--resume", "auto"])
+    for s in list_snapshots(run):
+        for part in ("rank00000.safetensors", "rank00001.safetensors"):
+            assert filecmp.cmp(s.path / part, cut / SNAPSHOT_DIR / s.path.name / part, shallow=False), \
+                (s.path.name, part)
+    assert [s.images_seen for s in list_snapshots(cut)] == [16, 32, 48]
+    (path, fit_error), = reconstruct(cut, [0.05]).values()
+    rebuilt, exported = load_file(str(path)), load_file(str(cut / "ema.safetensors"))
+    for k, v in exported.items():
+        torch.testing.assert_close(rebuilt[k], v, rtol=2e-7, atol=1e-7)
+    assert fit_error < 1e-6
