@@ -86,6 +86,36 @@ def test_training_snapshots_reconstruct_the_tracked_emas(pixel_shards, tmp_path)
     assert any(not torch.allclose(between[k], v) for k, v in second.items())
 
 
+def test_a_skipped_step_still_moves_the_power_ema_toward_the_unchanged_weights(pixel_shards, tmp_path):
+    # The profiles weigh every span of images; over a skipped step (non-finite loss) the
+    # weights are the previous step's, and the average must take them in for that span.
+    from ambient_dist.posthoc_ema import power_beta
+    cfg = load_config(None, toy_overrides(pixel_shards, tmp_path, **POWER, **{"optimizer.lr": 0.05}))
+    trainer = build_trainer(cfg, tmp_path / "r")
+    for _ in range(3):   # the averages now differ from the live weights
+        trainer.train_step()
+    real_loss = trainer.task.loss_fn
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+    trainer.task.loss_fn = poisoned
+    live = {k: v.clone() for k, v in trainer.backend.module.state_dict().items()}
+    before = [{k: v.clone() for k, v in ema.state_dict().items()} for ema in trainer.power_ema.profiles]
+    trainer.train_step()
+    assert trainer.bad_steps == 1
+    assert all(torch.equal(live[k], v) for k, v in trainer.backend.module.state_dict().items())
+    for gamma, ema, old in zip(trainer.power_ema.gammas, trainer.power_ema.profiles, before):
+        beta = power_beta(gamma, 32, 8)   # the skipped step ended at 32 images
+        largest = 0.0
+        for k, v in ema.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, old[k].lerp(live[k], 1 - beta), rtol=1e-6, atol=1e-7)
+                largest = max(largest, (v - old[k]).abs().max().item())
+        assert largest > 1e-5   # the update is 100x the tolerance: the test is not vacuous
+
+
 # Dies by SIGKILL in the middle of writing a snapshot: its own part is written, meta.json not.
 KILL_WORKER = """
 import os, signal, sys

@@ -7,7 +7,10 @@ Trainer's `ema` (what ema.safetensors, the sample grids and the end-of-run summa
 others are checkpointed beside it (TrainingState.power_ema), so a resume continues every
 profile exactly. The update after a step ending at t images is
 ema <- beta ema + (1 - beta) live with beta = (1 - batch / t)^(gamma + 1)
-(ambient_dist.posthoc_ema.power_beta).
+(ambient_dist.posthoc_ema.power_beta). It runs after every step, also one skipped for a
+non-finite gradient (whose weights are then the previous step's): the profile weighs every
+span of images, so skipping an update would misweigh the span (the classic EMA, which has no
+such accounting, skips it).
 
 `save_snapshot` writes RUN_DIR/ema-snapshots/snapshot-<images>/ (the format is described and
 read in ambient_dist.posthoc_ema): each rank its own slices, then rank 0 meta.json, which

@@ -32,8 +32,8 @@ from ambient_dist.engine.checkpoint import (CheckpointManager, check_resume_comp
                                             export_safetensors_atomic)
 from ambient_dist.engine.ema import EMA, ema_beta
 from ambient_dist.engine.logging import RunLogger, TrainingStats
-from ambient_dist.engine.power_ema import PowerEMA
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
+from ambient_dist.engine.power_ema import PowerEMA
 from ambient_dist.engine.task import Task
 from ambient_dist.images import save_image_grid
 
@@ -120,11 +120,13 @@ class Trainer:
             self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
 
         applied, grad_norm = self.backend.step(step_loss)
+        t = self.cfg.train
+        if self.power_ema is not None:
+            # Every step, applied or skipped: the profiles weigh each step's span of images,
+            # and over a skipped step the weights are the previous step's.
+            self.power_ema.update(self.backend.ema_weights(), self.images_seen + t.batch, t.batch)
         if applied:
-            t = self.cfg.train
-            if self.power_ema is not None:
-                self.power_ema.update(self.backend.ema_weights(), self.images_seen + t.batch, t.batch)
-            else:
+            if self.power_ema is None:
                 self.ema.update(self.backend.ema_weights(),
                                 ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio))
             self.bad_in_a_row = 0
