@@ -186,10 +186,15 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[Snapshot]:
         for p in root.iterdir():
             if not (_SNAPSHOT.match(p.name) and (p / "meta.json").is_file()):
                 continue
-            m = json.loads((p / "meta.json").read_text())
-            if all(rank_file(p, r).is_file() for r in range(m["world_size"])):
-                found.append(Snapshot(p, m["images_seen"], m["batch"], tuple(m["sigma_rels"]),
-                                      tuple(m["gammas"]), m["world_size"]))
+            try:
+                m = json.loads((p / "meta.json").read_text())
+                snap = Snapshot(p, int(m["images_seen"]), int(m["batch"]), tuple(m["sigma_rels"]),
+                                tuple(m["gammas"]), int(m["world_size"]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise PosthocEMAError(f"snapshot {p}: meta.json is not a snapshot's ({e!r}); move the "
+                                      "directory away to reconstruct from the others") from None
+            if all(rank_file(p, r).is_file() for r in range(snap.world_size)):
+                found.append(snap)
     return sorted(found, key=lambda s: s.images_seen)
 
 
@@ -226,7 +231,13 @@ def _accumulate(snapshot: Snapshot, weights: np.ndarray, outputs: dict, shapes: 
     from safetensors import safe_open
     coeffs = torch.from_numpy(np.ascontiguousarray(weights.T))  # [targets, profiles] float64
     for r in range(snapshot.world_size):
-        with safe_open(str(rank_file(snapshot.path, r)), "pt") as f:
+        path = rank_file(snapshot.path, r)
+        try:
+            opened = safe_open(str(path), "pt")
+        except Exception as e:  # safetensors raises its own error type for a damaged header
+            raise PosthocEMAError(f"snapshot file {path}: cannot be read ({e}); move its snapshot "
+                                  "directory away to reconstruct from the others") from None
+        with opened as f:
             layout = json.loads((f.metadata() or {}).get("layout", "{}"))
             by_name: dict[str, dict[int, str]] = {}
             for key in f.keys():
@@ -293,7 +304,10 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Iterable[float],
         row += len(s.gammas)  # the last snapshot's non-float tensors remain in `whole`
     meta_run = json.loads((target.path / "meta.json").read_text())
     out_root = Path(out_dir) if out_dir else run / POSTHOC_DIR
-    out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PosthocEMAError(f"output directory {out_root}: cannot be created ({e.strerror})") from None
     result = {}
     from safetensors.torch import save_file
     for k, sigma_rel in enumerate(wanted):

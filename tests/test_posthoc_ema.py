@@ -210,3 +210,21 @@ def test_bad_requests_name_what_is_wrong(tmp_path):
     with pytest.raises(PosthocEMAError, match="--at-kimg -1: must be > 0"):
         reconstruct(tmp_path, [0.05], at_kimg=-1)
     assert not (tmp_path / "posthoc").exists() or not list((tmp_path / "posthoc").iterdir())
+
+
+def test_damaged_snapshot_files_are_named(tmp_path):
+    _write_run(tmp_path, _trajectory(6), 8, 3, [0.05, 0.10], world=2)
+    snap = tmp_path / SNAPSHOT_DIR / snapshot_name(48)
+    (snap / "rank00001.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PosthocEMAError, match=r"snapshot file .*rank00001.safetensors: cannot be read"):
+        reconstruct(tmp_path, [0.05])
+    (snap / "meta.json").write_text("{")
+    with pytest.raises(PosthocEMAError, match=r"snapshot .*snapshot-000000000048: meta.json is not"):
+        reconstruct(tmp_path, [0.05])
+    (snap / "meta.json").write_text('{"images_seen": 48}')
+    with pytest.raises(PosthocEMAError, match="meta.json is not a snapshot's"):
+        list_snapshots(tmp_path)
+    with pytest.raises(PosthocEMAError, match="output directory .*: cannot be created"):
+        (tmp_path / "file").write_text("x")
+        (tmp_path / SNAPSHOT_DIR / snapshot_name(48)).rename(tmp_path / "moved")
+        reconstruct(tmp_path, [0.05], out_dir=tmp_path / "file" / "sub")
