@@ -11,6 +11,7 @@ Modules (one job each):
     data/       sources, shard writer, loaders (resident, webdataset, DALI)
     engine/     training loop, EMA, checkpoints, logging, DeepSpeed
     sampling    EDM samplers
+    posthoc_ema power-function EMA profiles, snapshots, post-hoc reconstruction (EDM2)
     metrics/    feature extractors, FID, memorization, reports
 """
 __version__ = "0.1.0"

@@ -200,6 +200,23 @@ class TrainConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Which EMA of the weights training keeps (docs/ema.md). "classic": EDM's, one average with
+    the half-life train.ema_halflife_kimg (ramped by train.ema_rampup_ratio). "power": EDM2's
+    power-function EMAs, one per sigma_rel, with snapshots every snapshot_every_kimg from which
+    ambient-posthoc-ema reconstructs any other EMA length after training; the run's
+    ema.safetensors is then the first sigma_rel's tracked EMA."""
+    kind: Literal["classic", "power"] = "classic"
+    # Widths of the tracked power-function EMAs relative to the training time (EDM2's 0.05
+    # and 0.10); each in (0, 0.2887), at least two (the reconstruction fits across them).
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    # Snapshot interval in thousands of images (a snapshot is also taken at the end); each
+    # holds len(sigma_rels) float32 copies of the model (446 MB for DDPM++ CIFAR-10), so aim
+    # for some 20-100 over a run: the default gives 40 over the reference 200M images.
+    snapshot_every_kimg: float = 5000.0
+
+
+@dataclass
 class SamplingConfig:
     # EDM deterministic Heun sampler: 18 steps (35 evaluations) at 32x32.
     steps: int = 18
@@ -282,6 +299,7 @@ class ExperimentConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -625,6 +643,7 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     c(t.total_kimg > 0, "train.total_kimg", f"must be > 0, got {t.total_kimg}")
     c(t.ema_halflife_kimg >= 0, "train.ema_halflife_kimg", "must be >= 0")
     c(t.ema_rampup_ratio >= 0, "train.ema_rampup_ratio", "must be >= 0")
+    _validate_ema(cfg.ema, c)
     for k in ("log_every_kimg", "checkpoint_every_kimg", "sample_every_kimg"):
         c(getattr(t, k) > 0, f"train.{k}", f"must be > 0, got {getattr(t, k)}")
     c(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
@@ -661,6 +680,19 @@ def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) 
     for k in ("inception_path", "dinov2_path", "sscd_path"):
         if getattr(e, k) and check_paths:
             c(Path(getattr(e, k)).exists(), f"evaluation.{k}", f"{getattr(e, k)} does not exist")
+
+
+def _validate_ema(e: EMAConfig, c) -> None:
+    """ema.*: checked whatever the kind, so that a run switched to power later has valid values."""
+    limit = 1 / 12 ** 0.5  # sigma_rel of the uniform average (gamma = 0): the widest profile
+    for s in e.sigma_rels:
+        c(0 < s < limit, "ema.sigma_rels", f"each must be in (0, {limit:.4f}) (the EMA's width "
+          f"relative to the training time; EDM2 tracks 0.05 and 0.10), got {s}")
+    c(len(set(e.sigma_rels)) == len(e.sigma_rels), "ema.sigma_rels", f"lists a value twice: {e.sigma_rels}")
+    if e.kind == "power":
+        c(len(e.sigma_rels) >= 2, "ema.sigma_rels", "needs at least two values with ema.kind=power "
+          f"(the post-hoc fit combines profiles of different widths), got {e.sigma_rels}")
+    c(e.snapshot_every_kimg > 0, "ema.snapshot_every_kimg", f"must be > 0, got {e.snapshot_every_kimg}")
 
 
 def _validate_method(cfg: ExperimentConfig, c) -> None:

@@ -6,6 +6,7 @@
     ambient-evaluate      evaluate.py      FID / KID, memorization, CLIP score -> report
     ambient-study         study.py         a whole memorization study from one study file
     ambient-sample-text   sample_text.py   a (fine-tuned) Stable Diffusion model's images
+    ambient-posthoc-ema   posthoc_ema.py   EMAs of other lengths from a power-EMA run's snapshots
 
 pyproject.toml installs them as console scripts; launchers/*.py are the same commands for a
 source checkout, and `python -m ambient_dist.cli.<command>` works too. Exit status: 0 done,

@@ -13,6 +13,8 @@
     # the study's quality and attraction numbers for one of its runs (same settings, same path)
     ambient-evaluate studies/toy/runs/ddpm-n300-s0 --features pixels --quality-reference 1000 \
         --attraction-sigmas 0.5 1 2 --attraction-images 128
+    # a post-hoc EMA of the run (ambient-posthoc-ema): samples-ema-0.08/ and eval-ema-0.08/
+    ambient-evaluate runs/cifar10-300 --ema runs/cifar10-300/posthoc/ema-0.08.safetensors
     # the run's config changed for this evaluation (samples made with it, if any are missing)
     ambient-evaluate runs/cifar10-300 evaluation.memorization_features=dinov2 sampling.steps=40
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", help="sample folder or WebDataset shards (ambient-sample output)")
     p.add_argument("--shards", "--train", dest="shards", help="training shards (default: data.shards of the run's config)")
     p.add_argument("--out", help="report directory (default: RUN_DIR/eval or beside the samples)")
+    p.add_argument("--ema", metavar="FILE", help="a run's post-hoc EMA weights (ambient-posthoc-ema) "
+                   "instead of ema.safetensors: samples in RUN_DIR/samples-<stem>, report in "
+                   "RUN_DIR/eval-<stem>")
     p.add_argument("--num", type=int, default=0,
                    help="use the first NUM samples, making any that are missing (a run's samples: "
                         "its first NUM images; 0 = all that samples.json records, else 50000)")
@@ -78,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     run_dir, overrides = run_and_overrides(args)
+    if args.ema and (args.samples or not run_dir):
+        return fail(f"--ema {args.ema}: samples a run's post-hoc EMA; give the run directory "
+                    "and no --samples")
     if overrides and not run_dir:
         return fail(f"{overrides[0]}: overrides change a run's config.yaml; give the run directory")
     if args.quality_reference < 0 or args.quality_reference == 1:
@@ -103,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = str(info.device) if args.device == "auto" else args.device
     opts = ev.EvalOptions(
         samples=args.samples, run_dir=run_dir, shards=args.shards, out=args.out, num=args.num,
-        resample=args.resample, features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
+        resample=args.resample, ema=args.ema, features=args.features, inception_path=args.inception_path, dinov2_path=args.dinov2_path,
         sscd_path=args.sscd_path, thresholds=args.thresholds, fid=not args.no_fid,
         fid_reference=args.fid_reference, cache_dir=args.cache_dir, prompts=args.prompts, clip_path=args.clip_path,
         baseline=args.baseline, compare=args.compare, overrides=overrides, batch=args.batch, device=device,

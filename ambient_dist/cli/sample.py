@@ -4,6 +4,7 @@
     ambient-sample runs/cifar10-300 sampling.steps=40 sampling.S_churn=40 --out runs/c/churn
     torchrun --nproc_per_node 8 -m ambient_dist.cli.sample runs/cifar10-300 --batch 1024 --precision bf16
     ambient-sample --config my.yaml --checkpoint ema.safetensors --format wds
+    ambient-sample runs/cifar10-300 --ema runs/cifar10-300/posthoc/ema-0.08.safetensors
 
 The sampler is the run's `sampling` section (steps, sigma_min, sigma_max, rho, seed, solver,
 S_churn, S_min, S_max, S_noise), changed by `section.key=value` overrides as ambient-train takes
@@ -12,7 +13,8 @@ those overrides. Image n always comes from its own seed (sampling.seed, n): the 
 any batch size, on any number of ranks (torchrun / deepspeed / mpirun), and after a resume.
 Re-running the same command skips the images already written. Output: a PNG folder
 (<out>/000000/000123.png) or WebDataset shards (<out>/samples-000000.tar), plus samples.json
-describing how they were made.
+describing how they were made. --ema FILE samples a post-hoc EMA (ambient-posthoc-ema) instead
+of the run's ema.safetensors, by default into RUN_DIR/samples-<FILE's stem>.
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "the run's config.yaml (or --config)")
     p.add_argument("--config", help="experiment YAML (default: RUN_DIR/config.yaml)")
     p.add_argument("--checkpoint", help="EMA .safetensors file or checkpoints/ckpt-* directory")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/samples)")
+    p.add_argument("--ema", metavar="FILE", help="post-hoc EMA weights to sample (RUN_DIR/posthoc/"
+                   "ema-<sigma_rel>.safetensors, from ambient-posthoc-ema) instead of ema.safetensors")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/samples, with --ema "
+                                 "RUN_DIR/samples-<FILE's stem>)")
     p.add_argument("--num", type=int, default=50000,
                    help="number of images in the sample set (default 50000)")
     p.add_argument("--batch", type=int, default=256, help="images per sampler call per rank")
@@ -64,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     run_dir, overrides = run_and_overrides(args)
-    if not run_dir and not (args.config and args.checkpoint):
-        return fail("give a run directory, or both --config and --checkpoint")
+    if not run_dir and not (args.config and (args.checkpoint or args.ema)):
+        return fail("give a run directory, or both --config and --checkpoint (or --ema)")
+    if args.ema and args.checkpoint:
+        return fail("give --ema or --checkpoint, not both (each names the weights to sample)")
     if args.num < 1 or args.batch < 1:
         return fail("--num and --batch must be >= 1")
     import torch
@@ -80,9 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         device = torch.device(args.device)
     net, cfg, weights = S.load_denoiser(run_dir, args.checkpoint, args.config, device,
-                                        overrides=overrides)
+                                        overrides=overrides, ema=args.ema)
     settings = sampling.SamplerSettings.for_run(cfg)
-    out = Path(args.out) if args.out else Path(run_dir or ".") / "samples"
+    default = f"samples-{Path(args.ema).stem}" if args.ema else "samples"
+    out = Path(args.out) if args.out else Path(run_dir or ".") / default
     if args.compile:
         net = torch.compile(net)
     torch.backends.cudnn.benchmark = True  # fixed shapes: keep cuDNN's fastest convolution

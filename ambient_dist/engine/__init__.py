@@ -7,6 +7,7 @@
     backend.py     Backend: how a step runs (PlainBackend: single-process PyTorch)
     deepspeed_backend.py  DeepSpeedBackend: ZeRO 1/2/3, bf16 master weights
     ema.py         EMA with EDM semantics (half-life in images, ramp-up)
+    power_ema.py   PowerEMA: EDM2's power-function EMAs and their snapshots (ema.kind=power)
     checkpoint.py  atomic checkpoints (safetensors + weights-only state), keep last K
     lr.py          learning-rate ramp
     logging.py     TensorBoard scalars/histograms/images, training statistics over all ranks,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -33,6 +33,8 @@ class TrainingState:
     rng: dict[str, torch.Tensor]     # RNG states (uint8 tensors)
     loader: Optional[dict]           # the loader position and the data it was on
     meta: dict                       # images seen, steps, world size, config (meta.json)
+    # ema.kind=power: the profiles after the first (PowerEMA.state_dict; the first is `ema`)
+    power_ema: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_meta(path: Path) -> dict:
@@ -56,6 +58,7 @@ class Backend(Protocol):
     def step(self, step_loss: torch.Tensor) -> tuple[bool, torch.Tensor]: ...
     def ema_weights(self) -> dict[str, torch.Tensor]: ...
     def full_weights(self, ema_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def ema_layout(self) -> dict[str, tuple]: ...
     def save(self, checkpoints: CheckpointManager, images_seen: int, state: TrainingState) -> Path: ...
     def load(self, path: Path) -> TrainingState: ...
 
@@ -107,9 +110,15 @@ class PlainBackend:
     def full_weights(self, ema_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return ema_state  # already the whole model under the network's own keys
 
+    def ema_layout(self) -> dict[str, tuple]:
+        """Where each sliced EMA tensor sits in the whole one: none are sliced here."""
+        return {}
+
     def save(self, checkpoints: CheckpointManager, images_seen: int, state: TrainingState) -> Path:
+        extra = {"power_ema": state.power_ema} if state.power_ema else {}
         ckpt = Checkpoint(model=self.module.state_dict(), ema=state.ema, rng=state.rng,
-                          state={"optimizer": self.optimizer.state_dict(), "loader": state.loader},
+                          state={"optimizer": self.optimizer.state_dict(), "loader": state.loader,
+                                 **extra},
                           meta=state.meta)
         return checkpoints.save(ckpt, images_seen)
 
@@ -121,4 +130,4 @@ class PlainBackend:
         self.module.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.state["optimizer"])
         return TrainingState(ema=ckpt.ema, rng=ckpt.rng, loader=ckpt.state.get("loader"),
-                             meta=ckpt.meta)
+                             meta=ckpt.meta, power_ema=ckpt.state.get("power_ema", {}))

@@ -50,6 +50,8 @@ RESUMABLE_CHANGES = ("name", "description", "train.total_kimg", "train.log_every
                      "train.keep_checkpoints", "train.run_root", "data.shards", "data.loader",
                      "data.workers", "sampling.", "evaluation.", "distributed.timeout_s",
                      "train.cudnn_benchmark",
+                     # when power-EMA snapshots are taken, not what they average
+                     "ema.snapshot_every_kimg",
                      # follows from text.model_path (validated), and older checkpoints lack it
                      "task")
 _NAME = re.compile(r"^ckpt-(\d+)$")

@@ -180,6 +180,11 @@ class DeepSpeedBackend:
                           else ema_state[name])
         return full
 
+    def ema_layout(self) -> dict[str, tuple]:
+        """{name: (full shape, start, numel)} of this rank's slices (the power-EMA snapshots
+        record it, to assemble the slices offline); empty at stage 0 (whole tensors)."""
+        return {k: (tuple(s.shape), s.start, s.numel) for k, s in self._slices.items()}
+
     def _ema_from_full(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A checkpoint of the previous format (ZeRO 1-2: every rank averaged the whole bf16/fp32
         model) -> this rank's slices of it, so such checkpoints still resume."""
@@ -207,7 +212,8 @@ class DeepSpeedBackend:
         # tag explicitly and our checkpoints/latest (one level up) is a different file.
         self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=True)
         save_tensors({**{f"ema.{k}": v for k, v in state.ema.items()},
-                      **{f"rng.{k}": v for k, v in state.rng.items()}},
+                      **{f"rng.{k}": v for k, v in state.rng.items()},
+                      **{f"power_ema.{k}": v for k, v in state.power_ema.items()}},
                      self._rank_file(tmp))
         barrier(self.dist)
         if self.rank == 0:
@@ -228,6 +234,7 @@ class DeepSpeedBackend:
         mine = load_file(str(self._rank_file(path)), device=str(self.device))
         ema = self._ema_from_full({k[4:]: v for k, v in mine.items() if k.startswith("ema.")})
         rng = {k[4:]: v.cpu() for k, v in mine.items() if k.startswith("rng.")}
+        power_ema = {k[len("power_ema."):]: v for k, v in mine.items() if k.startswith("power_ema.")}
         loader = torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("loader")
         meta = json.loads((path / "meta.json").read_text())
-        return TrainingState(ema=ema, rng=rng, loader=loader, meta=meta)
+        return TrainingState(ema=ema, rng=rng, loader=loader, meta=meta, power_ema=power_ema)

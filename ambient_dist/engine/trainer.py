@@ -33,6 +33,7 @@ from ambient_dist.engine.checkpoint import (CheckpointManager, check_resume_comp
 from ambient_dist.engine.ema import EMA, ema_beta
 from ambient_dist.engine.logging import RunLogger, TrainingStats
 from ambient_dist.engine.lr import learning_rate, set_learning_rate
+from ambient_dist.engine.power_ema import PowerEMA
 from ambient_dist.engine.task import Task
 from ambient_dist.images import save_image_grid
 
@@ -87,6 +88,8 @@ class Trainer:
         self.num_parameters = sum(p.numel() for p in net.parameters())
         backend.setup(net)
         self.ema = EMA(backend.ema_weights())
+        # ema.kind=power: EDM2's power-function EMAs, the first of which is self.ema.
+        self.power_ema = PowerEMA.for_config(cfg, self.ema, backend.ema_weights())
         # sigma and eps come from their own generator (saved with the checkpoint); dropout
         # uses the global RNG (also saved). Each rank draws different noise.
         self.noise_generator = torch.Generator(self.device).manual_seed(t.seed + 1 + self.rank)
@@ -123,10 +126,15 @@ class Trainer:
             self.stats.add_batch(out.per_sample, out.ambient, out.sigma)
 
         applied, grad_norm = self.backend.step(step_loss)
+        t = self.cfg.train
+        if self.power_ema is not None:
+            # Every step, applied or skipped: the profiles weigh each step's span of images,
+            # and over a skipped step the weights are the previous step's.
+            self.power_ema.update(self.backend.ema_weights(), self.images_seen + t.batch, t.batch)
         if applied:
-            t = self.cfg.train
-            self.ema.update(self.backend.ema_weights(),
-                            ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio))
+            if self.power_ema is None:
+                self.ema.update(self.backend.ema_weights(),
+                                ema_beta(self.images_seen, t.batch, t.ema_halflife_kimg, t.ema_rampup_ratio))
             self.bad_in_a_row = 0
         else:
             self.bad_steps += 1
@@ -175,6 +183,11 @@ class Trainer:
                         grid = self.sample_grid(min(16, self.cfg.sampling.num_images))
                         if grid is not None:
                             logger.image("samples", grid, self.images_seen)
+                    # A snapshot before the checkpoint of the same step: a crash between the
+                    # two resumes from an earlier checkpoint, which writes it again.
+                    if self.power_ema is not None and (self._crossed(self.cfg.ema.snapshot_every_kimg)
+                                                       or self.images_seen >= total):
+                        self.save_snapshot()
                     if self._crossed(t.checkpoint_every_kimg) and self.images_seen < total:
                         self.save_checkpoint()
                         saved_at = self.images_seen
@@ -229,9 +242,16 @@ class Trainer:
         """A checkpoint (the backend's format), then ema.safetensors refreshed from the same
         EMA; returns the whole EMA weights (gathered: a collective)."""
         state = TrainingState(ema=self.ema.state_dict(), rng=self._rng_states(),
-                              loader=self.loader.state_dict(), meta=self._meta())
+                              loader=self.loader.state_dict(), meta=self._meta(),
+                              power_ema=self.power_ema.state_dict() if self.power_ema else {})
         self.backend.save(self.checkpoints, self.images_seen, state)
         return self.export_ema()
+
+    def save_snapshot(self) -> Path:
+        """A power-EMA snapshot at the current step (a collective; ambient_dist.posthoc_ema)."""
+        return self.power_ema.save_snapshot(self.run_dir, self.images_seen, self.cfg.train.batch,
+                                            self.dist, self.backend.ema_layout(),
+                                            self.cfg.fingerprint())
 
     def _restore(self, path: Path) -> TrainingState:
         """Continue from checkpoint `path` (model, optimizer, EMA, counters); returns what it
@@ -244,6 +264,8 @@ class Trainer:
                               "per-rank optimizer partitions and data positions depend on it).")
         state = self.backend.load(path)
         self.ema.load_state_dict(state.ema)
+        if self.power_ema is not None:
+            self.power_ema.load_state_dict(state.power_ema)
         self.images_seen = meta["images_seen"]
         self.steps, self.bad_steps = meta["steps"], meta["bad_steps"]
         return state

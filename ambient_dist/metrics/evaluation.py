@@ -46,6 +46,7 @@ class EvalOptions:
     out: Optional[str] = None              # report directory
     num: int = 0                           # use (or generate) this many samples; 0 = all / 50000
     resample: bool = False                 # replace a run's samples made from other weights
+    ema: Optional[str] = None              # a post-hoc EMA file of the run (instead of ema.safetensors)
     features: Optional[str] = None         # memorization space (default: config's)
     inception_path: str = ""
     dinov2_path: str = ""
@@ -102,7 +103,7 @@ def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path
         path = Path(opts.samples)
         wanted = opts.num or _recorded_count(path)
     elif opts.run_dir:
-        path = Path(opts.run_dir) / "samples"
+        path = Path(opts.run_dir) / _with_ema("samples", opts)
         wanted = opts.num or _recorded_count(path) or 50000
         _generate_for_run(opts, path, wanted)
     else:
@@ -116,13 +117,19 @@ def _generated(opts: EvalOptions, cfg: Optional[ExperimentConfig]) -> tuple[Path
     return path, images
 
 
+def _with_ema(name: str, opts: EvalOptions) -> str:
+    """A run's samples/ or eval/ folder, or samples-<stem>/ ... for a post-hoc EMA (--ema)."""
+    return f"{name}-{Path(opts.ema).stem}" if opts.ema else name
+
+
 def _generate_for_run(opts: EvalOptions, path: Path, num: int) -> None:
     """Sample the run's EMA into <run>/samples (resumable; what sample.py does with defaults)."""
     import shutil
 
     from ambient_dist import sampling
     rank, world, _ = ranks.env_rank_world()
-    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides)
+    net, cfg, weights = S.load_denoiser(opts.run_dir, device=opts.device, overrides=opts.overrides,
+                                        ema=opts.ema)
     if opts.resample and rank == 0 and path.exists():
         shutil.rmtree(path)
     if torch.distributed.is_initialized():
@@ -252,6 +259,8 @@ def evaluate(opts: EvalOptions) -> dict:
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None,
                     "quality": assessed["quality"], "attraction": assessed["attraction"]}
+    if opts.ema:
+        report["ema"] = str(opts.ema)
     if opts.fid:
         report["fid"] = _fid(opts, eval_cfg, generated, reference, ref_name)
     if opts.prompts and opts.clip_path:
@@ -317,7 +326,7 @@ def same_space(ours: dict, theirs: dict, what: str, this: str = "this run") -> N
 
 
 def write_outputs(opts: EvalOptions, report: dict, generated: torch.Tensor, train: torch.Tensor) -> None:
-    out = Path(opts.out or (Path(opts.run_dir) / "eval" if opts.run_dir else Path(report["samples"]).parent / "eval"))
+    out = Path(opts.out or (Path(opts.run_dir) / _with_ema("eval", opts) if opts.run_dir else Path(report["samples"]).parent / "eval"))
     figs = out / "figures"
     mem = report["memorization"]
     gen = mem["generated"]

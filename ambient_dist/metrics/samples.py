@@ -55,13 +55,19 @@ class SampleStoreError(UserError):
 # Model loading
 # --------------------------------------------------------------------------------------
 
-def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[str | os.PathLike]
-                    ) -> Path:
+def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[str | os.PathLike],
+                    ema: Optional[str | os.PathLike] = None) -> Path:
     """The EMA weights file to sample from.
 
+    --ema is a weights file in ema.safetensors' layout (a post-hoc EMA of ambient-posthoc-ema).
     --checkpoint may be an exported .safetensors file or a checkpoints/ckpt-* directory (its
     ema.safetensors). A run directory gives its exported ema.safetensors, else the EMA of the
     checkpoint named by checkpoints/latest."""
+    if ema:
+        if not Path(ema).is_file():
+            raise SampleStoreError(f"--ema {ema}: no such weights file (make one with "
+                                   "ambient-posthoc-ema RUN_DIR --sigma-rel S)")
+        return Path(ema)
     if checkpoint:
         path = Path(checkpoint)
         if path.is_dir():
@@ -83,10 +89,10 @@ def resolve_weights(run_dir: Optional[str | os.PathLike], checkpoint: Optional[s
                            "(train it first, or pass --checkpoint)")
 
 
-def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", overrides=None
-                  ) -> tuple[torch.nn.Module, ExperimentConfig, Path]:
+def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", overrides=None,
+                  ema=None) -> tuple[torch.nn.Module, ExperimentConfig, Path]:
     """(network in eval mode on `device`, its config with the `section.key=value` overrides
-    applied, the weights file it was loaded from)."""
+    applied, the weights file it was loaded from: `resolve_weights(run_dir, checkpoint, ema)`)."""
     from safetensors.torch import load_file
 
     from ambient_dist.models import build_network
@@ -94,7 +100,7 @@ def load_denoiser(run_dir=None, checkpoint=None, config=None, device="cpu", over
     if config_path is None or not config_path.is_file():
         raise SampleStoreError(f"config {config_path}: not found (give a run directory or --config)")
     cfg = load_config(config_path, overrides)
-    weights = resolve_weights(run_dir, checkpoint)
+    weights = resolve_weights(run_dir, checkpoint, ema)
     net = build_network(cfg)
     try:
         net.load_state_dict(load_file(str(weights)))
