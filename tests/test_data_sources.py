@@ -227,6 +227,23 @@ def test_a_key_written_twice_within_a_tar_is_two_samples_and_refused_by_default(
         _shards_of(src, tmp_path, "error")
 
 
+def test_members_without_an_image_are_named_never_dropped(tmp_path):
+    """A key written again with only its caption (the field's case: exit 0, the second caption
+    gone) and a caption whose image is missing are refused naming the members."""
+    tar = write_wds_tar(tmp_path / "again" / "00000.tar",
+                        [_sample("a", 1), _sample("b", 2), _sample("c", 3),
+                         {"__key__": "b", "txt": "another caption"}])
+    with pytest.raises(SourceError, match=rf"{tar}: member\(s\) b.txt hold no image .*: the key's "
+                                          r"sample is there with an image too: the key was written "
+                                          r"again without it .*; 1 such run\(s\)"):
+        open_source(str(tmp_path / "again"))
+    tar = write_wds_tar(tmp_path / "orphan" / "00000.tar",
+                        [_sample("a", 1), {"__key__": "z", "txt": "no picture", "json": "{}"}])
+    with pytest.raises(SourceError, match=rf"{tar}: member\(s\) z.json, z.txt hold no image .*: "
+                                          r"no member of that key has an image"):
+        open_source(str(tmp_path / "orphan"))
+
+
 def test_keep_first_keeps_the_first_whole_and_lists_the_rest(tmp_path, capsys):
     from ambient_dist.data import load_images
     from ambient_dist.data.shards import ShardSet
@@ -337,6 +354,21 @@ def test_a_source_tar_cut_at_a_member_boundary_is_refused_naming_what_is_missing
         open_source(str(tmp_path / "wds"))
     tar.write_bytes(whole)
     assert len(open_source(str(tmp_path / "wds"))) == 5
+
+
+def test_a_source_tar_cut_inside_a_member_names_what_is_missing_too(tmp_path):
+    """The usual end of a killed download: cut inside a member's data. Named as a cut between
+    members is: what was read, the last sample, and the count missing."""
+    import tarfile
+    tar = write_wds_tar(tmp_path / "wds" / "00000.tar", [_sample(f"k{i}", i) for i in range(5)],
+                        stats=5)
+    with tarfile.open(tar) as t:
+        jpg_of_k3 = [m for m in t.getmembers() if m.name == "k3.jpg"][0]
+    tar.write_bytes(tar.read_bytes()[: jpg_of_k3.offset_data + jpg_of_k3.size // 2])
+    with pytest.raises(SourceError, match=rf"{tar}: corrupt or truncated tar \(.*\); 3 samples "
+                                          r"read, the last k2; 00000_stats.json records 5 samples: "
+                                          r"2 are missing"):
+        open_source(str(tmp_path / "wds"))
 
 
 def test_a_stats_count_mismatch_is_refused(tmp_path):

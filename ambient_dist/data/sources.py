@@ -559,8 +559,26 @@ class WebDatasetSource(Source):
                     groups[-1][1][ext] = (m.offset_data, m.size)
                 problem = tar_end_problem(tar)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise SourceError(f"{tar_path}: corrupt or truncated tar ({e})") from None
+            # Cut inside a member (the usual end of a killed download): the samples before the
+            # cut are known, say what is lost as for a cut between members.
+            problem = f"corrupt or truncated tar ({e})"
+            groups = groups[:-1]  # the last run of members may be the one cut short
         out = [(t_i, comps, key) for key, comps in groups if any(e in comps for e in self.IMAGE_EXTS)]
+        # A run of members without an image would vanish here: a key written again with only
+        # its caption or metadata (a restarted download) would silently lose them, and a
+        # caption without its image is not a sample. Both are named and refused, never dropped.
+        imageless = [(key, comps) for key, comps in groups if not any(e in comps for e in self.IMAGE_EXTS)]
+        if imageless and not problem:
+            with_image = {s[2] for s in out}
+            key, comps = imageless[0]
+            what = ("the key's sample is there with an image too: the key was written again "
+                    "without it (a restarted download?)" if key in with_image else
+                    "no member of that key has an image")
+            raise SourceError(
+                f"{tar_path}: member(s) {', '.join(f'{key}.{e}' for e in sorted(comps))} hold no "
+                f"image ({'/'.join(self.IMAGE_EXTS)}): {what}; {len(imageless)} such run(s) of "
+                f"members in this tar (first shown). They would be lost without a word: remove "
+                "them from the tar, or write the tar again")
         # The position in the tar tells apart the samples of a key written twice (where()).
         times = Counter(s[2] for s in out)
         out = [(*s, n if times[s[2]] > 1 else None) for n, s in enumerate(out)]
