@@ -583,6 +583,12 @@ def _check(ok: bool, key: str, msg: str, source: str) -> None:
         raise ConfigError(f"{key}: {msg}" + (f" [{source}]" if source else ""))
 
 
+# A run's name (and a study's) becomes a directory name: letters, digits, '.', '_', '+', '-',
+# starting with a letter or digit, so that it can never be '', '.', '..', hidden, or hold a
+# path separator (a run named '../../x' or 'a/b' would write outside its root directory).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
 def validate(cfg: ExperimentConfig, source: str = "", check_paths: bool = True) -> None:
     o, n, t, d, s = cfg.objective, cfg.network, cfg.train, cfg.data, cfg.sampling
     c = lambda ok, key, msg: _check(ok, key, msg, source)  # noqa: E731

@@ -2,9 +2,12 @@
 `ambient-train` on it is refused, naming the first's pid), and SIGINT stops a trainer at a
 checkpoint (exit 0) that --resume auto continues."""
 import json
+import re
 import signal
 import subprocess
 import sys
+
+import pytest
 
 from ambient_dist.config import load_config, save_config
 from ambient_dist.engine.checkpoint import CheckpointManager
@@ -43,3 +46,18 @@ def test_second_trainer_on_a_run_directory_is_refused_and_sigint_checkpoints(tmp
     assert not alive(first.pid)
     with DirectoryLock(run):  # released when it exited
         pass
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", ".hidden", "two words"])
+def test_a_run_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    """The run's directory is train.run_root/name: an empty name= put the run's files straight
+    into the root, 'a/b' or '../x' elsewhere. --run-dir needs no name."""
+    from ambient_dist.config import ConfigError
+    from ambient_dist.engine.run import resolve_run_dir
+    cfg = load_config(None, [f"name={name}", f"train.run_root={tmp_path}"], check_paths=False)
+    with pytest.raises(ConfigError, match=rf"name: {re.escape(repr(name))} is not a plain name .* "
+                                          rf"under train.run_root {tmp_path}; or pass --run-dir"):
+        resolve_run_dir(cfg)
+    assert resolve_run_dir(cfg, tmp_path / "mine") == tmp_path / "mine"
+    assert resolve_run_dir(load_config(None, ["name=exp-1.b_2+c", f"train.run_root={tmp_path}"],
+                                       check_paths=False)) == tmp_path / "exp-1.b_2+c"

@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from ambient_dist.config import (ConfigError, ExperimentConfig, resolved_fields, save_config, to_dict,
-                                 training_notes, typed_paths, validate_world, with_absolute_paths)
+from ambient_dist.config import (PLAIN_NAME, ConfigError, ExperimentConfig, resolved_fields,
+                                 save_config, to_dict, training_notes, typed_paths, validate_world,
+                                 with_absolute_paths)
 from ambient_dist.distributed import DistInfo, any_rank_true, init_distributed, shutdown
 from ambient_dist.errors import original_message
 from ambient_dist.engine.backend import Backend, PlainBackend
@@ -45,7 +46,16 @@ from ambient_dist.sampling import SamplerSettings
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] = None) -> Path:
-    return Path(run_dir) if run_dir else Path(cfg.train.run_root) / cfg.name
+    """--run-dir, else train.run_root/name. ConfigError when that name is not a plain name
+    (config.PLAIN_NAME): an empty `name=` would put the run's files straight into the root,
+    'a/b' or '../x' elsewhere than under it."""
+    if run_dir:
+        return Path(run_dir)
+    if not PLAIN_NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name: {cfg.name!r} is not a plain name (letters, digits, '.', '_', "
+                          "'+', '-', starting with a letter or digit): it names the run's "
+                          f"directory under train.run_root {cfg.train.run_root}; or pass --run-dir")
+    return Path(cfg.train.run_root) / cfg.name
 
 
 def own_run_dir(run_dir: Path, info: DistInfo) -> DirectoryLock:

@@ -12,16 +12,12 @@ from typing import Literal, Optional
 
 import yaml
 
-from ambient_dist.config import ConfigError, ExperimentConfig, build_typed, load_config
+from ambient_dist.config import PLAIN_NAME, ConfigError, ExperimentConfig, build_typed, load_config
 from ambient_dist.errors import UserError
 from ambient_dist.metrics.memorization import ATTRACTION_SIGMAS
 
 STAGES = ("shards", "train", "sample", "evaluate")
 
-# A run's name (and the study's) becomes a directory name: letters, digits, '.', '_', '+', '-',
-# starting with a letter or digit, so that it can never be '', '.', '..', hidden, or hold a
-# path separator (a run named '../../x' or 'a/b' would write outside the study directory).
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 # --------------------------------------------------------------------------------------
