@@ -82,6 +82,8 @@ def test_run_to_report_with_figures_baseline_and_comparison(setup, evaluated):
     report = json.loads((out / "report.json").read_text())
     mem = report["memorization"]
     assert report["num_samples"] == 6 and report["sigma_tn"] == 1.0
+    from ambient_dist.provenance import provenance  # what made the numbers, as run.json has it
+    assert report["provenance"]["version"] == provenance()["version"] and report["provenance"]["torch"]
     assert mem["feature_space"] == "pixels-minus-mean" and mem["num_train"] == 16  # data.subset
     assert mem["heldout"]["count"] == 6 and len(mem["generated"]["max_similarity"]) == 6
     assert all(0 <= i < 16 for i in mem["generated"]["nearest_index"])
@@ -316,6 +318,17 @@ def test_fid_references_of_another_shape_are_refused_naming_both(setup, evaluate
     assert evaluate_launcher.main([*common, "--fid-reference", str(stats)]) == 2
     err = _error(capsys)
     assert f"--fid-reference {stats}: statistics of images [C, H, W] = [1, 16, 16]" in err and "[1, 8, 8]" in err
+    # EDM-style statistics (no image shape recorded) of another feature size name the file;
+    # a file whose sigma is not [D, D] too
+    edm_style = tmp_path / "dim64.npz"
+    np.savez(edm_style, mu=np.zeros(64), sigma=np.eye(64))
+    assert evaluate_launcher.main([*common, "--fid-reference", str(edm_style)]) == 2
+    err = _error(capsys)
+    assert f"--fid-reference {edm_style}: FID statistics of different feature sizes: (8,) vs (64,)" in err  # the stand-in's 8
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(4), sigma=np.eye(3))
+    assert evaluate_launcher.main([*common, "--fid-reference", str(bad)]) == 2
+    assert f"FID statistics {bad}: mu [4] and sigma [3, 3] are not a mean [D] and covariance [D, D]" in _error(capsys)
     # the statistics cached by an evaluation record the shape they were computed on
     cached = sorted((root / "cache").glob("fidstats-*.npz"))[-1]
     assert fidlib.recorded_image_shape(cached) == [1, 8, 8]

@@ -223,5 +223,6 @@ def test_image_folders_that_cannot_be_read_name_the_folder(tmp_path):
     mixed.mkdir()
     Image.new("RGB", (8, 8)).save(mixed / "a.jpg")
     Image.new("L", (8, 8)).save(mixed / "b.png")
-    with pytest.raises(S.SampleStoreError, match=r"samples .*: images of different shapes \[\(8, 8, 1\), \(8, 8, 3\)\]"):
+    with pytest.raises(S.SampleStoreError, match=r"samples .*: images of different shapes: \[H, W, C\] = "
+                       r"\[8, 8, 1\] \(first: image 1\), \[H, W, C\] = \[8, 8, 3\] \(first: image 0\)"):
         S.read_samples(mixed)

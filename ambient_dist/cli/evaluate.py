@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "out" in report:
         mem = report["memorization"]["generated"]
         fid = report["fid"]["value"] if report["fid"] else None
-        print(f"FID {fid if fid is None else round(fid, 3)}; similarity > "
+        print(f"FID {'not computed (--no-fid)' if fid is None else round(fid, 3)}; similarity > "
               f"{report['memorization']['thresholds'][0]:g}: {next(iter(mem['fraction_above'].values())):.4f} "
               f"({report['memorization']['feature_space']}); report in {report['out']}")
         if report.get("quality"):

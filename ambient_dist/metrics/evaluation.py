@@ -36,6 +36,7 @@ from ambient_dist.errors import UserError
 from ambient_dist.metrics.assess import QualityReference, assess
 from ambient_dist.metrics.features import ImageShapeError, build_extractor, check_same_shape, images_digest
 from ambient_dist.progress import progress as progress_bar
+from ambient_dist.provenance import provenance
 
 
 @dataclass
@@ -181,7 +182,12 @@ def _fid(opts: EvalOptions, eval_cfg: EvaluationConfig, generated: torch.Tensor,
         reference = fidlib.reference_statistics(
             ex, _batches(reference, opts.batch, "FID reference", opts.progress),
             images_digest(reference), cache, image_shape=list(reference.shape[1:]))
-    value = fidlib.fid_against(ex, _batches(generated, opts.batch, "FID samples", opts.progress), reference)
+    try:
+        value = fidlib.fid_against(ex, _batches(generated, opts.batch, "FID samples", opts.progress), reference)
+    except fidlib.StatisticsError as e:  # name the file: the samples' side is ours
+        raise fidlib.StatisticsError(f"--fid-reference {reference_name}: {e} (the samples' "
+                                     f"features are those of {ex.name}): statistics of another "
+                                     "feature extractor are not comparable") from None
     return {"value": value, "extractor": ex.name, "reference": reference_name,
             "reference_count": int(reference[2]), "num_samples": int(len(generated))}
 
@@ -255,7 +261,7 @@ def evaluate(opts: EvalOptions) -> dict:
     mem = assessed["memorization"][eval_cfg.memorization_features]
     report: dict = {"run": Path(opts.run_dir).name if opts.run_dir else sample_path.name,
                     "samples": os.path.abspath(sample_path), "num_samples": int(len(generated)),
-                    "image_shape": list(generated.shape[1:]),
+                    "image_shape": list(generated.shape[1:]), "provenance": provenance(),
                     "shards": str(shards), "sigma_tn": cfg.objective.sigma_tn if cfg else None,
                     "memorization": mem, "fid": None, "clip_score": None, "baseline": None,
                     "quality": assessed["quality"], "attraction": assessed["attraction"]}

@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from ambient_dist import distributed as ranks
+from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_path
+
+
+class StatisticsError(UserError, ValueError):
+    """FID statistics that cannot be compared (feature sizes differ) or read (keys, shapes)."""
 
 
 class FeatureMoments:
@@ -73,7 +78,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"FID statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
+        raise StatisticsError(f"FID statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
     root = _sqrt_psd(sigma2)
     middle = root @ sigma1 @ root
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -110,8 +115,12 @@ def load_statistics(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     (same `mu` and `sigma` keys, no count: reported as 0)."""
     with np.load(path, allow_pickle=False) as f:
         if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {sorted(f.files)}")
-        return f["mu"], f["sigma"], int(f["count"]) if "count" in f else 0
+            raise StatisticsError(f"FID statistics {path}: needs arrays 'mu' and 'sigma', has {sorted(f.files)}")
+        mu, sigma = f["mu"], f["sigma"]
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise StatisticsError(f"FID statistics {path}: mu {list(mu.shape)} and sigma "
+                                  f"{list(sigma.shape)} are not a mean [D] and covariance [D, D]")
+        return mu, sigma, int(f["count"]) if "count" in f else 0
 
 
 def recorded_image_shape(path: Path) -> Optional[list[int]]:

@@ -387,9 +387,12 @@ def read_samples(path: str | os.PathLike, limit: int = 0, what: str = "samples"
         labels.append(label)
         if limit and len(indices) >= limit:
             break
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise SampleStoreError(f"{what} {path}: images of different shapes {sorted(shapes)}")
+    first: dict[tuple, int] = {}
+    for n, im in zip(indices, images):
+        first.setdefault(im.shape, n)
+    if len(first) != 1:  # name an image of each shape, so the odd ones can be found
+        listed = ", ".join(f"[H, W, C] = {list(s)} (first: image {n})" for s, n in sorted(first.items()))
+        raise SampleStoreError(f"{what} {path}: images of different shapes: {listed}")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     has_labels = all(lab is not None for lab in labels)
     return indices, pixels, (torch.tensor(labels) if has_labels else None)
