@@ -38,6 +38,17 @@ def load_launcher(name: str):
     return module
 
 
+def poison_loss(trainer) -> None:
+    """From now on the trainer's loss is NaN (every step non-finite: skipped by the trainer)."""
+    real_loss = trainer.task.loss_fn
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+    trainer.task.loss_fn = poisoned
+
+
 def perturb(net: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     """Give zero/near-zero-initialised layers real weights, so the network output is not ~0.
 

@@ -21,7 +21,7 @@ from ambient_dist.engine.power_ema import PowerEMA
 from ambient_dist.engine.run import build_trainer
 from ambient_dist.posthoc_ema import SNAPSHOT_DIR, gamma_from_sigma_rel, list_snapshots, reconstruct
 
-from helpers import free_port, toy_overrides
+from helpers import free_port, poison_loss, toy_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -94,13 +94,7 @@ def test_a_skipped_step_still_moves_the_power_ema_toward_the_unchanged_weights(p
     trainer = build_trainer(cfg, tmp_path / "r")
     for _ in range(3):   # the averages now differ from the live weights
         trainer.train_step()
-    real_loss = trainer.task.loss_fn
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-    trainer.task.loss_fn = poisoned
+    poison_loss(trainer)
     live = {k: v.clone() for k, v in trainer.backend.module.state_dict().items()}
     before = [{k: v.clone() for k, v in ema.state_dict().items()} for ema in trainer.power_ema.profiles]
     trainer.train_step()

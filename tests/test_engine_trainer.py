@@ -23,7 +23,7 @@ from ambient_dist.engine.checkpoint import CheckpointManager
 from ambient_dist.engine.run import build_trainer
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.models import build_network
-from helpers import random_grey_shards, toy_overrides
+from helpers import poison_loss, random_grey_shards, toy_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launchers"))
@@ -328,13 +328,7 @@ def test_sigterm_checkpoints_and_stops_cleanly(pixel_shards, tmp_path, monkeypat
 def test_non_finite_loss_skips_the_step_and_a_streak_stops_the_run(pixel_shards, tmp_path, monkeypatch):
     trainer = build_trainer(toy_config(pixel_shards, tmp_path), tmp_path / "r")
     trainer.train_step()
-    real_loss = trainer.task.loss_fn
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-    trainer.task.loss_fn = poisoned
+    poison_loss(trainer)
     before = _state(trainer)
     trainer.train_step()
     after = _state(trainer)
