@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ambient_dist.errors import UserError
 from ambient_dist.fileio import atomic_write_json
@@ -164,3 +164,25 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_for_launch(directory: str | os.PathLike, what: str = "run directory", is_main: bool = True,
+                    any_rank_refused: Callable[[bool], bool] = lambda refused: refused) -> DirectoryLock:
+    """The lock on `directory` for every rank of one launch: the main rank takes it for all
+    (they are one owner), and every rank stops when it is refused, so that a second launch
+    never works beside the first. `any_rank_refused(flag) -> bool` is the launch's collective
+    "any rank says so" (given by the caller: this module stays below the process group's);
+    the default is a single process. Raises DirectoryInUse on every rank; release() the lock
+    when done."""
+    lock = DirectoryLock(directory, what)
+    refused: Optional[DirectoryInUse] = None
+    if is_main:
+        try:
+            lock.acquire()
+        except DirectoryInUse as e:
+            refused = e
+    if any_rank_refused(refused is not None):
+        lock.release()
+        raise refused or DirectoryInUse(f"{what} {lock.directory} is in use by another launch "
+                                        "(rank 0 of this launch says by whom)")
+    return lock

@@ -226,3 +226,39 @@ def test_image_folders_that_cannot_be_read_name_the_folder(tmp_path):
     with pytest.raises(S.SampleStoreError, match=r"samples .*: images of different shapes: \[H, W, C\] = "
                        r"\[8, 8, 1\] \(first: image 1\), \[H, W, C\] = \[8, 8, 3\] \(first: image 0\)"):
         S.read_samples(mixed)
+
+
+def test_sampling_evaluating_or_reconstructing_into_a_run_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    """One owner per directory: ambient-sample (into the run), ambient-evaluate RUN and
+    ambient-posthoc-ema write into the run directory, so a run a trainer or a study's worker
+    holds is refused, naming the owner (field: an evaluation sampled 50,000 images from a
+    half-trained run and broke the study's own sample stage)."""
+    import subprocess
+    import sys
+    import textwrap
+    run = make_run(tmp_path)
+    hold = textwrap.dedent("""
+        import sys, time
+        from ambient_dist.locking import DirectoryLock
+        lock = DirectoryLock(sys.argv[1], "run directory").acquire()  # kept: a dropped lock is released
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        refused = f"error: run directory {run.resolve()} is in use by pid {owner.pid}"
+        assert sample(run, run / "samples", monkeypatch=monkeypatch) == 2
+        assert capsys.readouterr().err.startswith(refused)
+        assert not (run / "samples").exists()
+        assert load_launcher("evaluate").main([str(run), "--features", "pixels", "--no-fid",
+                                               "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(refused)
+        assert load_launcher("posthoc_ema").main([str(run), "--sigma-rel", "0.05"]) == 2
+        assert capsys.readouterr().err.startswith(refused)
+        # Sampling elsewhere only reads the run: allowed while it trains.
+        assert sample(run, tmp_path / "elsewhere", monkeypatch=monkeypatch) == 0
+    finally:
+        owner.kill()
+        owner.wait()
+    assert sample(run, run / "samples", monkeypatch=monkeypatch) == 0  # the owner is gone

@@ -27,6 +27,7 @@ this evaluation: its sampler (`sampling.*`, when samples are made), `evaluation.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 from typing import Optional, Sequence
 
@@ -118,7 +119,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress=not args.quiet, quality_reference=args.quality_reference,
         attraction_sigmas=args.attraction_sigmas, attraction_images=args.attraction_images)
     try:
-        report = ev.evaluate(opts)
+        lock = None
+        if run_dir and Path(run_dir).is_dir():
+            # It samples into the run (samples/, eval/): never beside a trainer, a study's
+            # worker or another evaluation of it (one owner per directory).
+            from ambient_dist.distributed import any_rank_true
+            from ambient_dist.locking import lock_for_launch
+            lock = lock_for_launch(run_dir, "run directory", info.is_main,
+                                   lambda refused: any_rank_true(refused, info))
+        try:
+            report = ev.evaluate(opts)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         shutdown(info)
     if "out" in report:

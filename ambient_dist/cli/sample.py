@@ -94,11 +94,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.compile:
         net = torch.compile(net)
     torch.backends.cudnn.benchmark = True  # fixed shapes: keep cuDNN's fastest convolution
-    made = S.sample_run(
-        net, weights, out, args.num, cfg.sampling.seed, settings, batch=args.batch,
-        layout=args.format, shard_size=args.shard_size, fixed_class=args.fixed_class,
-        guidance_scale=args.guidance, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-        rank=rank, world=world, device=device, progress=not args.quiet)
+    lock = None
+    if run_dir and world == 1 and Path(run_dir).resolve() in [out.resolve(), *out.resolve().parents]:
+        # Writing into the run: never beside its trainer, a study's worker or an evaluation.
+        # (Ranks of a multi-rank sampling have no process group to agree through; there the
+        # run directory is not locked.)
+        from ambient_dist.locking import lock_for_launch
+        lock = lock_for_launch(run_dir, "run directory")
+    try:
+        made = S.sample_run(
+            net, weights, out, args.num, cfg.sampling.seed, settings, batch=args.batch,
+            layout=args.format, shard_size=args.shard_size, fixed_class=args.fixed_class,
+            guidance_scale=args.guidance, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+            rank=rank, world=world, device=device, progress=not args.quiet)
+    finally:
+        if lock is not None:
+            lock.release()
     if rank == 0 or made:
         print(f"rank {rank}/{world}: wrote {made} images to {out}")
     return 0

@@ -38,7 +38,7 @@ from ambient_dist.engine.task import Task
 from ambient_dist.engine.trainer import Trainer
 from ambient_dist.fileio import atomic_write_json
 from ambient_dist.images import save_image_grid
-from ambient_dist.locking import DirectoryInUse, DirectoryLock
+from ambient_dist.locking import DirectoryLock, lock_for_launch
 from ambient_dist.metrics.assess import assess
 from ambient_dist.progress import say_once
 from ambient_dist.provenance import provenance
@@ -59,22 +59,11 @@ def resolve_run_dir(cfg: ExperimentConfig, run_dir: Optional[str | os.PathLike] 
 
 
 def own_run_dir(run_dir: Path, info: DistInfo) -> DirectoryLock:
-    """Lock the run directory for this launch (ambient_dist.locking): rank 0 takes the lock
-    for all ranks of the launch (they are one owner), and every rank stops when it is refused,
-    so that a second launch on a directory in use never trains beside the first. Raises
-    DirectoryInUse (naming the owner's pid and host) on every rank; a collective."""
-    lock = DirectoryLock(run_dir, "run directory")
-    refused: Optional[DirectoryInUse] = None
-    if info.is_main:
-        try:
-            lock.acquire()
-        except DirectoryInUse as e:
-            refused = e
-    if any_rank_true(refused is not None, info):
-        lock.release()
-        raise refused or DirectoryInUse(f"run directory {run_dir} is in use by another launch "
-                                        "(rank 0 of this launch says by whom)")
-    return lock
+    """Lock the run directory for this launch (locking.lock_for_launch: rank 0 takes the lock
+    for all ranks, every rank stops when it is refused). Raises DirectoryInUse (naming the
+    owner's pid and host) on every rank; a collective."""
+    return lock_for_launch(run_dir, "run directory", info.is_main,
+                           lambda refused: any_rank_true(refused, info))
 
 
 def find_resume_point(run_dir: Path, resume: Optional[str], keep: int = 1) -> Optional[Path]:
