@@ -38,6 +38,29 @@ def test_bad_study_files_are_refused_before_anything_starts(tmp_path, change, me
     assert study.main([str(path), "--out", str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    ("gpu0", "--device gpu0: expected auto, cpu, cuda or cuda:N"),
+    ("cuda", "--device cuda: no CUDA device on this machine"),
+    ("cuda:1", "--device cuda:1: no CUDA device on this machine"),
+])
+def test_a_device_that_cannot_sample_is_refused_before_training(tmp_path, capsys, device, message):
+    """Field case: --device tpu (or cuda on a CPU machine) trained every run to its end and
+    failed at sampling. Refused before anything starts, by --check too."""
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        message = None  # on a GPU machine cuda is right: then it must pass the check
+    path = write(tmp_path, TOY)
+    study = load_launcher("study")
+    rc = study.main([str(path), "--out", str(tmp_path / "out"), "--device", device, "--check"])
+    if message is None:
+        assert rc == 0
+        return
+    assert rc == 2 and capsys.readouterr().err.startswith(f"error: {message}")
+    assert study.main([str(path), "--out", str(tmp_path / "out"), "--device", device]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_study_files_validate(path):
     """Every run of every shipped study builds a valid experiment config (the paper-scale

@@ -44,6 +44,24 @@ SLURM_FLAGS = {"partition": str, "account": str, "nodes": int, "gpus_per_node": 
                "cpus_per_task": int, "mem_gb": float, "time_min": int, "max_requeues": int}
 
 
+def check_device(device: str, executor: str) -> None:
+    """StudyError unless `device` is auto, cpu, cuda or cuda:N, and (on this machine, with the
+    local executor) a CUDA device is there when one is asked for."""
+    from ambient_dist.study import StudyError
+    if device == "auto":
+        return
+    import torch
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise StudyError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and executor == "local" and not torch.cuda.is_available():
+        raise StudyError(f"--device {device}: no CUDA device on this machine (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambient-study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if slurm and args.executor != "slurm":
         raise StudyError("--" + next(iter(slurm)).replace("_", "-") + ": a SLURM option needs "
                          "--executor slurm")
+    check_device(args.device, args.executor)  # before hours of training, not at sampling
     if args.check:
         from ambient_dist.study.runner import mark_retrain, refuse_stale_training
         study, specs = load_study(args.study, args.out)
