@@ -130,6 +130,13 @@ def test_a_preempted_job_is_requeued_and_ends_with_the_weights_of_an_uninterrupt
     (["--executor", "slurm", "--nodes", "0", "--check"], "slurm.nodes: must be >= 1, got 0"),
     (["--executor", "slurm", "--time-min", "0", "--check"], "slurm.time_min: must be >= 1"),
     (["--executor", "slurm", "--sbatch", "qos=high", "--check"], "slurm.sbatch: 'qos=high'"),
+    # Several ranks per run need DeepSpeed (field: the README's 8-GPU command queued jobs that
+    # could only die at start with the plain engine's refusal; --check said all was valid).
+    (["--executor", "slurm", "--gpus-per-node", "8", "--check"],
+     "slurm.nodes 1 x slurm.gpus_per_node 8 = 8 ranks per run need distributed.engine=deepspeed, "
+     "but 1 run(s) use the plain single-process engine (ddpm-n12-s0): add "
+     "`distributed.engine=deepspeed` to the study file's overrides"),
+    (["--executor", "slurm", "--nodes", "4", "--gpus-per-node", "8"], "= 32 ranks per run need"),
 ])
 def test_bad_slurm_settings_are_refused_naming_the_key(tmp_path, args, message):
     path = one_run(tmp_path)

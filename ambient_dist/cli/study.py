@@ -110,8 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.executor == "slurm":
             import dataclasses
 
-            from ambient_dist.study.slurm import check_slurm
-            check_slurm(dataclasses.replace(study.slurm, **slurm))
+            from ambient_dist.study.slurm import check_ranks, check_slurm
+            settings = dataclasses.replace(study.slurm, **slurm)
+            check_slurm(settings)
+            check_ranks(settings, specs)
         print(f"{args.study}: {len(specs)} runs, every config valid: "
               + ", ".join(s.name for s in specs))
         return 0

@@ -117,7 +117,10 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
         refuse_stale_training(specs)
     if executor == "slurm" and not only_report:
         from ambient_dist.study.slurm import preflight
-        preflight(dataclasses.replace(study.slurm, **(slurm_overrides or {})))
+        from ambient_dist.study.slurm import check_ranks
+        settings = dataclasses.replace(study.slurm, **(slurm_overrides or {}))
+        check_ranks(settings, specs)
+        preflight(settings)
     say = (lambda msg: print(f"[study] {msg}", flush=True)) if progress else (lambda msg: None)
     with DirectoryLock(out_dir, "study directory"):
         failures: dict[str, str] = {}

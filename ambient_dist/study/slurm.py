@@ -62,6 +62,20 @@ def check_slurm(s: StudySlurm) -> None:
             bad("sbatch", f"{opt!r}: give long sbatch options, e.g. --qos=high or --exclusive")
 
 
+def check_ranks(s: StudySlurm, specs: list[RunSpec]) -> None:
+    """A job of several ranks (nodes x gpus_per_node > 1) trains through torchrun, which the
+    plain engine refuses at start: refused here, before anything is submitted (StudyError
+    naming the runs and the override that fixes it)."""
+    ranks = s.nodes * max(s.gpus_per_node, 1)
+    plain = [spec.name for spec in specs if spec.config.distributed.engine != "deepspeed"]
+    if ranks > 1 and plain:
+        raise StudyError(f"slurm.nodes {s.nodes} x slurm.gpus_per_node {s.gpus_per_node} = {ranks} "
+                         f"ranks per run need distributed.engine=deepspeed, but {len(plain)} run(s) "
+                         f"use the plain single-process engine ({', '.join(plain[:4])}"
+                         f"{', ...' if len(plain) > 4 else ''}): add `distributed.engine=deepspeed` "
+                         "to the study file's overrides, or use --gpus-per-node 1 --nodes 1")
+
+
 def preflight(s: StudySlurm) -> None:
     """What must hold before anything is made for a SLURM study (StudyError otherwise)."""
     check_slurm(s)
