@@ -116,8 +116,7 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
     if not only_report:
         refuse_stale_training(specs)
     if executor == "slurm" and not only_report:
-        from ambient_dist.study.slurm import preflight
-        from ambient_dist.study.slurm import check_ranks
+        from ambient_dist.study.slurm import check_ranks, preflight
         settings = dataclasses.replace(study.slurm, **(slurm_overrides or {}))
         check_ranks(settings, specs)
         preflight(settings)
