@@ -83,18 +83,22 @@ class DirectoryLock:
 
     `what` names the directory in messages ("study directory", "run directory"). Use as a
     context manager, or acquire()/release(). acquire() raises DirectoryInUse when another
-    process owns the directory."""
+    process owns the directory; with create=False a missing directory is a UserError
+    ("<what> <dir>: not found") instead of being made (a run that must exist already)."""
 
-    def __init__(self, directory: str | os.PathLike, what: str = "directory"):
+    def __init__(self, directory: str | os.PathLike, what: str = "directory", create: bool = True):
         from filelock import FileLock
         self.directory = Path(directory).resolve()
         self.what = what
+        self.create = create
         self._lock = FileLock(str(self.directory / LOCK_NAME), timeout=0)
         self.token: Optional[str] = None
         self.inherited = False
 
     def acquire(self) -> "DirectoryLock":
         from filelock import Timeout
+        if not self.create and not self.directory.is_dir():
+            raise UserError(f"{self.what} {self.directory}: not found")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -167,19 +171,20 @@ class DirectoryLock:
 
 
 def lock_for_launch(directory: str | os.PathLike, what: str = "run directory", is_main: bool = True,
-                    any_rank_refused: Callable[[bool], bool] = lambda refused: refused) -> DirectoryLock:
+                    any_rank_refused: Callable[[bool], bool] = lambda refused: refused,
+                    create: bool = True) -> DirectoryLock:
     """The lock on `directory` for every rank of one launch: the main rank takes it for all
     (they are one owner), and every rank stops when it is refused, so that a second launch
     never works beside the first. `any_rank_refused(flag) -> bool` is the launch's collective
     "any rank says so" (given by the caller: this module stays below the process group's);
-    the default is a single process. Raises DirectoryInUse on every rank; release() the lock
-    when done."""
-    lock = DirectoryLock(directory, what)
-    refused: Optional[DirectoryInUse] = None
+    the default is a single process. `create` as for DirectoryLock. Raises DirectoryInUse
+    (or the missing directory's UserError) on every rank; release() the lock when done."""
+    lock = DirectoryLock(directory, what, create)
+    refused: Optional[UserError] = None
     if is_main:
         try:
             lock.acquire()
-        except DirectoryInUse as e:
+        except UserError as e:  # in use, or (create=False) not there
             refused = e
     if any_rank_refused(refused is not None):
         lock.release()

@@ -36,14 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_user_errors()
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
-
     from ambient_dist.locking import lock_for_launch
     from ambient_dist.posthoc_ema import reconstruct
-    if not Path(args.run_dir).is_dir():  # named by reconstruct, not made by the lock
-        results = reconstruct(args.run_dir, args.sigma_rel, at_kimg=args.at_kimg, out_dir=args.out)
     # It reads the snapshots a trainer writes and writes posthoc/: one owner per directory.
-    lock = lock_for_launch(args.run_dir, "run directory")
+    lock = lock_for_launch(args.run_dir, "run directory", create=False)
     try:
         results = reconstruct(args.run_dir, args.sigma_rel, at_kimg=args.at_kimg, out_dir=args.out)
     finally:

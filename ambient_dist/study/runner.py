@@ -15,14 +15,12 @@ checkpointed and exited (study/process.py says how); queued runs are not started
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,7 +32,7 @@ from ambient_dist.study.config import RunSpec, StudyConfig, StudyError, StudyFai
 from ambient_dist.study.process import (POLL_S, Interrupted, kill_group, wait_polling,
                                         handle_signals, raise_on_signals)
 from ambient_dist.study.stages import FAILED_RECORD as FAILURE_RECORD
-from ambient_dist.study.stages import make_run_shards
+from ambient_dist.study.stages import make_run_shards, record_failure, recorded_failure
 
 EXECUTORS = ("local", "slurm")
 # study.worker is imported inside the functions: `python -m ambient_dist.study.worker` runs
@@ -161,22 +159,13 @@ def run_study(path: str | os.PathLike, out: Optional[str] = None, jobs: int = 1,
 
 def recorded_failures(specs: list[RunSpec]) -> dict[str, str]:
     """name -> message of the runs whose <run>/study-failed.json says they failed."""
-    out = {}
-    for spec in specs:
-        record = spec.run_dir / FAILURE_RECORD
-        if record.is_file():
-            try:
-                r = json.loads(record.read_text())
-                out[spec.name] = r.get("message") or f"{r.get('stage')}: {r.get('error')}"
-            except (OSError, ValueError):
-                out[spec.name] = f"failed ({record} unreadable)"
-    return out
+    messages = {spec.name: recorded_failure(spec.run_dir) for spec in specs}
+    return {name: message for name, message in messages.items() if message is not None}
 
 
 def _make_shards(study: StudyConfig, specs: list[RunSpec], failures: dict, say) -> None:
     """Every run's shards, one after the other in this process: runs that need the same data
     share one directory, which is then made once, never by two workers at a time."""
-    from ambient_dist.fileio import atomic_write_json
     for spec in specs:
         (spec.run_dir / FAILURE_RECORD).unlink(missing_ok=True)
     for spec in specs:
@@ -184,10 +173,7 @@ def _make_shards(study: StudyConfig, specs: list[RunSpec], failures: dict, say) 
             make_run_shards(study, spec, False)
         except Exception as e:  # that run fails; the others go on
             failures[spec.name] = f"shards: {type(e).__name__}: {e}"
-            spec.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(spec.run_dir / FAILURE_RECORD, {
-                "stage": "shards", "error": str(e), "message": failures[spec.name],
-                "traceback": traceback.format_exc()})
+            record_failure(spec.run_dir, "shards", e, failures[spec.name])
             say(f"{spec.name}: shards FAILED ({type(e).__name__}: {e}); continuing with the others")
 
 

@@ -70,6 +70,26 @@ class RunFailed(Exception):
         super().__init__(f"{run}: {stage} failed: {error}")
 
 
+def record_failure(run_dir: Path, stage: str, error: BaseException, message: str) -> None:
+    """<run>/study-failed.json: the stage, the error, the one-line `message` ("stage: Type:
+    text") and the traceback of the exception being handled. The one writer of the record
+    (run_one, the worker, the driver's shard stage)."""
+    _write_json(Path(run_dir) / FAILED_RECORD, {"stage": stage, "error": str(error),
+                                                 "message": message,
+                                                 "traceback": traceback.format_exc()})
+
+
+def recorded_failure(run_dir: Path) -> Optional[str]:
+    """The one-line message of <run>/study-failed.json, or None when the run has none."""
+    record = Path(run_dir) / FAILED_RECORD
+    if not record.is_file():
+        return None
+    r = _read_json(record)
+    if r is None:
+        return f"failed ({record} unreadable)"
+    return r.get("message") or f"{r.get('stage')}: {r.get('error')}"
+
+
 def _write_json(path: Path, obj) -> None:
     from ambient_dist.fileio import atomic_write_json
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,9 +443,7 @@ def run_one(study: StudyConfig, spec: RunSpec, device: str, progress: bool,
         stages["evaluate"] = "reused" if before is not None else "made"
     except Exception as e:
         error = f"{type(e).__name__}: {original_message(e)}"  # a loader worker's own message
-        _write_json(spec.run_dir / FAILED_RECORD,
-                    {"stage": stage, "error": str(e), "message": f"{stage}: {error}",
-                     "traceback": traceback.format_exc()})
+        record_failure(spec.run_dir, stage, e, f"{stage}: {error}")
         raise RunFailed(spec.name, stage, error) from e
     return {"run": spec.name, "stages": stages, "evaluation": evaluation}
 

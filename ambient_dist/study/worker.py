@@ -37,21 +37,17 @@ def run_locked(study: StudyConfig, spec: RunSpec, device: str, progress: bool) -
     """run_one under the run directory's lock, shared with the trainer. A failure is recorded
     in <run>/study-failed.json and re-raised; Interrupted and DirectoryInUse pass through
     unrecorded (neither is the run's fault)."""
-    from ambient_dist.fileio import atomic_write_json
     from ambient_dist.locking import DirectoryLock
-    from ambient_dist.study.stages import run_one
+    from ambient_dist.study.stages import record_failure, run_one
     with DirectoryLock(spec.run_dir, "run directory") as lock:
         os.environ.update(lock.child_env())  # the trainer runs with this environment
-        record = spec.run_dir / FAILURE_RECORD
-        record.unlink(missing_ok=True)
+        (spec.run_dir / FAILURE_RECORD).unlink(missing_ok=True)
         try:
             return run_one(study, spec, device, progress)
         except RunFailed:
             raise  # run_one wrote the record, with the cause's traceback
         except Exception as e:
-            atomic_write_json(record, {"stage": "run", "error": str(e),
-                                       "message": failure_message(e),
-                                       "traceback": traceback.format_exc()})
+            record_failure(spec.run_dir, "run", e, failure_message(e))
             raise
 
 
