@@ -583,6 +583,17 @@ def _check(ok: bool, key: str, msg: str, source: str) -> None:
         raise ConfigError(f"{key}: {msg}" + (f" [{source}]" if source else ""))
 
 
+def flatten_options(tree: dict, prefix: str = "") -> dict:
+    """{"section.key": value} of a nested options dict (to_dict's form); lists stay values."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_options(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # A run's name (and a study's) becomes a directory name: letters, digits, '.', '_', '+', '-',
 # starting with a letter or digit, so that it can never be '', '.', '..', hidden, or hold a
 # path separator (a run named '../../x' or 'a/b' would write outside its root directory).

@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ambient_dist.config import PATH_OPTIONS, ConfigError, ExperimentConfig, to_dict
+from ambient_dist.config import PATH_OPTIONS, ConfigError, ExperimentConfig, flatten_options, to_dict
 from ambient_dist.fileio import atomic_path, atomic_write_text, set_default_permissions
 
 CHECKPOINT_DIR = "checkpoints"
@@ -192,23 +192,13 @@ class CheckpointManager:
         )
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_compatible(saved: dict, cfg: ExperimentConfig, checkpoint: Path) -> None:
     """Refuse to continue a checkpoint under options that would change its trajectory.
 
     An option the checkpoint does not mention was added to the schema after it was written;
     the run had none, which is what the option's default means (e.g. augment.p = 0)."""
-    old = {**_flatten(to_dict(ExperimentConfig())), **_flatten(saved)}
-    new = _flatten(to_dict(cfg))
+    old = {**flatten_options(to_dict(ExperimentConfig())), **flatten_options(saved)}
+    new = flatten_options(to_dict(cfg))
     # Runs save their paths absolute; a checkpoint written before that holds them as typed,
     # relative to the directory it was trained from (taken to be this one).
     for k in PATH_OPTIONS:

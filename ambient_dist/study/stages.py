@@ -48,7 +48,7 @@ from typing import Optional
 
 import torch
 
-from ambient_dist.config import save_config, to_dict
+from ambient_dist.config import flatten_options, save_config, to_dict
 from ambient_dist.errors import original_message
 from ambient_dist.study.config import (RunSpec, StudyConfig, StudyError, _open_source,
                                        inputs_digest, shard_options)
@@ -107,9 +107,8 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def changes(old, new, prefix: str = "") -> list[str]:
     """'key: old -> new' for every leaf that differs between two input descriptions."""
-    from ambient_dist.engine.checkpoint import _flatten
-    a = _flatten(old, prefix) if isinstance(old, dict) else {prefix.rstrip("."): old}
-    b = _flatten(new, prefix) if isinstance(new, dict) else {prefix.rstrip("."): new}
+    a = flatten_options(old, prefix) if isinstance(old, dict) else {prefix.rstrip("."): old}
+    b = flatten_options(new, prefix) if isinstance(new, dict) else {prefix.rstrip("."): new}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -152,8 +151,8 @@ def make_run_shards(study: StudyConfig, spec: RunSpec, progress: bool) -> str:
 
 def training_inputs(spec: RunSpec) -> dict:
     """What the weights are a function of: the trajectory options, the data plan, the length."""
-    from ambient_dist.engine.checkpoint import RESUMABLE_CHANGES, _flatten
-    options = {k: v for k, v in _flatten(to_dict(spec.config)).items()
+    from ambient_dist.engine.checkpoint import RESUMABLE_CHANGES
+    options = {k: v for k, v in flatten_options(to_dict(spec.config)).items()
                if not k.startswith(RESUMABLE_CHANGES)}
     return {"options": options, "data": spec.data_plan,
             "total_images": int(round(spec.config.train.total_kimg * 1000))}
